@@ -1,0 +1,1 @@
+"""llm_compile: torch.compile backend "llmaccel"."""

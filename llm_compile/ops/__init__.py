@@ -1,0 +1,7 @@
+"""Custom ops of the ``llmaccel::`` namespace (``torch.library.custom_op`` + ``register_fake``).
+
+Importing this package registers every op; the passes refer to them as ``torch.ops.llmaccel.*``.
+"""
+from llm_compile.ops import attention  # noqa: F401  (registers llmaccel::attention)
+
+__all__ = ["attention"]

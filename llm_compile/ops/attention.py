@@ -1,0 +1,55 @@
+"""``llmaccel::attention``: the one canonical attention op every attention pass targets.
+
+Contract (SDPA semantics)::
+
+    attention(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site) -> out
+      q        [B, Hq,  Lq, D]
+      k, v     [B, Hkv, Ln, D] / [B, Hkv, Ln, Dv]   keys/values produced by this call ("new")
+      k_cache  [B, Hkv, Lp, D] or None              cached keys/values before this call
+      v_cache  [B, Hkv, Lp, Dv] or None
+      attn_mask  None, bool (True = attend) or additive float, broadcastable to [B, Hq, Lq, Lp+Ln]
+      scale    softmax scale (float)
+      is_causal  SDPA's is_causal (top-left aligned), only used without attn_mask
+      site     stable id of the attention site (its layer index in graph order)
+      out      [B, Hq, Lq, Dv], dtype of q
+
+    Keys attended are cat([k_cache, k], -2); GQA: query head h uses KV head h // (Hq // Hkv).
+
+The cache append itself (``cat([past_k, k_new], -2)`` returned to the model's KV cache) stays in
+the graph: this op only *reads* the cache; passes that move the cache elsewhere (offload) rewrite it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def full_kv(k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Keys/values attended by the call: the cache followed by the new ones."""
+    if k_cache is None:
+        return k, v
+    return torch.cat([k_cache, k], dim=-2), torch.cat([v_cache, v], dim=-2)
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
+                    is_causal: bool) -> Tensor:
+    """SDPA over full K/V with GQA handled by head grouping (no copy of K/V per query head)."""
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"llmaccel::attention: {hq} query heads is not a multiple of {hkv} KV heads")
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=bool(is_causal) and attn_mask is None,
+        scale=scale, enable_gqa=hq != hkv,
+    )
+
+
+@torch.library.custom_op("llmaccel::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
+              attn_mask: Tensor | None, scale: float, is_causal: bool, site: int) -> Tensor:
+    kf, vf = full_kv(k, v, k_cache, v_cache)
+    return dense_attention(q, kf, vf, attn_mask, scale, is_causal).contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
