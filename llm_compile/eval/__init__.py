@@ -1,0 +1,1 @@
+"""Evaluation harness on a real model (perplexity, streaming perplexity, passkey, agreement)."""

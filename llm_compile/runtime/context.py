@@ -1,0 +1,91 @@
+"""Which model instance is running now, and per-instance state that outlives one graph.
+
+Prefill and decode are different compiled graphs, but sparse-window scores and offloaded KV caches
+must persist across them, per model instance. The backend wraps every compiled graph so that, while
+it runs, :func:`current_instance` names the model instance whose parameters were passed in (the
+identity of its first ``nn.Parameter`` argument), and custom ops look their state up with it.
+
+Custom ops that need configuration get an int ``handle`` baked into the graph by their pass
+(:func:`register_handle`); the handle maps back to the Python object (a config, a worker pool).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+_local = threading.local()
+_handles: dict[int, Any] = {}
+_next_handle = itertools.count(1)
+_lock = threading.Lock()
+
+
+def instance_key_from_args(args, fallback: int) -> int:
+    """Identity of the model instance a compiled graph is called for."""
+    for a in args:
+        if isinstance(a, torch.nn.Parameter):
+            return id(a)
+    return fallback
+
+
+def current_instance() -> int:
+    """The instance key of the graph running on this thread (0 outside a compiled graph)."""
+    return getattr(_local, "instance", 0)
+
+
+@contextmanager
+def running(instance: int) -> Iterator[None]:
+    prev = getattr(_local, "instance", 0)
+    _local.instance = instance
+    try:
+        yield
+    finally:
+        _local.instance = prev
+
+
+def register_handle(obj: Any) -> int:
+    """Give ``obj`` an int handle that a pass can bake into a graph as an op argument."""
+    with _lock:
+        h = next(_next_handle)
+        _handles[h] = obj
+    return h
+
+
+def lookup_handle(handle: int) -> Any:
+    try:
+        return _handles[handle]
+    except KeyError:
+        raise RuntimeError(f"llmaccel: unknown runtime handle {handle} (graph compiled in another process?)") from None
+
+
+class InstanceStates:
+    """``{(instance, site): state}``; a state is created by ``factory`` on first use."""
+
+    def __init__(self) -> None:
+        self._states: dict[tuple[int, int], Any] = {}
+
+    def get(self, site: int, factory=None, instance: int | None = None):
+        key = (current_instance() if instance is None else instance, site)
+        st = self._states.get(key)
+        if st is None and factory is not None:
+            st = self._states[key] = factory()
+        return st
+
+    def reset(self, site: int, value: Any, instance: int | None = None) -> Any:
+        key = (current_instance() if instance is None else instance, site)
+        self._states[key] = value
+        return value
+
+    def clear(self, instance: int | None = None) -> None:
+        if instance is None:
+            self._states.clear()
+        else:
+            for k in [k for k in self._states if k[0] == instance]:
+                del self._states[k]
+
+    def instances(self) -> set[int]:
+        return {k[0] for k in self._states}
