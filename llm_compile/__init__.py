@@ -1,1 +1,16 @@
-"""llm_compile: torch.compile backend "llmaccel"."""
+"""llm_compile: the ``"llmaccel"`` torch.compile backend for LLM inference.
+
+``torch.compile(model.forward, backend="llmaccel", options={...})`` works without importing this
+package (an entry point registers the backend); importing it is harmless.
+"""
+from llm_compile.config import LLMAccelConfig, OptionsError, parse_options
+
+__all__ = ["LLMAccelConfig", "OptionsError", "parse_options", "llmaccel"]
+
+
+def __getattr__(name):
+    if name == "llmaccel":
+        from llm_compile.backend import llmaccel
+
+        return llmaccel
+    raise AttributeError(name)

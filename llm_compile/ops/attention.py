@@ -11,7 +11,7 @@ Contract (SDPA semantics)::
       scale    softmax scale (float)
       is_causal  SDPA's is_causal (top-left aligned), only used without attn_mask
       site     stable id of the attention site (its layer index in graph order)
-      out      [B, Hq, Lq, Dv], dtype of q
+      out      [B, Hq, Lq, Dv], dtype of q, in B, Lq, Hq, Dv memory order (see attention_out_like)
 
     Keys attended are cat([k_cache, k], -2); GQA: query head h uses KV head h // (Hq // Hkv).
 
@@ -43,13 +43,28 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, s
     )
 
 
+def attention_out_like(q: Tensor, v: Tensor) -> Tensor:
+    """Empty output [B, Hq, Lq, Dv] laid out in B, Lq, Hq, Dv memory order (as flash attention's).
+
+    Every attention op of this package returns this layout, so the ``transpose(1, 2)`` + ``view``
+    that models apply to the output stays a free view.
+    """
+    b, hq, lq, _ = q.shape
+    return q.new_empty((b, lq, hq, v.shape[-1])).transpose(1, 2)
+
+
+def to_out_layout(out: Tensor) -> Tensor:
+    """Copy ``out`` into the layout of :func:`attention_out_like` (no copy if already there)."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @torch.library.custom_op("llmaccel::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
               attn_mask: Tensor | None, scale: float, is_causal: bool, site: int) -> Tensor:
     kf, vf = full_kv(k, v, k_cache, v_cache)
-    return dense_attention(q, kf, vf, attn_mask, scale, is_causal).contiguous()
+    return to_out_layout(dense_attention(q, kf, vf, attn_mask, scale, is_causal))
 
 
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return attention_out_like(q, v)

@@ -1,0 +1,97 @@
+"""The ``"llmaccel"`` torch.compile backend.
+
+Flow for every graph Dynamo captures::
+
+    Dynamo FX graph --AOTAutograd (inference, Inductor decompositions)--> functionalized ATen graph
+      --> ordered pass pipeline (llm_compile.passes.pipeline.PIPELINE)
+      --> Inductor ``compile_fx_inner``  (or the graph as is, with options={"inner": "eager"})
+
+It is registered through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(fn, backend="llmaccel")`` works without importing ``llm_compile`` first.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import warnings
+
+import torch
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+import llm_compile.ops  # noqa: F401  (registers llmaccel:: ops)
+from llm_compile.config import OptionsError, parse_options
+from llm_compile.debug import DebugDump
+from llm_compile.passes.base import PassContext
+from llm_compile.passes.manager import run_pipeline
+from llm_compile.runtime.context import instance_key_from_args, running
+
+log = logging.getLogger(__name__)
+
+_graph_ids = itertools.count()
+_graph_lock = threading.Lock()
+_warned_grad = False
+
+
+def _next_graph_id() -> str:
+    with _graph_lock:
+        return f"graph_{next(_graph_ids):03d}"
+
+
+def _placeholder_names(gm: torch.fx.GraphModule) -> list[str]:
+    return [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _inner_compile(gm: torch.fx.GraphModule, example_inputs, inner: str):
+    if inner == "eager":
+        return make_boxed_func(gm.forward)
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    return compile_fx_inner(gm, example_inputs, is_inference=True)
+
+
+def llmaccel(gm: torch.fx.GraphModule, example_inputs, *, options=None, mode=None):
+    """Dynamo backend entry: ``torch.compile(fn, backend="llmaccel", options={...})``."""
+    if mode not in (None, "default"):
+        raise OptionsError(f"llmaccel: mode={mode!r} is not supported; configure it with options={{...}}")
+    config = parse_options(options)
+    graph_id = _next_graph_id()
+    dump = DebugDump(config.debug_dir, graph_id, config.debug_passes)
+    dump.stage("dynamo", gm)
+    dynamo_names = _placeholder_names(gm)
+    fallback_instance = id(gm)
+
+    def fw_compiler(aten_gm: torch.fx.GraphModule, aten_inputs):
+        aten_names = _placeholder_names(aten_gm)
+        sources = dict(zip(aten_names, dynamo_names)) if len(aten_names) == len(dynamo_names) else {}
+        ctx = PassContext(graph_id=graph_id, example_inputs=list(aten_inputs), placeholder_sources=sources)
+        dump.stage("aten", aten_gm)
+        records = run_pipeline(aten_gm, config, ctx, dump)
+        aten_gm.meta["llmaccel_passes"] = records
+        dump.repro(aten_gm, aten_inputs)
+        return _inner_compile(aten_gm, aten_inputs, config.inner)
+
+    global _warned_grad
+    if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs):
+        if not _warned_grad:
+            warnings.warn("llmaccel is an inference backend: compiled graphs carry no autograd history "
+                          "(run under torch.no_grad() / torch.inference_mode() to silence this)")
+            _warned_grad = True
+    with torch.no_grad():
+        compiled = aot_module_simplified(
+            gm, example_inputs, fw_compiler=fw_compiler, inference_compiler=fw_compiler,
+            decompositions=_decompositions(),
+        )
+
+    def run(*args):
+        with running(instance_key_from_args(args, fallback_instance)):
+            return compiled(*args)
+
+    run._llmaccel_graph_id = graph_id  # type: ignore[attr-defined]
+    return run
+
+
+def _decompositions():
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()

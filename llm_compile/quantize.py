@@ -1,0 +1,150 @@
+"""Weight-only INT4/INT8 quantization: ``quantize_weights`` swaps ``nn.Linear`` for :class:`QuantLinear`.
+
+Format (symmetric, per output row, groups of ``group_size`` along K)::
+
+    scale[n, g] = max(|W[n, g*gs:(g+1)*gs]|) / qmax        qmax = 7 (INT4) or 127 (INT8)
+    q[n, k]     = clamp(round(W[n, k] / scale[n, k // gs]), -qmax, qmax)   (0 where scale == 0)
+    W_hat[n, k] = q[n, k] * scale[n, k // gs]
+
+Storage (``QuantLinear`` buffers):
+
+* ``qweight``: INT8 -> ``int8 [N, K]``; INT4 -> ``uint8 [N, K/2]``, two values per byte, offset
+  binary: byte ``b[n, j] = (q[n, 2j] + 8) | ((q[n, 2j+1] + 8) << 4)`` (low nibble = even k).
+* ``scales``: ``[N, K/gs]`` in ``scale_dtype`` (float32 by default, float16 allowed).
+* ``bias``: kept as is.
+
+``QuantLinear.forward`` is plain torch: :func:`dequantize_weight` -> ``F.linear``; this is the
+pattern the Anda lowering pass (``llm_compile.passes.anda_lowering``) recognises in the ATen graph
+and replaces with ``llmaccel::anda_linear``.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QuantLinear", "quantize_weights", "quantize_tensor", "dequantize_weight",
+           "pack_int4", "unpack_int4"]
+
+
+def _qmax(bits: int) -> int:
+    if bits not in (4, 8):
+        raise ValueError(f"weight bits must be 4 or 8, got {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """``int [N, K]`` in ``[-8, 7]`` (K even) -> ``uint8 [N, K/2]`` (low nibble = even k, offset 8)."""
+    if q.shape[-1] % 2:
+        raise ValueError("INT4 packing needs an even number of columns")
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """``uint8 [N, K/2]`` -> ``int8 [N, K]`` in ``[-8, 7]``."""
+    lo = (packed & 0xF).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def quantize_tensor(w: Tensor, bits: int = 4, group_size: int = 128,
+                    scale_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Quantize a ``[N, K]`` weight; returns ``(qweight, scales)`` in the storage format above."""
+    qmax = _qmax(bits)
+    n, k = w.shape
+    if group_size < 1 or k % group_size:
+        raise ValueError(f"in_features={k} is not a multiple of group_size={group_size}")
+    wg = w.detach().to(torch.float32).reshape(n, k // group_size, group_size)
+    scale = (wg.abs().amax(dim=-1) / qmax).to(scale_dtype)
+    s32 = scale.to(torch.float32).unsqueeze(-1)
+    q = torch.where(s32 > 0, torch.round(wg / torch.where(s32 > 0, s32, 1.0)), 0.0)
+    q = q.clamp(-qmax, qmax).to(torch.int8).reshape(n, k)
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+def dequantize_weight(qweight: Tensor, scales: Tensor, bits: int, group_size: int,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """``W_hat = q * scale`` as ``[N, K]`` in ``dtype`` (computed in float32). Plain torch ops only."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    n, k = q.shape
+    w = q.to(torch.float32).reshape(n, k // group_size, group_size) * scales.to(torch.float32).unsqueeze(-1)
+    return w.reshape(n, k).to(dtype)
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` with INT4/INT8 group-quantized weights; forward = dequantize -> ``F.linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
+                 group_size: int = 128, scale_dtype: torch.dtype = torch.float32, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        _qmax(bits)
+        if in_features % group_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        qshape = (out_features, in_features // 2) if bits == 4 else (out_features, in_features)
+        self.register_buffer("qweight", torch.zeros(qshape, dtype=torch.uint8 if bits == 4 else torch.int8,
+                                                    device=device))
+        self.register_buffer("scales", torch.zeros(out_features, in_features // group_size,
+                                                   dtype=scale_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, bits: int = 4, group_size: int = 128,
+                    scale_dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, bits, group_size, scale_dtype,
+                device=lin.weight.device, dtype=lin.weight.dtype)
+        q, s = quantize_tensor(lin.weight, bits, group_size, scale_dtype)
+        m.qweight.copy_(q)
+        m.scales.copy_(s)
+        if lin.bias is not None:
+            m.bias.data.copy_(lin.bias.detach())
+        return m
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        return dequantize_weight(self.qweight, self.scales, self.bits, self.group_size,
+                                 dtype or (self.bias.dtype if self.bias is not None else torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = dequantize_weight(self.qweight, self.scales, self.bits, self.group_size, x.dtype)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}")
+
+
+def quantize_weights(model: nn.Module, bits: int = 4, group_size: int = 128,
+                     skip: tuple[str, ...] = ("lm_head",),
+                     scale_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (in place) by a :class:`QuantLinear`.
+
+    A linear is skipped when any name in ``skip`` is a component of its qualified name (e.g.
+    ``"lm_head"``), or when ``in_features`` is not a multiple of ``group_size`` (logged). Returns the
+    model; ``model.llmaccel_quantized`` lists the replaced module names.
+    """
+    _qmax(bits)
+    done = []
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not nn.Linear:
+            continue
+        parts = name.split(".")
+        if any(s in parts for s in skip):
+            continue
+        if mod.in_features % group_size:
+            log.warning("quantize_weights: skip %s (in_features=%d %% group_size=%d != 0)",
+                        name, mod.in_features, group_size)
+            continue
+        parent = model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
+        setattr(parent, parts[-1], QuantLinear.from_linear(mod, bits, group_size, scale_dtype))
+        done.append(name)
+    model.llmaccel_quantized = done
+    log.info("quantize_weights: %d linears -> INT%d (group %d)", len(done), bits, group_size)
+    return model

@@ -1,0 +1,251 @@
+"""Sparse window attention (ALISA Algorithm 1): prefill seeding, sparse decode steps, state registry.
+
+``llmaccel::swa_attention`` (:mod:`llm_compile.ops.swa`) calls :func:`swa_attention_impl`, which
+finds the :class:`~llm_compile.runtime.swa_state.SWAState` of (current model instance, site) and
+runs :func:`swa_step`. :func:`swa_step` is pure apart from mutating the state it is given, so an
+offload worker that holds the KV cache can call it on its own state objects::
+
+    state = new_state(batch, kv_heads, device, cfg)
+    out = swa_step(state, q, k_full, v_full, scale, cfg, attn_mask=mask, is_causal=causal)
+
+What one call does (``q`` [B, Hq, Lq, D], ``k_full``/``v_full`` the whole cache incl. new, n long):
+
+* ``Lq == n`` (prefill, no cache): dense attention, exactly ``llmaccel::attention``; the state is
+  reset and seeded with the prompt queries' attention weights, computed per chunk of query rows
+  (at most ~4M logits at a time): for "alisa" only the last ``W0`` rows (the window at the first
+  decode step), for "h2o" the column sums of all rows, for "streaming" nothing.
+* ``Lq == 1`` (decode): budget from ``n`` (see :mod:`~llm_compile.runtime.swa_state`); oldest
+  steps leave the score window; sinks + top-scored + recent tokens are selected; attention runs
+  over them only (torch: gather + matmul/softmax; Triton: fused gather/attend kernel that also
+  returns the weights); the weights of the kept tokens enter the scores.
+* ``1 < Lq < n`` (chunked decode / continued prefill): dense fallback (exact). Its query rows
+  re-seed the scores like a prompt ("alisa": the older score history is dropped; "h2o": added).
+* ``sparsity == 0``: always dense (bit-identical to ``llmaccel::attention``), no state kept.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from llm_compile.ops.attention import dense_attention, full_kv
+from llm_compile.runtime.context import InstanceStates
+from llm_compile.runtime.swa_state import SWAState, compute_budget, quantize_weights
+
+log = logging.getLogger(__name__)
+
+STATES = InstanceStates()
+"""``{(instance, site): SWAState}`` for the op ``llmaccel::swa_attention``."""
+
+_CHUNK_ELEMS = 1 << 22
+
+
+def new_state(batch: int, kv_heads: int, device, cfg) -> SWAState:
+    """An empty state for ``batch`` sequences of a site with ``kv_heads`` KV heads."""
+    groups = kv_heads if cfg.selection == "kv_head" else 1
+    return SWAState(batch, groups, device, windowed=cfg.policy == "alisa")
+
+
+def _reinit(state: SWAState, batch: int, kv_heads: int, device, cfg) -> None:
+    state.__dict__.update(new_state(batch, kv_heads, device, cfg).__dict__)
+
+
+def _needs_scores(cfg) -> bool:
+    return cfg.sparsity > 0 and cfg.policy != "streaming"
+
+
+def _group_sum(w: Tensor, groups: int) -> Tensor:
+    """Per-head weights [B, Hq, ..., T] -> per-group sums [B, G, ..., T] (G = 1 or KV heads)."""
+    B, Hq = w.shape[:2]
+    return w.reshape(B, groups, Hq // groups, *w.shape[2:]).sum(2)
+
+
+def _mask_bias(attn_mask: Tensor | None, B: int, Lq: int, n: int) -> Tensor | None:
+    """``attn_mask`` (bool: True = attend, or additive) as fp32 bias [B, 1|Hq, Lq, n]."""
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(B, m.shape[1], Lq, n)
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+    return m.float()
+
+
+def query_weights(q: Tensor, kf: Tensor, bias: Tensor | None, scale: float, row0: int,
+                  is_causal: bool) -> Tensor:
+    """Softmax weights [B, Hq, C, n] fp32 of query rows ``row0..row0+C`` (of the call) over all keys.
+
+    ``bias`` is the matching slice [B, 1|Hq, C, n] of the mask bias; ``is_causal`` masks keys after
+    the row (SDPA's top-left alignment). Fully masked rows give zeros.
+    """
+    B, Hq, C, D = q.shape
+    Hkv, n = kf.shape[1], kf.shape[2]
+    grp = Hq // Hkv
+    logits = torch.matmul(q.float().reshape(B, Hkv, grp * C, D), kf.float().transpose(-1, -2))
+    logits = logits.view(B, Hq, C, n).mul_(scale)
+    if bias is not None:
+        logits += bias
+    if is_causal:
+        rows = torch.arange(row0, row0 + C, device=q.device)[:, None]
+        logits.masked_fill_(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+
+
+def _seed(state: SWAState, q: Tensor, kf: Tensor, attn_mask: Tensor | None, scale: float,
+          is_causal: bool, cfg, accumulate: bool) -> None:
+    """Scores from the query rows of a prefill (or chunk): see the module docstring."""
+    B, Hq, Lq, _ = q.shape
+    n = kf.shape[-2]
+    state.grow(n)
+    if not _needs_scores(cfg):
+        return
+    if cfg.policy == "alisa":
+        first = compute_budget(n + 1, cfg).window or 1
+        lo = max(0, Lq - first)
+    else:
+        lo = 0
+    bias = _mask_bias(attn_mask, B, Lq, n)
+    kf32 = kf.float()
+    step = max(1, min(Lq, _CHUNK_ELEMS // max(1, B * Hq * n)))
+    rows, totals = [], None
+    for r0 in range(lo, Lq, step):
+        r1 = min(Lq, r0 + step)
+        w = query_weights(q[:, :, r0:r1], kf32, None if bias is None else bias[:, :, r0:r1],
+                          scale, r0, is_causal)
+        g = _group_sum(w, state.groups)  # [B, G, C, n]
+        if cfg.policy == "alisa":
+            rows.append(g)
+        else:
+            part = quantize_weights(g).sum(2)
+            totals = part if totals is None else totals + part
+    if cfg.policy == "alisa":
+        state.seed(rows=torch.cat(rows, dim=2))
+    else:
+        state.seed(totals=totals, accumulate=accumulate)
+
+
+def _slot_bias(attn_mask: Tensor | None, idx: Tensor, total: int, Hq: int, n: int) -> Tensor:
+    """Additive bias [B, 1|Hq, P] for the kept slots: the mask gathered at the kept tokens, and
+    -inf on padding slots (``>= total``)."""
+    B, G, P = idx.shape
+    if attn_mask is None:
+        bias = torch.zeros(B, 1, P, dtype=torch.float32, device=idx.device)
+    else:
+        m = _mask_bias(attn_mask, B, 1, n)[:, :, 0]  # [B, H', n]
+        if G > 1 or m.shape[1] > 1:
+            m = m.expand(B, Hq, n)
+            ii = idx.repeat_interleave(Hq // G, dim=1) if G > 1 else idx.expand(B, Hq, P)
+        else:
+            ii = idx
+        bias = torch.gather(m, 2, ii).contiguous()
+    bias[..., total:] = float("-inf")
+    return bias
+
+
+def gather_attend_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, bias: Tensor,
+                        scale: float) -> tuple[Tensor, Tensor]:
+    """CPU/reference path: gather the kept K/V rows, dense attention over them.
+
+    q [B, Hq, D]; kf/vf [B, Hkv, n, D|Dv]; idx [B, 1|Hkv, P]; bias [B, 1|Hq, P].
+    Returns out [B, Hq, Dv] (dtype of q) and weights [B, Hq, P] fp32 (same contract as the
+    Triton kernel :func:`llm_compile.codegen.swa_kernels.swa_decode_attention`).
+    """
+    B, Hq, D = q.shape
+    Hkv, Dv, P = kf.shape[1], vf.shape[-1], idx.shape[-1]
+    grp = Hq // Hkv
+    ii = idx.expand(B, Hkv, P)
+    kg = torch.gather(kf, 2, ii[..., None].expand(B, Hkv, P, D)).float()
+    vg = torch.gather(vf, 2, ii[..., None].expand(B, Hkv, P, Dv)).float()
+    logits = torch.matmul(q.float().reshape(B, Hkv, grp, D), kg.transpose(-1, -2)).mul_(scale)
+    logits += bias.expand(B, Hq, P).reshape(B, Hkv, grp, P)
+    w = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    out = torch.matmul(w, vg).reshape(B, Hq, Dv).to(q.dtype)
+    return out, w.reshape(B, Hq, P)
+
+
+def _use_triton(cfg, q: Tensor) -> bool:
+    return cfg.kernel == "triton" or (cfg.kernel == "auto" and q.is_cuda)
+
+
+def _sparse_decode(state: SWAState, q: Tensor, kf: Tensor, vf: Tensor, attn_mask, scale, cfg):
+    B, Hq, _, _ = q.shape
+    n = kf.shape[-2]
+    b = compute_budget(n, cfg)
+    state.trim(b.window)
+    if b.dense:
+        out = dense_attention(q, kf, vf, attn_mask, scale, False).contiguous()
+        if _needs_scores(cfg):
+            bias = _mask_bias(attn_mask, B, 1, n)
+            w = query_weights(q, kf, bias, scale, 0, False)[:, :, 0]
+            idx = torch.arange(n, device=q.device).expand(B, state.groups, n)
+            state.add(idx, _group_sum(w, state.groups))
+        return out
+    idx = state.select(b)
+    bias = _slot_bias(attn_mask, idx, b.total, Hq, n)
+    if _use_triton(cfg, q):
+        from llm_compile.codegen.swa_kernels import swa_decode_attention
+
+        out, w = swa_decode_attention(q[:, :, 0], kf, vf, idx, bias, scale)
+    else:
+        out, w = gather_attend_torch(q[:, :, 0], kf, vf, idx, bias, scale)
+    if _needs_scores(cfg):
+        state.add(idx[..., : b.total], _group_sum(w, state.groups)[..., : b.total])
+    else:
+        state.steps += 1
+    return out.unsqueeze(2)
+
+
+def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: float, cfg, *,
+             attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """One attention call under SWA on an explicit state (mutated). ``k_full``/``v_full`` hold
+    the whole cache including this call's new tokens; returns [B, Hq, Lq, Dv] like SDPA."""
+    B, Hq, Lq, _ = q.shape
+    Hkv, n = k_full.shape[1], k_full.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"llmaccel::swa_attention: {Hq} query heads is not a multiple of {Hkv} KV heads")
+    if cfg.sparsity == 0:
+        return dense_attention(q, k_full, v_full, attn_mask, scale, is_causal).contiguous()
+    if Lq == n:  # prefill: reset and seed
+        _reinit(state, B, Hkv, q.device, cfg)
+        out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal).contiguous()
+        _seed(state, q, k_full, attn_mask, scale, is_causal and attn_mask is None, cfg, False)
+        return out
+    groups = Hkv if cfg.selection == "kv_head" else 1
+    if not state.matches(B, groups, n - Lq, q.device):
+        log.warning("llmaccel swa: no prefill state for this cache (have n=%d batch=%d, got "
+                    "cache %d batch %d); starting with empty scores", state.n, state.batch,
+                    n - Lq, B)
+        _reinit(state, B, Hkv, q.device, cfg)
+        state.grow(n - Lq)
+    if Lq > 1 or (is_causal and attn_mask is None):
+        log.debug("llmaccel swa: %d-query call on a %d-token cache runs dense", Lq, n - Lq)
+        out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal).contiguous()
+        _seed(state, q, k_full, attn_mask, scale, is_causal and attn_mask is None, cfg, True)
+        return out
+    state.grow(n)
+    return _sparse_decode(state, q, k_full, v_full, attn_mask, scale, cfg)
+
+
+def swa_attention_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None,
+                       v_cache: Tensor | None, attn_mask: Tensor | None, scale: float,
+                       is_causal: bool, site: int, cfg) -> Tensor:
+    """Body of ``llmaccel::swa_attention``: state of (current instance, ``site``), then
+    :func:`swa_step`."""
+    kf, vf = full_kv(k, v, k_cache, v_cache)
+    if cfg.sparsity == 0:
+        return dense_attention(q, kf, vf, attn_mask, scale, is_causal).contiguous()
+    state = STATES.get(site, factory=lambda: new_state(q.shape[0], kf.shape[1], q.device, cfg))
+    return swa_step(state, q, kf, vf, scale, cfg, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def get_state(site: int, instance: int | None = None) -> SWAState | None:
+    """The state of ``site`` for ``instance`` (default: the current one), if any."""
+    return STATES.get(site, instance=instance)
+
+
+def reset_states(instance: int | None = None) -> None:
+    """Forget every SWA state (of one instance, or all)."""
+    STATES.clear(instance)

@@ -1,0 +1,235 @@
+"""Sparse window attention (ALISA) state: budgets, windowed token scores, token selection.
+
+One :class:`SWAState` lives per (model instance, attention site); :mod:`llm_compile.runtime.swa`
+owns the registry and the attention math. Every tensor here has a leading batch dimension, and
+nothing mixes batch rows, so each sequence of a batch keeps its own scores and token set.
+
+Budget (ALISA Algorithm 1), at a decode step whose cache holds ``n`` tokens including the new one::
+
+    k      = round_half_up(n * (1 - sparsity) / 2)
+    total  = 2k tokens attended (dense if 2k >= n, or sparsity == 0)
+    sinks  = min(sink_tokens, total - 1)           first tokens, always kept, taken from the budget
+    recent = round_half_up(total * recent_fraction) most recent tokens (the newest is always kept)
+    global = total - sinks - recent                 top-``global`` older tokens by score
+    ("streaming": global = 0, recent = total - sinks)
+
+Scores. Token ``j``'s score is the sum of the attention weights it received over the last ``W``
+steps (``W = score_window or k``; "h2o": over the whole history), summed over all query heads
+(``selection="layer"``, one score row per sequence) or over the query heads of each KV head
+(``"kv_head"``, one row per KV head). Each prompt query counts as a step (prefill seeds the
+scores), then every decode step adds the weights of its kept tokens.
+
+Windowed sums are exact: every step's weight row is kept (prompt rows dense ``[B, G, P, L]``, decode
+rows sparse as ``(indices, weights)`` of the kept tokens, in a deque used as a ring buffer); the
+running sum adds a row when it enters the window and subtracts the same row when it leaves.
+To make add-then-subtract exact, weights enter the sum as fixed-point integers
+(``round(w * 2**36)``, int64): quantisation is deterministic, so a row leaving the window removes
+exactly what it added, and the running sum equals the windowed sum of the quantised weights
+(resolution 1.5e-11, below float32 precision of any weight that can matter for a ranking).
+Memory: ``W * total`` decode entries (12 bytes) plus ``W0 * L`` prompt weights per group, where
+``W0`` is the window at the first decode step; prompt rows are freed once they leave the window.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+FIXED_POINT_BITS = 36
+_FIXED_SCALE = float(2 ** FIXED_POINT_BITS)
+
+
+def quantize_weights(w: Tensor) -> Tensor:
+    """Attention weights (float) -> fixed-point int64 used in the running score sums."""
+    return torch.round(w.float() * _FIXED_SCALE).to(torch.int64)
+
+
+def round_half_up(x: float) -> int:
+    """Round half up, ignoring float noise (``25 * (1 - 0.8) / 2`` is 2.4999999999999996)."""
+    return int(math.floor(round(x, 9) + 0.5))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many tokens a decode step attends, and how they are chosen."""
+
+    n: int
+    """Tokens in the cache including the new one."""
+    k: int
+    """ALISA's ``k = round(n * (1 - sparsity) / 2)``."""
+    total: int
+    """Tokens attended (``2k``, or ``n`` when dense)."""
+    sinks: int
+    recent: int
+    global_: int
+    padded: int
+    """``total`` rounded up to a multiple of ``bucket``: the shape the kernels see."""
+    window: int | None
+    """Score window in steps (``None``: whole history, or no scores needed)."""
+    dense: bool
+
+    def describe(self) -> str:
+        if self.dense:
+            return f"n={self.n}: dense"
+        return (f"n={self.n}: k={self.k}, {self.sinks} sink + {self.recent} recent + "
+                f"{self.global_} global = {self.total} (padded {self.padded})")
+
+
+def compute_budget(n: int, cfg) -> Budget:
+    """The budget of a decode step over ``n`` tokens under ``cfg`` (an ``SWAConfig``)."""
+    k = round_half_up(n * (1.0 - cfg.sparsity) / 2.0)
+    window = None
+    if cfg.policy == "alisa":
+        window = cfg.score_window or max(k, 1)
+    if cfg.sparsity == 0 or 2 * k >= n:
+        return Budget(n, k, n, 0, n, 0, n, window, True)
+    total = max(2 * k, 1)
+    sinks = min(cfg.sink_tokens, total - 1)
+    rest = total - sinks
+    if cfg.policy == "streaming":
+        recent = rest
+    else:
+        recent = min(rest, max(1, round_half_up(total * cfg.recent_fraction)))
+    padded = -(-total // cfg.bucket) * cfg.bucket
+    return Budget(n, k, total, sinks, recent, rest - recent, padded, window, False)
+
+
+def describe_policy(cfg) -> str:
+    """Human-readable budget rule of a config (for pass reports)."""
+    if cfg.sparsity == 0:
+        return "dense (sparsity 0)"
+    rule = f"k=round(n*{1 - cfg.sparsity:.3g}/2); 2k tokens"
+    if cfg.policy == "streaming":
+        parts = f"{cfg.sink_tokens} sinks + recent"
+    else:
+        w = "whole history" if cfg.policy == "h2o" else f"last {cfg.score_window or 'k'} steps"
+        parts = (f"{cfg.recent_fraction:.3g}*2k recent + {cfg.sink_tokens} sinks + rest top by "
+                 f"attention summed over {w} per {cfg.selection}")
+    return f"{cfg.policy}: {rule} = {parts}, bucket {cfg.bucket}"
+
+
+class SWAState:
+    """Scores and score history of one attention site for one batch of sequences.
+
+    ``groups`` is 1 (``selection="layer"``) or the number of KV heads (``"kv_head"``).
+    """
+
+    def __init__(self, batch: int, groups: int, device: torch.device | str, windowed: bool = True):
+        self.batch = batch
+        self.groups = groups
+        self.device = torch.device(device)
+        self.windowed = windowed
+        """``False`` for "h2o": scores accumulate forever, no history is kept."""
+        self.n = 0
+        """Tokens the scores cover (the cache length after the last call)."""
+        self._buf = torch.zeros(batch, groups, 0, dtype=torch.int64, device=self.device)
+        self.rows: deque[tuple[Tensor, Tensor]] = deque()
+        """Decode steps in the window, oldest first: (indices [B,G,T] int64, weights [B,G,T] fp32)."""
+        self.prompt_rows: Tensor | None = None
+        """Prompt (or chunk) query rows that may still be in the window, oldest first: [B,G,P,L]."""
+        self.prompt_in = 0
+        """How many of the newest ``prompt_rows`` are counted in the scores."""
+        self.steps = 0
+        self.last_indices: Tensor | None = None
+        """Tokens kept at the last sparse step ([B, G, total], sorted), for tests and debugging."""
+        self.last_budget: Budget | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    @property
+    def score(self) -> Tensor:
+        """Current (windowed) fixed-point scores, [B, G, n] int64."""
+        return self._buf[:, :, : self.n]
+
+    def matches(self, batch: int, groups: int, n: int, device: torch.device) -> bool:
+        return (self.batch, self.groups, self.n, self.device) == (batch, groups, n, torch.device(device))
+
+    def grow(self, n: int) -> None:
+        """Cover ``n`` tokens; new tokens start with score 0 (capacity doubles, amortised O(1))."""
+        if n <= self.n:
+            self.n = n
+            return
+        cap = self._buf.shape[-1]
+        if n > cap:
+            new = torch.zeros(self.batch, self.groups, max(n, 2 * cap, 64), dtype=torch.int64,
+                              device=self.device)
+            new[:, :, : self.n] = self.score
+            self._buf = new
+        else:
+            self._buf[:, :, self.n: n] = 0
+        self.n = n
+
+    def window_len(self) -> int:
+        return len(self.rows) + self.prompt_in
+
+    # -- scores ------------------------------------------------------------------------------
+    def seed(self, rows: Tensor | None = None, totals: Tensor | None = None,
+             accumulate: bool = False) -> None:
+        """Scores from prompt queries: ``rows`` [B,G,P,L] (kept for the window) or ``totals``
+        [B,G,L] int64 (already-summed fixed-point weights, for "h2o"; ``accumulate`` adds them to
+        the history instead of replacing it)."""
+        if accumulate and totals is not None:
+            self.grow(totals.shape[-1])
+            self.score[:] += totals
+            return
+        self.rows.clear()
+        if rows is not None:
+            L = rows.shape[-1]
+            self.grow(L)
+            self.score[:] = quantize_weights(rows).sum(2)
+            self.prompt_rows = rows if self.windowed else None
+            self.prompt_in = rows.shape[2] if self.windowed else 0
+        else:
+            self.grow(totals.shape[-1])
+            self.score[:] = totals
+            self.prompt_rows, self.prompt_in = None, 0
+
+    def trim(self, window: int | None) -> None:
+        """Drop the oldest steps until at most ``window`` steps are counted in the scores."""
+        if window is None or not self.windowed:
+            return
+        extra = self.window_len() - window
+        if extra <= 0:
+            return
+        if self.prompt_in:
+            drop = min(extra, self.prompt_in)
+            P, L = self.prompt_rows.shape[2], self.prompt_rows.shape[3]
+            lo = P - self.prompt_in
+            self._buf[:, :, :L] -= quantize_weights(self.prompt_rows[:, :, lo: lo + drop]).sum(2)
+            self.prompt_in -= drop
+            extra -= drop
+            if self.prompt_in == 0:
+                self.prompt_rows = None
+        for _ in range(extra):
+            idx, w = self.rows.popleft()
+            self._buf.scatter_add_(2, idx, -quantize_weights(w))
+
+    def add(self, idx: Tensor, w: Tensor) -> None:
+        """A step's weights ``w`` [B,G,T] on tokens ``idx`` [B,G,T] enter the scores."""
+        self._buf.scatter_add_(2, idx, quantize_weights(w))
+        if self.windowed:
+            self.rows.append((idx, w.float()))
+        self.steps += 1
+
+    # -- selection ---------------------------------------------------------------------------
+    def select(self, b: Budget) -> Tensor:
+        """Kept tokens of a sparse step: [B, G, b.padded] int64, the first ``b.total`` valid
+        (sinks, then global sorted by position, then recent), padding slots point at token 0."""
+        B, G, n, dev = self.batch, self.groups, b.n, self.device
+        parts = [torch.arange(b.sinks, device=dev).expand(B, G, b.sinks)]
+        if b.global_:
+            cand = self.score[:, :, b.sinks: n - b.recent]
+            top = torch.topk(cand, b.global_, dim=-1, sorted=False).indices
+            parts.append(torch.sort(top, dim=-1).values + b.sinks)
+        parts.append(torch.arange(n - b.recent, n, device=dev).expand(B, G, b.recent))
+        if b.padded > b.total:
+            parts.append(torch.zeros(B, G, b.padded - b.total, dtype=torch.int64, device=dev))
+        idx = torch.cat(parts, dim=-1)
+        self.last_indices = idx[:, :, : b.total]
+        self.last_budget = b
+        return idx
