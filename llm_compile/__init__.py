@@ -5,7 +5,7 @@ package (an entry point registers the backend); importing it is harmless.
 """
 from llm_compile.config import LLMAccelConfig, OptionsError, parse_options
 
-__all__ = ["LLMAccelConfig", "OptionsError", "parse_options", "llmaccel"]
+__all__ = ["LLMAccelConfig", "OptionsError", "parse_options", "llmaccel", "quantize_weights"]
 
 
 def __getattr__(name):
@@ -13,4 +13,8 @@ def __getattr__(name):
         from llm_compile.backend import llmaccel
 
         return llmaccel
+    if name == "quantize_weights":
+        from llm_compile.quantize import quantize_weights
+
+        return quantize_weights
     raise AttributeError(name)

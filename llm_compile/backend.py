@@ -12,6 +12,7 @@ It is registered through the ``torch_dynamo_backends`` entry point, so
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import logging
 import threading
 import warnings
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 _graph_ids = itertools.count()
 _graph_lock = threading.Lock()
 _warned_grad = False
+
+COMPILED: deque[dict] = deque(maxlen=256)
+"""The most recent compiled graphs of this process: ``{"graph_id", "passes"}`` (pass records as in
+``passes.json``). Handy to count graphs (recompiles) and sites without a debug dump."""
 
 
 def _next_graph_id() -> str:
@@ -67,7 +72,7 @@ def llmaccel(gm: torch.fx.GraphModule, example_inputs, *, options=None, mode=Non
         ctx = PassContext(graph_id=graph_id, example_inputs=list(aten_inputs), placeholder_sources=sources)
         dump.stage("aten", aten_gm)
         records = run_pipeline(aten_gm, config, ctx, dump)
-        aten_gm.meta["llmaccel_passes"] = records
+        COMPILED.append({"graph_id": graph_id, "passes": records})
         dump.repro(aten_gm, aten_inputs)
         return _inner_compile(aten_gm, aten_inputs, config.inner)
 

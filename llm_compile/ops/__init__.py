@@ -2,6 +2,7 @@
 
 Importing this package registers every op; the passes refer to them as ``torch.ops.llmaccel.*``.
 """
+from llm_compile.ops import anda  # noqa: F401  (registers llmaccel::anda_linear)
 from llm_compile.ops import attention  # noqa: F401  (registers llmaccel::attention)
 
-__all__ = ["attention"]
+__all__ = ["anda", "attention"]

@@ -7,13 +7,15 @@ Contract: exactly :mod:`llm_compile.ops.attention`'s, plus ``handle``::
 ``handle`` comes from :func:`llm_compile.runtime.context.register_handle` and maps to the
 ``SWAConfig``; the pass ``sparse_window_attention`` bakes it into the graph. State (token scores)
 is kept per (model instance, site) in :mod:`llm_compile.runtime.swa`; a call without cache
-(prefill) resets it. Output shape/dtype are those of ``llmaccel::attention``.
+(prefill) resets it. Output shape, dtype and memory layout ([B, Lq, Hq, Dv] order, see
+:func:`~llm_compile.ops.attention.attention_out_like`) are those of ``llmaccel::attention``.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from llm_compile.ops.attention import attention_out_like, to_out_layout
 from llm_compile.runtime.context import lookup_handle
 from llm_compile.runtime.swa import swa_attention_impl
 
@@ -23,9 +25,10 @@ def swa_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cac
                   attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
                   handle: int) -> Tensor:
     cfg = lookup_handle(handle)
-    return swa_attention_impl(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, cfg)
+    out = swa_attention_impl(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, cfg)
+    return to_out_layout(out)
 
 
 @swa_attention.register_fake
 def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, handle):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return attention_out_like(q, v)

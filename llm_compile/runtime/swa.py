@@ -145,20 +145,47 @@ def _slot_bias(attn_mask: Tensor | None, idx: Tensor, total: int, Hq: int, n: in
     return bias
 
 
+def gather_rows(x: Tensor, idx: Tensor, new: Tensor | None = None) -> Tensor:
+    """Rows ``x[b, h, idx[b, h|0, t]]`` -> [B, H, P, D]. With ``new`` ([B, H, 1, D]), index
+    ``x.shape[2]`` means that row (the call's new token, so the cache need not be concatenated)."""
+    B, H, n, D = x.shape
+    P = idx.shape[-1]
+    ii = idx.expand(B, H, P)
+    if new is not None:
+        is_new = ii == n
+        ii = ii.clamp(max=n - 1)
+    if x.stride(-1) == 1 and x.stride(1) % x.stride(2) == 0 and x.stride(0) % x.stride(2) == 0:
+        # rows of a (possibly sliced) contiguous cache: one index_select over a [rows, D] view
+        sn = x.stride(2)
+        s0, s1 = x.stride(0) // sn, x.stride(1) // sn
+        base = (torch.arange(B, device=x.device)[:, None, None] * s0
+                + torch.arange(H, device=x.device)[None, :, None] * s1)
+        rows = x.as_strided(((B - 1) * s0 + (H - 1) * s1 + n, D), (sn, 1), x.storage_offset())
+        out = rows.index_select(0, (base + ii).reshape(-1))
+        out = out.view(B, H, P, D)
+    else:
+        out = x[torch.arange(B, device=x.device)[:, None, None],
+                torch.arange(H, device=x.device)[None, :, None], ii]
+    if new is not None:
+        out = torch.where(is_new[..., None], new.expand(B, H, P, D), out)
+    return out
+
+
 def gather_attend_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, bias: Tensor,
-                        scale: float) -> tuple[Tensor, Tensor]:
+                        scale: float, k_new: Tensor | None = None,
+                        v_new: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """CPU/reference path: gather the kept K/V rows, dense attention over them.
 
-    q [B, Hq, D]; kf/vf [B, Hkv, n, D|Dv]; idx [B, 1|Hkv, P]; bias [B, 1|Hq, P].
-    Returns out [B, Hq, Dv] (dtype of q) and weights [B, Hq, P] fp32 (same contract as the
-    Triton kernel :func:`llm_compile.codegen.swa_kernels.swa_decode_attention`).
+    q [B, Hq, D]; kf/vf [B, Hkv, n, D|Dv]; idx [B, 1|Hkv, P]; bias [B, 1|Hq, P]; optional
+    ``k_new``/``v_new`` [B, Hkv, 1, D]: then ``kf``/``vf`` are the cache without the new token and
+    index ``n`` is the new token. Returns out [B, Hq, Dv] (dtype of q) and weights [B, Hq, P]
+    fp32 (same contract as :func:`llm_compile.codegen.swa_kernels.swa_decode_attention`).
     """
     B, Hq, D = q.shape
     Hkv, Dv, P = kf.shape[1], vf.shape[-1], idx.shape[-1]
     grp = Hq // Hkv
-    ii = idx.expand(B, Hkv, P)
-    kg = torch.gather(kf, 2, ii[..., None].expand(B, Hkv, P, D)).float()
-    vg = torch.gather(vf, 2, ii[..., None].expand(B, Hkv, P, Dv)).float()
+    kg = gather_rows(kf, idx, k_new).float()
+    vg = gather_rows(vf, idx, v_new).float()
     logits = torch.matmul(q.float().reshape(B, Hkv, grp, D), kg.transpose(-1, -2)).mul_(scale)
     logits += bias.expand(B, Hq, P).reshape(B, Hkv, grp, P)
     w = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
@@ -170,27 +197,33 @@ def _use_triton(cfg, q: Tensor) -> bool:
     return cfg.kernel == "triton" or (cfg.kernel == "auto" and q.is_cuda)
 
 
-def _sparse_decode(state: SWAState, q: Tensor, kf: Tensor, vf: Tensor, attn_mask, scale, cfg):
+def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tensor | None,
+                   vn: Tensor | None, attn_mask, scale, cfg):
+    """One-query step. ``kc``/``vc``: the full cache, or (with ``kn``/``vn``) the old part."""
     B, Hq, _, _ = q.shape
-    n = kf.shape[-2]
+    n = kc.shape[-2] + (0 if kn is None else kn.shape[-2])
     b = compute_budget(n, cfg)
     state.trim(b.window)
+    triton_path = _use_triton(cfg, q)
+    if kn is not None and (b.dense or triton_path):
+        kc, vc = full_kv(kn, vn, kc, vc)
+        kn = vn = None
     if b.dense:
-        out = dense_attention(q, kf, vf, attn_mask, scale, False).contiguous()
+        out = dense_attention(q, kc, vc, attn_mask, scale, False)
         if _needs_scores(cfg):
             bias = _mask_bias(attn_mask, B, 1, n)
-            w = query_weights(q, kf, bias, scale, 0, False)[:, :, 0]
+            w = query_weights(q, kc, bias, scale, 0, False)[:, :, 0]
             idx = torch.arange(n, device=q.device).expand(B, state.groups, n)
             state.add(idx, _group_sum(w, state.groups))
         return out
     idx = state.select(b)
     bias = _slot_bias(attn_mask, idx, b.total, Hq, n)
-    if _use_triton(cfg, q):
+    if triton_path:
         from llm_compile.codegen.swa_kernels import swa_decode_attention
 
-        out, w = swa_decode_attention(q[:, :, 0], kf, vf, idx, bias, scale)
+        out, w = swa_decode_attention(q[:, :, 0], kc, vc, idx, bias, scale)
     else:
-        out, w = gather_attend_torch(q[:, :, 0], kf, vf, idx, bias, scale)
+        out, w = gather_attend_torch(q[:, :, 0], kc, vc, idx, bias, scale, kn, vn)
     if _needs_scores(cfg):
         state.add(idx[..., : b.total], _group_sum(w, state.groups)[..., : b.total])
     else:
@@ -199,18 +232,27 @@ def _sparse_decode(state: SWAState, q: Tensor, kf: Tensor, vf: Tensor, attn_mask
 
 
 def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: float, cfg, *,
-             attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    """One attention call under SWA on an explicit state (mutated). ``k_full``/``v_full`` hold
-    the whole cache including this call's new tokens; returns [B, Hq, Lq, Dv] like SDPA."""
+             attn_mask: Tensor | None = None, is_causal: bool = False,
+             k_new: Tensor | None = None, v_new: Tensor | None = None) -> Tensor:
+    """One attention call under SWA on an explicit state (mutated); returns [B, Hq, Lq, Dv].
+
+    ``k_full``/``v_full`` hold the whole cache including this call's tokens; or, if ``k_new``/
+    ``v_new`` are given, only the cached tokens before the call, the call's tokens being
+    ``k_new``/``v_new`` (the sparse decode path then never concatenates the cache).
+    """
     B, Hq, Lq, _ = q.shape
-    Hkv, n = k_full.shape[1], k_full.shape[2]
+    Hkv = k_full.shape[1]
+    n = k_full.shape[2] + (0 if k_new is None else k_new.shape[2])
     if Hq % Hkv:
         raise ValueError(f"llmaccel::swa_attention: {Hq} query heads is not a multiple of {Hkv} KV heads")
+    if k_new is not None and (cfg.sparsity == 0 or Lq != 1):
+        k_full, v_full = full_kv(k_new, v_new, k_full, v_full)
+        k_new = v_new = None
     if cfg.sparsity == 0:
-        return dense_attention(q, k_full, v_full, attn_mask, scale, is_causal).contiguous()
+        return dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
     if Lq == n:  # prefill: reset and seed
         _reinit(state, B, Hkv, q.device, cfg)
-        out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal).contiguous()
+        out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
         _seed(state, q, k_full, attn_mask, scale, is_causal and attn_mask is None, cfg, False)
         return out
     groups = Hkv if cfg.selection == "kv_head" else 1
@@ -222,23 +264,30 @@ def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: 
         state.grow(n - Lq)
     if Lq > 1 or (is_causal and attn_mask is None):
         log.debug("llmaccel swa: %d-query call on a %d-token cache runs dense", Lq, n - Lq)
-        out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal).contiguous()
+        if k_new is not None:
+            k_full, v_full = full_kv(k_new, v_new, k_full, v_full)
+        out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
         _seed(state, q, k_full, attn_mask, scale, is_causal and attn_mask is None, cfg, True)
         return out
     state.grow(n)
-    return _sparse_decode(state, q, k_full, v_full, attn_mask, scale, cfg)
+    return _sparse_decode(state, q, k_full, v_full, k_new, v_new, attn_mask, scale, cfg)
 
 
 def swa_attention_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None,
                        v_cache: Tensor | None, attn_mask: Tensor | None, scale: float,
                        is_causal: bool, site: int, cfg) -> Tensor:
     """Body of ``llmaccel::swa_attention``: state of (current instance, ``site``), then
-    :func:`swa_step`."""
-    kf, vf = full_kv(k, v, k_cache, v_cache)
-    if cfg.sparsity == 0:
-        return dense_attention(q, kf, vf, attn_mask, scale, is_causal).contiguous()
-    state = STATES.get(site, factory=lambda: new_state(q.shape[0], kf.shape[1], q.device, cfg))
-    return swa_step(state, q, kf, vf, scale, cfg, attn_mask=attn_mask, is_causal=is_causal)
+    :func:`swa_step` (decode passes the cache and the new token apart: no concatenation)."""
+    if cfg.sparsity == 0 or k_cache is None:
+        kf, vf = full_kv(k, v, k_cache, v_cache)
+        if cfg.sparsity == 0:
+            return dense_attention(q, kf, vf, attn_mask, scale, is_causal)
+        kn = vn = None
+    else:
+        kf, vf, kn, vn = k_cache, v_cache, k, v
+    state = STATES.get(site, factory=lambda: new_state(q.shape[0], k.shape[1], q.device, cfg))
+    return swa_step(state, q, kf, vf, scale, cfg, attn_mask=attn_mask, is_causal=is_causal,
+                    k_new=kn, v_new=vn)
 
 
 def get_state(site: int, instance: int | None = None) -> SWAState | None:

@@ -1,0 +1,185 @@
+"""Sparse window attention (ALISA) vs dense: decode speed and KV bytes read, one run, table + JSON.
+
+CPU (always): a random-weight Llama with SmolLM2-135M shapes (30 layers, hidden 576, 9 heads,
+3 KV heads, head dim 64), batch 4, prompt of ``--context`` tokens, then ``--steps`` greedy decode
+steps timed one by one (the first ``--warmup`` steps, which compile, are not timed). Two compiled
+models in the same run: llmaccel dense (canonical attention) and llmaccel SWA (``--sparsity``).
+KV bytes read per step: dense reads every cached K/V row of every layer; SWA reads the kept rows
+(the budget of the step) — both analytic from the shapes, the SWA budget taken from the state.
+
+GPU (when available): one decode attention call at ``--gpu-context`` tokens (default 32k), fp16,
+batch 4: dense SDPA over the whole cache vs the SWA Triton kernel over the bucketed budget (and
+the torch gather path), plus the cost of the token selection (top-k over the scores).
+
+    python benchmarks/bench_swa.py                       # CPU, context 1024 (a few minutes)
+    python benchmarks/bench_swa.py --context 8192 --steps 24   # the full 8k (slow on CPU)
+    python benchmarks/bench_swa.py --layers 4 --context 512    # quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from llm_compile.config import SWAConfig
+from llm_compile.runtime import swa
+from llm_compile.runtime.swa_state import SWAState, compute_budget
+
+
+def smollm2_config(layers: int):
+    import transformers
+
+    return transformers.LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=65536,
+        rope_theta=100000.0, tie_word_embeddings=True)
+
+
+def _decode_run(model, ids, steps: int, warmup: int, options: dict) -> dict:
+    """Prefill + ``steps`` greedy decode steps through a compiled forward; per-step times."""
+    from transformers import DynamicCache
+
+    torch._dynamo.reset()
+    swa.reset_states()
+    fwd = torch.compile(model.forward, backend="llmaccel", options=options)
+    times = []
+    with torch.no_grad():
+        cache = DynamicCache()
+        t0 = time.perf_counter()
+        out = fwd(input_ids=ids, past_key_values=cache, use_cache=True)
+        prefill_s = time.perf_counter() - t0
+        tok = out.logits[:, -1:].argmax(-1)
+        for i in range(steps + warmup):
+            t0 = time.perf_counter()
+            out = fwd(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    med = sorted(times)[len(times) // 2]
+    states = [swa.STATES.get(s, instance=i) for (i, s) in list(swa.STATES._states)]
+    budgets = [st.last_budget for st in states if st is not None and st.last_budget is not None]
+    return {"prefill_s": prefill_s, "step_ms_median": med * 1e3, "tokens_per_s": ids.shape[0] / med,
+            "budget": budgets[0] if budgets else None, "sites_with_state": len(states),
+            "final_n": ids.shape[1] + steps + warmup}
+
+
+def cpu_bench(args) -> dict:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = smollm2_config(args.layers)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.context))
+    inner = {"inner": args.inner}
+    dense = _decode_run(model, ids, args.steps, args.warmup, dict(inner))
+    sparse = _decode_run(model, ids, args.steps, args.warmup,
+                         dict(inner, swa={"sparsity": args.sparsity, "bucket": args.bucket}))
+    n = sparse["final_n"]
+    b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket))
+    row_bytes = 2 * cfg.num_key_value_heads * 64 * 4 * args.batch * args.layers  # K+V, fp32
+    res = {"device": "cpu", "threads": torch.get_num_threads(), "layers": args.layers,
+           "batch": args.batch, "context": args.context, "steps": args.steps, "inner": args.inner,
+           "sparsity": args.sparsity, "final_n": n, "budget": b.describe(),
+           "dense": {k: v for k, v in dense.items() if k != "budget"},
+           "swa": {k: v for k, v in sparse.items() if k != "budget"},
+           "kv_bytes_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes,
+                                 "swa_padded": b.padded * row_bytes},
+           "speedup": dense["step_ms_median"] / sparse["step_ms_median"]}
+    if sparse["budget"] is not None:
+        res["swa_state_budget"] = sparse["budget"].describe()
+    return res
+
+
+def _cuda_ms(fn, reps=50) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median"))
+
+
+def gpu_bench(args) -> dict:
+    from llm_compile.codegen.swa_kernels import swa_decode_attention
+
+    dev, dt, B, Hq, Hkv, D, n = "cuda", torch.float16, args.batch, 9, 3, 64, args.gpu_context
+    torch.manual_seed(0)
+    q = torch.randn(B, Hq, 1, D, device=dev, dtype=dt)
+    k = torch.randn(B, Hkv, n, D, device=dev, dtype=dt)
+    v = torch.randn(B, Hkv, n, D, device=dev, dtype=dt)
+    cfg = SWAConfig(sparsity=args.sparsity, bucket=args.bucket)
+    b = compute_budget(n, cfg)
+    st = SWAState(B, 1, dev)
+    st.grow(n)
+    st.score[:] = torch.randint(0, 1 << 30, (B, 1, n), device=dev)
+    idx = st.select(b)
+    bias = torch.zeros(B, 1, b.padded, device=dev)
+    bias[..., b.total:] = float("-inf")
+    scale = D ** -0.5
+    dense = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, scale=scale, enable_gqa=True)
+    tri = lambda: swa_decode_attention(q[:, :, 0], k, v, idx, bias, scale)  # noqa: E731
+    tor = lambda: swa.gather_attend_torch(q[:, :, 0], k, v, idx, bias, scale)  # noqa: E731
+    o_t, w_t = tri()
+    o_r, w_r = tor()
+    err = float((o_t.float() - o_r.float()).abs().max())
+    kv_row = 2 * Hkv * D * 2 * B
+    return {"device": torch.cuda.get_device_name(), "context": n, "batch": B, "dtype": "fp16",
+            "budget": b.describe(), "dense_sdpa_ms": _cuda_ms(dense), "swa_triton_ms": _cuda_ms(tri),
+            "swa_torch_gather_ms": _cuda_ms(tor), "select_topk_ms": _cuda_ms(lambda: st.select(b)),
+            "max_abs_err_triton_vs_torch": err,
+            "kv_bytes": {"dense": n * kv_row, "swa_padded": b.padded * kv_row}}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=12, help="timed decode steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps (compilation)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--sparsity", type=float, default=0.8)
+    p.add_argument("--bucket", type=int, default=64)
+    p.add_argument("--inner", default="eager", choices=["eager", "inductor"])
+    p.add_argument("--gpu-context", type=int, default=32768)
+    p.add_argument("--no-cpu", action="store_true", help="skip the CPU model benchmark")
+    p.add_argument("--json", default="bench_swa.json")
+    p.add_argument("--png", default=None, help="bar chart of the step times (needs matplotlib)")
+    args = p.parse_args(argv)
+    res = {"platform": platform.platform(), "torch": torch.__version__}
+    if not args.no_cpu:
+        c = res["cpu"] = cpu_bench(args)
+        print(f"\nCPU decode, SmolLM2 shapes x{c['layers']} layers, batch {c['batch']}, context "
+              f"{c['context']} -> {c['final_n']} ({c['threads']} threads, inner={c['inner']})")
+        print(f"SWA budget at the last step: {c['budget']}")
+        print(f"{'':14}{'ms/step':>10}{'tokens/s':>10}{'KV MB read/step':>17}")
+        kv = c["kv_bytes_per_step"]
+        for name, r, byts in (("dense", c["dense"], kv["dense"]), ("swa", c["swa"], kv["swa_padded"])):
+            print(f"{name:14}{r['step_ms_median']:10.1f}{r['tokens_per_s']:10.1f}{byts / 1e6:17.2f}")
+        print(f"speedup {c['speedup']:.2f}x, KV read ratio {kv['swa_padded'] / kv['dense']:.3f}")
+    if torch.cuda.is_available():
+        g = res["gpu"] = gpu_bench(args)
+        print(f"\nGPU decode attention, {g['device']}, context {g['context']}, batch {g['batch']}, fp16")
+        for key in ("dense_sdpa_ms", "swa_triton_ms", "swa_torch_gather_ms", "select_topk_ms"):
+            print(f"{key:22}{g[key]:10.4f} ms")
+    else:
+        res["gpu"] = "no CUDA device in this run"
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"\nwrote {args.json}")
+    if args.png and isinstance(res.get("cpu"), dict):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        c = res["cpu"]
+        plt.bar(["dense", f"swa {args.sparsity}"], [c["dense"]["step_ms_median"], c["swa"]["step_ms_median"]])
+        plt.ylabel("ms / decode step")
+        plt.title(f"batch {c['batch']}, context {c['context']}")
+        plt.savefig(args.png)
+    return res
+
+
+if __name__ == "__main__":
+    main()
