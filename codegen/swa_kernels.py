@@ -28,7 +28,7 @@ import triton.language as tl
 
 log = logging.getLogger(__name__)
 
-_NEG = -1.0e30  # finite "minus infinity" for running maxima (avoids inf - inf)
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (avoids inf - inf)
 
 
 @triton.jit

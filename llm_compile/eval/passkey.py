@@ -3,14 +3,19 @@
 A random 5-digit key is hidden at a relative ``depth`` (0 = right after the instruction, 1 = just
 before the question) inside filler text, so that the prompt is ``length`` tokens long::
 
-    There is an important info hidden inside a lot of irrelevant text. Find it and memorize them.
-    I will quiz you about the important information there. <filler ...> The pass key is 71432.
-    Remember it. 71432 is the pass key. <filler ...> What is the pass key? The pass key is
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there.
+    <filler ...>
+    The pass key is 71432. Remember it. 71432 is the pass key.
+    <filler ...>
+    What is the pass key? The pass key is
+
+(the five parts joined by newlines, as in Landmark Attention's ``generate_prompt``).
 
 Filler ``"grass"`` repeats "The grass is green. The sky is blue. The sun is yellow. Here we go.
 There and back again."; filler ``"bible"`` takes consecutive text of the evaluation split. The
-prompt is built from token ids (pieces tokenised separately), so its length is exact for
-``"bible"`` and a whole number of filler sentences (within one sentence group) for ``"grass"``.
+prompt is built from token ids (pieces tokenised separately) and is ``length`` tokens long within a
+few tokens (``"bible"``; the needle goes at the nearest sentence end) or within one sentence group
+(``"grass"``, whole groups only).
 The model answers greedily; a trial counts as retrieved when the first number in the answer equals
 the key. Prefill is one call, so with ``decode_tail=0`` only the answer tokens use decode-time
 attention; ``decode_tail=T`` feeds the last ``T`` prompt tokens (question and, for small depths,
@@ -33,9 +38,9 @@ logger = logging.getLogger(__name__)
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
-GRASS = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
+GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -50,25 +55,44 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int, *, filler: st
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
+    nl = _ids(tokenizer, "\n")
     task, needle = _ids(tokenizer, TASK), _ids(tokenizer, NEEDLE.format(key=key))
     question = _ids(tokenizer, QUESTION)
-    budget = length - len(task) - len(needle) - len(question)
+    budget = length - len(task) - len(needle) - len(question) - 4 * len(nl)
     if budget < 0:
         raise ValueError(f"length={length} is shorter than the passkey prompt without filler")
     if filler == "grass":
-        unit = _ids(tokenizer, GRASS)
-        units = budget // len(unit)
+        first, unit = _ids(tokenizer, GRASS), _ids(tokenizer, " " + GRASS)
+        units = max((budget - len(first)) // len(unit) + 1, 2) if budget >= len(first) else 0
         before_units = round(depth * units)
-        before = unit * before_units
-        after = unit * (units - before_units)
+
+        def block(k: int) -> list[int]:  # k sentence groups joined by spaces, as in the paper
+            return first + unit * (k - 1) if k else []
+
+        before, after = block(before_units), block(units - before_units)
     elif filler == "bible":
         text = filler_tokens(tokenizer, budget, split=split, offset=filler_offset)
-        cut = round(depth * budget)
+        cut = _sentence_cut(tokenizer, text, round(depth * len(text)))
         before, after = text[:cut], text[cut:]
     else:
         raise ValueError(f"unknown filler {filler!r}; valid: 'grass', 'bible'")
-    ids = task + before + needle + after + question
-    return torch.tensor(ids, dtype=torch.long).unsqueeze(0), len(task) + len(before)
+    # parts joined by newlines; an empty filler part (depth 0 or 1) adds no blank line
+    ids = task
+    for part in (before, needle, after, question):
+        if part:
+            ids = ids + nl + part
+        if part is needle:
+            pos = len(ids) - len(part)
+    return torch.tensor(ids, dtype=torch.long).unsqueeze(0), pos
+
+
+def _sentence_cut(tokenizer, ids: list[int], cut: int, reach: int = 64) -> int:
+    """The token boundary nearest ``cut`` (within ``reach``) that follows a sentence end."""
+    for delta in range(reach + 1):
+        for c in (cut - delta, cut + delta):
+            if 0 < c < len(ids) and tokenizer.decode(ids[c - 1:c]).rstrip().endswith((".", "!", "?")):
+                return c
+    return min(max(cut, 0), len(ids))
 
 
 def parse_answer(text: str) -> str | None:

@@ -1,0 +1,95 @@
+"""``llmaccel::offload_attention`` and ``llmaccel::kv_phantom``: attention whose KV cache lives in
+attention workers (Lamina), and the zero-memory stand-in the model's cache keeps instead.
+
+Contracts::
+
+    offload_attention(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site,
+                      pool_handle, swa_handle) -> out
+        exactly llmaccel::attention's arguments and math (out [B, Hq, Lq, Dv], layout of
+        attention_out_like), plus
+        pool_handle  runtime handle (register_handle) of an AttentionWorkerPool
+        swa_handle   0 for dense attention, else the handle of an SWAConfig: the workers run
+                     sparse window attention (ALISA) instead of dense
+        k_cache/v_cache are only read for their length (they are phantoms, see below).
+
+      * no cache (prefill): the new K/V reset the (current instance, site) cache on the workers.
+        Dense: the prompt attention runs here, locally (it is compute-bound, and Lamina prefills on
+        the compute device too) and K/V are shipped without waiting for an answer. SWA: the
+        workers run the prompt attention (it seeds their token scores) and return the output.
+      * with cache (decode): q, k_new, v_new go to the workers (split by KV head); they append
+        k_new/v_new, attend, and return their query heads' output.
+
+    kv_phantom(past, new) -> [*new.shape[:-2], past.shape[-2] + new.shape[-2], D]
+        a tensor with the shape of cat([past, new], -2) but all strides 0 and one element of
+        storage (4 bytes for fp32): Hugging Face caches store it, so their bookkeeping
+        (``get_seq_length`` reads ``keys.shape[-2]``) works while no KV stays on the compute device.
+        Never read its values.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from llm_compile.ops.attention import attention_out_like, dense_attention, to_out_layout
+from llm_compile.runtime.context import current_instance, lookup_handle
+
+log = logging.getLogger(__name__)
+
+
+def _phantom_shape(past: Tensor | None, new: Tensor) -> list:
+    n = new.shape[-2] + (past.shape[-2] if past is not None else 0)
+    return [*new.shape[:-2], n, new.shape[-1]]
+
+
+@torch.library.custom_op("llmaccel::kv_phantom", mutates_args=())
+def kv_phantom(past: Tensor | None, new: Tensor) -> Tensor:
+    shape = _phantom_shape(past, new)
+    return new.new_zeros(1).as_strided(shape, [0] * len(shape))
+
+
+@kv_phantom.register_fake
+def _(past, new):
+    shape = _phantom_shape(past, new)
+    return new.new_empty_strided(shape, [0] * len(shape))
+
+
+def is_phantom(t: Tensor) -> bool:
+    """True for a :func:`kv_phantom` result (all strides 0, at most one element of storage)."""
+    return t.numel() > 1 and all(s == 0 for s in t.stride()) and t.untyped_storage().nbytes() <= t.element_size()
+
+
+_SWA_MODES: dict[int, object] = {}
+
+
+def _swa_mode(handle: int):
+    mode = _SWA_MODES.get(handle)
+    if mode is None:
+        from llm_compile.runtime.offload_modes import SWAMode
+
+        mode = _SWA_MODES[handle] = SWAMode(lookup_handle(handle))
+    return mode
+
+
+@torch.library.custom_op("llmaccel::offload_attention", mutates_args=())
+def offload_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
+                      attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
+                      pool_handle: int, swa_handle: int) -> Tensor:
+    pool = lookup_handle(pool_handle)
+    inst = current_instance()
+    if k_cache is None:
+        if swa_handle:
+            out = pool.prefill(inst, site, k, v, q=q, scale=scale, attn_mask=attn_mask,
+                               is_causal=is_causal, mode=_swa_mode(swa_handle))
+        else:
+            out = dense_attention(q, k, v, attn_mask, scale, is_causal)
+            pool.prefill(inst, site, k, v)
+    else:
+        out = pool.decode(inst, site, q, k, v, scale, attn_mask, is_causal, cached_len=k_cache.shape[-2])
+    return to_out_layout(out)
+
+
+@offload_attention.register_fake
+def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, pool_handle, swa_handle):
+    return attention_out_like(q, v)

@@ -1,0 +1,122 @@
+"""Pluggable attention steps run by the attention workers.
+
+A worker keeps, per (instance, site), its KV-head slice of the cache and a mode *state*; each
+request with a query calls ``mode.attend(q, k_full, v_full, attn_mask, scale, is_causal, state)``
+where ``k_full``/``v_full`` are the whole cached keys/values of its heads *including* the ones just
+appended (``[B, h_kv, n, D]``, views of the worker's buffers). A new prefill (reset) creates a fresh
+state with ``mode.new_state(...)``.
+
+Modes travel to the workers pickled (at pool creation as the default, or per (instance, site) at
+prefill), so a mode must be a picklable object whose class is importable on the worker.
+
+* :class:`DenseMode` (default): exactly ``llmaccel::attention``'s math.
+* :class:`SWAMode`: sparse window attention (ALISA) through :func:`llm_compile.runtime.swa.swa_step`.
+  Prefill must then run on the workers (it seeds the scores), so ``needs_prefill_query`` is true.
+  Under offload, ``selection="layer"`` sums scores over the heads *one worker holds* (a worker never
+  sees the other workers' heads); with one worker, or ``selection="kv_head"``, it equals local SWA.
+* :class:`CallableMode`: any ``"module:function"`` with the same signature as ``attend``, plus an
+  optional ``"module:function"`` state factory; the way to plug in a new kernel without editing the
+  worker.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from torch import Tensor
+
+from llm_compile.ops.attention import dense_attention
+
+log = logging.getLogger(__name__)
+
+
+def dense_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, is_causal: bool,
+               state: Any = None) -> Tensor:
+    """The dense attention step (stateless), in the signature :class:`CallableMode` expects."""
+    return dense_attention(q, k, v, attn_mask, scale, is_causal)
+
+
+class AttentionMode:
+    """Base class: dense attention, no state."""
+
+    needs_prefill_query = False
+    """True when the prefill attention must run on the workers (the mode keeps state from it)."""
+
+    def new_state(self, *, batch: int, kv_heads: int, q_heads: int, head_dim: int, device,
+                  head_offset: int) -> Any:
+        return None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
+               is_causal: bool, state: Any) -> Tensor:
+        return dense_step(q, k, v, attn_mask, scale, is_causal, state)
+
+    def __repr__(self) -> str:
+        return type(self).__name__ + "()"
+
+
+class DenseMode(AttentionMode):
+    """Dense SDPA over the whole cache (``llmaccel::attention``'s math). The default."""
+
+
+class SWAMode(AttentionMode):
+    """Sparse window attention (ALISA) with the given :class:`~llm_compile.config.SWAConfig`."""
+
+    needs_prefill_query = True
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def new_state(self, *, batch, kv_heads, q_heads, head_dim, device, head_offset):
+        from llm_compile.runtime.swa import new_state
+
+        return new_state(batch, kv_heads, device, self.cfg)
+
+    def attend(self, q, k, v, attn_mask, scale, is_causal, state):
+        from llm_compile.runtime.swa import swa_step
+
+        return swa_step(state, q, k, v, scale, self.cfg, attn_mask=attn_mask, is_causal=is_causal)
+
+    def __repr__(self) -> str:
+        return f"SWAMode({self.cfg!r})"
+
+
+def _resolve(target: str):
+    mod, _, name = target.partition(":")
+    if not name:
+        raise ValueError(f"llmaccel offload: callable {target!r} must be 'module:function'")
+    return getattr(importlib.import_module(mod), name)
+
+
+class CallableMode(AttentionMode):
+    """``fn(q, k, v, attn_mask, scale, is_causal, state, **kwargs)`` named as ``"module:function"``.
+
+    ``state_factory`` (optional, same naming) is called as ``factory(batch=..., kv_heads=...,
+    q_heads=..., head_dim=..., device=..., head_offset=..., **kwargs)``.
+    """
+
+    def __init__(self, target: str, kwargs: dict | None = None, state_factory: str | None = None,
+                 needs_prefill_query: bool = False) -> None:
+        self.target = target
+        self.kwargs = dict(kwargs or {})
+        self.state_factory = state_factory
+        self.needs_prefill_query = needs_prefill_query
+        self._fn = None
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_fn"] = None
+        return d
+
+    def new_state(self, **kw):
+        if self.state_factory is None:
+            return None
+        return _resolve(self.state_factory)(**kw, **self.kwargs)
+
+    def attend(self, q, k, v, attn_mask, scale, is_causal, state):
+        if self._fn is None:
+            self._fn = _resolve(self.target)
+        return self._fn(q, k, v, attn_mask, scale, is_causal, state, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"CallableMode({self.target!r})"

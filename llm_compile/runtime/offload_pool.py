@@ -1,0 +1,441 @@
+"""The compute side (rank 0) of attention offload: :class:`AttentionWorkerPool`.
+
+The pool splits every site's KV heads across its workers (:func:`~llm_compile.runtime.
+offload_protocol.split_heads`: contiguous ranges, the first ``Hkv % N`` workers one head more) and
+sends each worker its query heads and KV heads; it keeps no KV itself::
+
+    pool = AttentionWorkerPool.spawn(2, timeout_s=30)        # local CPU workers, gloo on 127.0.0.1
+    pool.prefill(inst, site, k, v)                           # prompt K/V [B, Hkv, L, D] -> workers
+    out = pool.decode(inst, site, q, k_new, v_new, scale)    # [B, Hq, 1, D]; k_new/v_new appended
+    fut = pool.decode_async(...); ...; out = fut.wait()      # overlap with other work
+    pool.kv_bytes()                                          # KV bytes held, per worker
+    pool.shutdown()
+
+``prefill`` without ``q`` only ships the K/V (the caller ran the prompt's attention locally) and
+returns at once; the workers' acknowledgements are collected by the next ``wait`` (or ``sync()``),
+where a worker error surfaces. With ``q`` the workers run the prompt attention too (needed by modes
+that keep state from it, e.g. SWA) and the output is returned.
+
+Failures: a worker that died (its connection breaks: detected at once) or does not answer within
+``timeout_s`` raises ``RuntimeError`` naming the worker; the pool is then *broken* (every later
+call raises) and ``shutdown`` (also run by ``atexit`` / garbage collection through
+``weakref.finalize``) reaps the worker processes. An error *inside* a worker (bad shapes, a decode
+without prefill) is reported as ``RuntimeError`` too but leaves the pool usable.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pickle
+import threading
+import time
+import weakref
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from llm_compile.runtime import offload_protocol as P
+from llm_compile.runtime.offload_modes import AttentionMode
+from llm_compile.runtime.offload_workers import _spawn_entry, make_group
+
+log = logging.getLogger(__name__)
+
+
+class _Resources:
+    """What must be released even if the pool object is lost (finalizer target, no pool ref)."""
+
+    def __init__(self, pg, store, procs: list) -> None:
+        self.pg, self.store, self.procs = pg, store, procs
+
+    def close(self, join_s: float = 5.0) -> None:
+        for p in self.procs:
+            p.join(join_s)
+            if p.is_alive():
+                log.warning("attention worker pid %d did not exit; terminating", p.pid)
+                p.terminate()
+                p.join(2.0)
+            if p.is_alive():
+                p.kill()
+                p.join(2.0)
+        self.procs = []
+        self.pg = self.store = None
+
+
+class OffloadFuture:
+    """An attention request in flight; :meth:`wait` returns the output (or ``None`` for a store-only
+    prefill). Holds the send buffers until completion."""
+
+    def __init__(self, pool: "AttentionWorkerPool", parts: list, out_shape, dtype, device, what: str) -> None:
+        self._pool, self._parts, self._what = pool, parts, what
+        self._out_shape, self._dtype, self._device = out_shape, dtype, device
+        self._result: Tensor | None = None
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def nbytes_held(self) -> int:
+        return 0 if self._done else sum(b.numel() for part in self._parts for b in part["keep"])
+
+    def wait(self) -> Tensor | None:
+        if self._done:
+            return self._result
+        pool = self._pool
+        if self._out_shape is not None:  # collect earlier store-only acks first (errors surface here)
+            pool.sync()
+        deadline = time.monotonic() + pool.timeout_s
+        out = None
+        if self._out_shape is not None:
+            out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
+        for part in self._parts:
+            pool._wait(part["recv"], part["rank"], deadline, self._what)
+            for w in part["sends"]:
+                pool._wait(w, part["rank"], deadline, self._what)
+            status, _, _, _, msg = P.read_status(part["reply"])
+            if status != P.STATUS_OK:
+                self._done = True
+                raise RuntimeError(f"llmaccel offload: {self._what} failed on {msg}")
+            if out is not None:
+                qs, qe = part["q_heads"]
+                shape = (self._out_shape[0], qe - qs, *self._out_shape[2:])
+                chunk = part["reply"][P.STATUS_BYTES:].view(self._dtype).reshape(shape)
+                out[:, qs:qe].copy_(chunk)
+        self._parts, self._result, self._done = [], out, True
+        return out
+
+
+class AttentionWorkerPool:
+    """Rank 0 of an attention-offload group. Create with :meth:`spawn` or :meth:`connect`."""
+
+    def __init__(self, pg, world_size: int, backend: str, device: torch.device, timeout_s: float,
+                 procs: list | None = None, store=None, mode: AttentionMode | None = None) -> None:
+        self._pg, self.world_size, self.backend = pg, world_size, backend
+        self.device, self.timeout_s = torch.device(device), float(timeout_s)
+        self.n_workers = world_size - 1
+        self._procs = list(procs or [])
+        self._res = _Resources(pg, store, self._procs)
+        self._finalizer = weakref.finalize(self, _finalize, self._res, pg, self.n_workers, 2.0, str(self.device))
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._pending: list[OffloadFuture] = []
+        self._broken: str | None = None
+        self._closed = False
+        if mode is not None:
+            self.set_mode(mode)
+
+    # -- creation -----------------------------------------------------------------------------
+    @classmethod
+    def spawn(cls, n_workers: int, timeout_s: float = 60.0, *, mode: AttentionMode | None = None,
+              threads_per_worker: int = 1, startup_timeout_s: float | None = None) -> "AttentionWorkerPool":
+        """Start ``n_workers`` local CPU worker processes (``torch.multiprocessing``, start method
+        "spawn"), gloo on 127.0.0.1 with a free port chosen by the rendezvous store."""
+        if n_workers < 1:
+            raise ValueError("llmaccel offload: n_workers must be >= 1")
+        startup = float(startup_timeout_s or max(timeout_s, 120.0))
+        world = n_workers + 1
+        store = dist.TCPStore("127.0.0.1", 0, world, True, timeout=datetime.timedelta(seconds=startup),
+                              wait_for_workers=False)
+        ctx = torch.multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_spawn_entry, name=f"llmaccel-attn-worker-{r}", daemon=True,
+                             args=("127.0.0.1", store.port, r, world, "gloo", startup, threads_per_worker,
+                                   logging.getLogger().getEffectiveLevel(), os.getpid()))
+                 for r in range(1, world)]
+        t0 = time.monotonic()
+        for p in procs:
+            p.start()
+        pg = _connect_watching(lambda: make_group("gloo", store, 0, world, startup), procs, startup)
+        pool = cls(pg, world, "gloo", torch.device("cpu"), timeout_s, procs, store, mode)
+        pool.ping()  # every worker has finished its rendezvous (gloo mesh complete) and serves
+        log.info("spawned %d attention workers (pids %s) in %.1fs", n_workers, [p.pid for p in procs],
+                 time.monotonic() - t0)
+        return pool
+
+    @classmethod
+    def connect(cls, init_method: str, world_size: int, timeout_s: float = 60.0, *,
+                backend: str = "auto", mode: AttentionMode | None = None,
+                startup_timeout_s: float | None = None) -> "AttentionWorkerPool":
+        """Join, as rank 0, workers started elsewhere (``python -m llm_compile.runtime.offload_workers``
+        under ``torchrun``); blocks until all ``world_size - 1`` workers have joined."""
+        startup = float(startup_timeout_s or max(timeout_s, 300.0))
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        store, _, _ = next(dist.rendezvous(init_method, 0, world_size,
+                                           timeout=datetime.timedelta(seconds=startup)))
+        pg = make_group(backend, store, 0, world_size, startup)
+        return cls(pg, world_size, backend, device, timeout_s, None, store, mode)
+
+    # -- public API ---------------------------------------------------------------------------
+    def prefill(self, instance: int, site: int, k: Tensor, v: Tensor, q: Tensor | None = None,
+                scale: float | None = None, attn_mask: Tensor | None = None, is_causal: bool = False,
+                mode: AttentionMode | None = None) -> Tensor | None:
+        """Reset (instance, site) and store the prompt K/V ``[B, Hkv, L, D]`` on the workers. With
+        ``q``, the workers also attend and the output is returned; without, returns ``None`` at once."""
+        if mode is not None:
+            self.set_mode(mode, instance, site)
+        if q is not None:
+            return self._attend(instance, site, q, k, v, scale, attn_mask, is_causal, True, -1, "prefill").wait()
+        fut = self._attend(instance, site, None, k, v, 0.0, None, False, True, -1, "prefill")
+        self._pending.append(fut)
+        return None
+
+    def decode_async(self, instance: int, site: int, q: Tensor, k_new: Tensor, v_new: Tensor, scale: float,
+                     attn_mask: Tensor | None = None, is_causal: bool = False,
+                     cached_len: int | None = None) -> OffloadFuture:
+        """Send one decode step of (instance, site); ``wait()`` on the result gives ``[B, Hq, Lq, Dv]``."""
+        return self._attend(instance, site, q, k_new, v_new, scale, attn_mask, is_causal, False,
+                            -1 if cached_len is None else int(cached_len), "decode")
+
+    def decode(self, instance: int, site: int, q: Tensor, k_new: Tensor, v_new: Tensor, scale: float,
+               attn_mask: Tensor | None = None, is_causal: bool = False, cached_len: int | None = None) -> Tensor:
+        """``llmaccel::attention(q, k_new, v_new, <cache>, <cache>, attn_mask, scale, is_causal)``
+        with the cache held by the workers (k_new/v_new are appended to it first)."""
+        return self.decode_async(instance, site, q, k_new, v_new, scale, attn_mask, is_causal, cached_len).wait()
+
+    def sync(self) -> None:
+        """Wait for every store-only prefill still unacknowledged (raises a worker's error)."""
+        while self._pending:
+            self._pending.pop(0).wait()
+
+    def kv_bytes(self, allocated: bool = False) -> list[int]:
+        """KV bytes each worker holds (in use, or allocated with ``allocated=True``)."""
+        vals = self._simple(P.OP_KV_BYTES, "kv_bytes")
+        return [v[1] if allocated else v[0] for v in vals]
+
+    def local_bytes(self) -> int:
+        """Bytes of request buffers this process still holds for in-flight requests."""
+        return sum(f.nbytes_held() for f in self._pending)
+
+    def release(self, instance: int, site: int = -1) -> int:
+        """Drop the KV of ``instance`` (one site, or all with -1) on every worker; returns entries freed."""
+        return sum(v[0] for v in self._simple(P.OP_RELEASE, "release", instance=instance, site=site))
+
+    def set_mode(self, mode: AttentionMode, instance: int = -1, site: int = -1) -> None:
+        """Set the workers' default attention mode, or the mode of one (instance, site) (from its next
+        prefill on)."""
+        self._simple(P.OP_SET_MODE, "set_mode", instance=instance, site=site,
+                     payload=torch.frombuffer(bytearray(pickle.dumps(mode)), dtype=torch.uint8))
+
+    def ping(self) -> list[int]:
+        """The workers' process ids (round trip to every worker)."""
+        return [v[0] for v in self._simple(P.OP_PING, "ping")]
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def shutdown(self, join_s: float = 5.0) -> None:
+        """Stop the workers (shutdown request, then terminate/kill stragglers). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pending.clear()
+        if self._broken is None:
+            try:
+                self._simple(P.OP_SHUTDOWN, "shutdown", timeout_s=min(self.timeout_s, join_s), closing=True)
+            except RuntimeError as e:
+                log.warning("llmaccel offload: graceful shutdown failed: %s", e)
+        self._finalizer.detach()
+        # a broken pool: tell the live workers to stop without awaiting answers, reap them quickly
+        _finalize(self._res, self._pg, self.n_workers, join_s if self._broken is None else 1.0, str(self.device))
+        self._pg = None
+
+    @property
+    def broken(self) -> str | None:
+        return self._broken
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("llmaccel offload: the attention worker pool was shut down")
+        if self._broken is not None:
+            raise RuntimeError(f"llmaccel offload: the attention worker pool is broken ({self._broken})")
+        for r, p in enumerate(self._procs, 1):
+            if not p.is_alive():
+                self._fail(f"attention worker rank {r} (pid {p.pid}) is dead (exit code {p.exitcode})")
+
+    def _fail(self, msg: str, cause: BaseException | None = None):
+        self._broken = msg
+        log.error("llmaccel offload: %s", msg)
+        raise RuntimeError(f"llmaccel offload: {msg}") from cause
+
+    def _wait(self, work, rank: int, deadline: float, what: str) -> None:
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError("deadline passed")
+            work.wait(datetime.timedelta(seconds=remaining))
+        except Exception as e:
+            if self._broken is not None:
+                raise RuntimeError(f"llmaccel offload: the attention worker pool is broken ({self._broken})") from e
+            proc = self._procs[rank - 1] if rank - 1 < len(self._procs) else None
+            if proc is not None and (proc.join(0.2) or not proc.is_alive()):
+                state = f"died (pid {proc.pid}, exit code {proc.exitcode})"
+            elif time.monotonic() >= deadline - 0.05:
+                state = f"did not answer within {self.timeout_s:.1f}s"
+            else:
+                state = "connection failed"
+            self._fail(f"attention worker rank {rank} {state} during {what}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}", e)
+
+    def _send_request(self, rank: int, hdr: P.Header, payload: Tensor | None, reply_nbytes: int) -> dict:
+        hdr.seq = self._seq = self._seq + 1
+        hdr.payload_nbytes = 0 if payload is None else payload.numel()
+        htensor = hdr.to_tensor(self.device)
+        reply = torch.empty(P.STATUS_BYTES + reply_nbytes, dtype=torch.uint8, device=self.device)
+        keep = [htensor] + ([payload] if payload is not None and payload.numel() else [])
+        try:
+            sends = [self._pg.send([t], rank, P.TAG_REQUEST) for t in keep]
+            recv = self._pg.recv([reply], rank, P.TAG_REPLY)
+        except Exception as e:
+            self._fail(f"cannot send to attention worker rank {rank}: {str(e).splitlines()[0][:200]}", e)
+        return {"rank": rank, "sends": sends, "recv": recv, "reply": reply, "keep": keep}
+
+    def _simple(self, op: int, what: str, instance: int = 0, site: int = 0, payload: Tensor | None = None,
+                timeout_s: float | None = None, closing: bool = False) -> list[tuple[int, int]]:
+        """One status-only request to every worker; returns their (v1, v2)."""
+        if not closing:
+            self._check_usable()
+            self.sync()
+        if payload is not None:
+            payload = payload.to(self.device)
+        with self._lock:
+            parts = [self._send_request(r, P.Header(op, instance=instance, site=site), payload, 0)
+                     for r in range(1, self.world_size)]
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        vals = []
+        for part in parts:
+            self._wait(part["recv"], part["rank"], deadline, what)
+            for w in part["sends"]:
+                self._wait(w, part["rank"], deadline, what)
+            status, _, v1, v2, msg = P.read_status(part["reply"])
+            if status != P.STATUS_OK:
+                raise RuntimeError(f"llmaccel offload: {what} failed on {msg}")
+            vals.append((v1, v2))
+        return vals
+
+    def _attend(self, instance, site, q, k, v, scale, attn_mask, is_causal, reset, cached_len, what) -> OffloadFuture:
+        self._check_usable()
+        B, hkv, ln, D = k.shape
+        dv = v.shape[-1]
+        hq = q.shape[1] if q is not None else hkv
+        if hq % hkv:
+            raise ValueError(f"llmaccel offload: {hq} query heads is not a multiple of {hkv} KV heads")
+        group = hq // hkv
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+            if mask.shape[1] not in (1, hq):
+                raise ValueError(f"llmaccel offload: mask {tuple(attn_mask.shape)} does not broadcast over {hq} heads")
+        flags = (P.FLAG_RESET if reset else 0) | (P.FLAG_CAUSAL if is_causal else 0) | (P.FLAG_HAS_Q if q is not None else 0)
+        dt = q.dtype if q is not None else k.dtype
+        parts = []
+        with self._lock:
+            for w, (s, e) in enumerate(P.split_heads(hkv, self.n_workers)):
+                if s == e:
+                    continue
+                tensors = [k[:, s:e].to(dt), v[:, s:e].to(dt)]
+                hdr = P.Header(P.OP_ATTEND, instance=int(instance), site=int(site), batch=B,
+                               q_heads=(e - s) * group, kv_heads=e - s, new_len=ln, head_dim=D, v_dim=dv,
+                               dtype=P.dtype_code(dt), scale_bits=P.float_bits(scale or 0.0), flags=flags,
+                               cached_len=cached_len, head_offset=s)
+                if q is not None:
+                    tensors.insert(0, q[:, s * group:e * group])
+                    hdr.q_len = q.shape[2]
+                if mask is not None:
+                    m = mask[:, s * group:e * group] if mask.shape[1] == hq and hq > 1 else mask
+                    hdr.mask_kind = P.MASK_BOOL if m.dtype == torch.bool else P.MASK_FLOAT
+                    hdr.mask_dtype = P.dtype_code(m.dtype)
+                    hdr.mask_s0, hdr.mask_s1, hdr.mask_s2, hdr.mask_s3 = m.shape
+                    tensors.append(m)
+                payload = P.pack([t.detach() for t in tensors], self.device)
+                part = self._send_request(w + 1, hdr, payload, 0 if q is None else
+                                          P.nbytes_of((B, hdr.q_heads, hdr.q_len, dv), dt))
+                part["q_heads"] = (s * group, e * group)
+                parts.append(part)
+        out_shape = None if q is None else (B, hq, q.shape[2], dv)
+        dev = q.device if q is not None else k.device
+        return OffloadFuture(self, parts, out_shape, dt, dev, f"{what} of instance {instance} site {site}")
+
+
+def _connect_watching(make, procs: list, timeout_s: float):
+    """Run the blocking group creation in a thread while watching the worker processes, so a
+    worker that dies during startup is reported at once instead of after the rendezvous timeout."""
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["pg"] = make()
+        except BaseException as e:  # reported below
+            box["err"] = e
+
+    t = threading.Thread(target=target, daemon=True, name="llmaccel-offload-connect")
+    t.start()
+    deadline = time.monotonic() + timeout_s
+    while t.is_alive():
+        t.join(0.05)
+        dead = [(r, p) for r, p in enumerate(procs, 1) if p.exitcode is not None]
+        if dead or time.monotonic() > deadline:
+            _Resources(None, None, procs).close(0.5)
+            why = (f"worker rank {dead[0][0]} exited with code {dead[0][1].exitcode}" if dead
+                   else f"no rendezvous within {timeout_s:.0f}s")
+            raise RuntimeError(f"llmaccel offload: starting attention workers failed: {why}")
+    if "err" in box:
+        _Resources(None, None, procs).close(0.5)
+        raise RuntimeError(f"llmaccel offload: starting attention workers failed: {box['err']}") from box["err"]
+    return box["pg"]
+
+
+def _finalize(res: _Resources, pg, n_workers: int, join_s: float = 2.0, device: str = "cpu") -> None:
+    """Shutdown, garbage collection, interpreter exit: send the workers that are still running a
+    shutdown header (after a graceful shutdown: the "fin" that lets them exit; no answer awaited),
+    then reap the processes (terminate/kill after ``join_s``)."""
+    works = []
+    hdr = P.Header(P.OP_SHUTDOWN, flags=P.FLAG_NOW).to_tensor(device)
+    procs = res.procs or [None] * n_workers
+    for r, p in enumerate(procs, 1):
+        if res.procs and not p.is_alive():
+            continue
+        try:
+            works.append(pg.send([hdr], r, P.TAG_REQUEST))
+        except Exception:  # that worker's connection is gone
+            pass
+    res.close(join_s)
+    del works
+
+
+_POOLS: dict[Any, AttentionWorkerPool] = {}
+
+
+def get_pool(cfg) -> AttentionWorkerPool:
+    """The shared pool for an :class:`~llm_compile.config.OffloadConfig` (created on first use), so
+    that the prefill and decode graphs of a model talk to the same workers."""
+    key = (cfg.workers, cfg.init_method, cfg.transport, cfg.timeout_s)
+    pool = _POOLS.get(key)
+    if pool is None or pool._closed or pool.broken:
+        if cfg.init_method:
+            pool = AttentionWorkerPool.connect(cfg.init_method, cfg.workers + 1, cfg.timeout_s,
+                                               backend=cfg.transport)
+        else:
+            if cfg.transport == "nccl":
+                raise ValueError("llmaccel offload: a local pool (no init_method) uses gloo; "
+                                 "start NCCL workers with torchrun and set offload.init_method")
+            pool = AttentionWorkerPool.spawn(cfg.workers, cfg.timeout_s)
+        _POOLS[key] = pool
+    return pool
+
+
+def shutdown_pools() -> None:
+    """Shut down every pool made by :func:`get_pool`."""
+    for pool in list(_POOLS.values()):
+        pool.shutdown()
+    _POOLS.clear()
