@@ -14,6 +14,8 @@ the torch gather path), plus the cost of the token selection (top-k over the sco
     python benchmarks/bench_swa.py                       # CPU, context 1024 (a few minutes)
     python benchmarks/bench_swa.py --context 8192 --steps 24   # the full 8k (slow on CPU)
     python benchmarks/bench_swa.py --layers 4 --context 512    # quick look
+
+Also (CPU, always, seconds): one attention site's decode at ``--op-context`` (default 8192).
 """
 from __future__ import annotations
 
@@ -93,6 +95,37 @@ def cpu_bench(args) -> dict:
     return res
 
 
+def cpu_op_bench(args) -> dict:
+    """One attention site, decode only, at ``--op-context`` tokens (no prefill needed): dense
+    ``llmaccel::attention`` math (cache concat + SDPA) vs ``swa_step`` (trim, select, gather,
+    attend, score update; cache not concatenated). The SWA state starts with random scores."""
+    B, Hq, Hkv, D, n0, steps = args.batch, 9, 3, 64, args.op_context, args.steps
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(B, Hkv, n0 + steps, D, generator=g), torch.randn(B, Hkv, n0 + steps, D, generator=g)
+    qs = torch.randn(steps, B, Hq, 1, D, generator=g)
+    cfg = SWAConfig(sparsity=args.sparsity, bucket=args.bucket, kernel="torch")
+    st = swa.new_state(B, Hkv, "cpu", cfg)
+    st.grow(n0)
+    st.score[:] = torch.randint(0, 1 << 30, (B, 1, n0), generator=g)
+    times = {"dense": [], "swa": []}
+    for i in range(steps):
+        n = n0 + i
+        t0 = time.perf_counter()
+        kf, vf = torch.cat([kc[:, :, :n], kc[:, :, n:n + 1]], 2), torch.cat([vc[:, :, :n], vc[:, :, n:n + 1]], 2)
+        torch.nn.functional.scaled_dot_product_attention(qs[i], kf, vf, scale=D ** -0.5, enable_gqa=True)
+        times["dense"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        swa.swa_step(st, qs[i], kc[:, :, :n], vc[:, :, :n], D ** -0.5, cfg,
+                     k_new=kc[:, :, n:n + 1], v_new=vc[:, :, n:n + 1])
+        times["swa"].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    b = compute_budget(n0 + steps, cfg)
+    row = 2 * Hkv * D * 4 * B
+    return {"context": n0, "batch": B, "budget": b.describe(), "dense_ms": med["dense"],
+            "swa_ms": med["swa"], "speedup": med["dense"] / med["swa"],
+            "kv_bytes": {"dense": n0 * row, "swa_padded": b.padded * row}}
+
+
 def _cuda_ms(fn, reps=50) -> float:
     import triton.testing
 
@@ -142,11 +175,19 @@ def main(argv=None) -> dict:
     p.add_argument("--bucket", type=int, default=64)
     p.add_argument("--inner", default="eager", choices=["eager", "inductor"])
     p.add_argument("--gpu-context", type=int, default=32768)
+    p.add_argument("--op-context", type=int, default=8192, help="context of the one-site CPU op bench")
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU model benchmark")
     p.add_argument("--json", default="bench_swa.json")
     p.add_argument("--png", default=None, help="bar chart of the step times (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     res = {"platform": platform.platform(), "torch": torch.__version__}
+    o = res["cpu_op"] = cpu_op_bench(args)
+    print(f"CPU one attention site, decode, context {o['context']}, batch {o['batch']}: dense "
+          f"{o['dense_ms']:.2f} ms, SWA {o['swa_ms']:.2f} ms ({o['speedup']:.2f}x; {o['budget']}); "
+          f"KV MB read {o['kv_bytes']['dense'] / 1e6:.1f} -> {o['kv_bytes']['swa_padded'] / 1e6:.1f}")
     if not args.no_cpu:
         c = res["cpu"] = cpu_bench(args)
         print(f"\nCPU decode, SmolLM2 shapes x{c['layers']} layers, batch {c['batch']}, context "

@@ -189,7 +189,9 @@ class Site:
     is_causal: bool
     form: str
     groups: int = 1
-    q_scale_folded: bool = False
+    k_all: torch.fx.Node | None = None
+    """The graph's own cache append ``cat([k_cache, k], -2)``, reused by the op (no second copy)."""
+    v_all: torch.fx.Node | None = None
 
 
 def only_first_output_used(node: torch.fx.Node) -> torch.fx.Node:

@@ -20,9 +20,9 @@ Before (decode step of one Llama layer, SDPA)::
 
 After::
 
-    cat_2 = aten.cat([past_k, k_new], -2)          # untouched: still the cache update
-    cat_3 = aten.cat([past_v, v_new], -2)
-    attention = llmaccel.attention(q, k_new, v_new, past_k, past_v, None, 0.125, False, 3)
+    cat_2 = aten.cat([past_k, k_new], -2)          # untouched: still the cache update,
+    cat_3 = aten.cat([past_v, v_new], -2)          # passed along so the op does not copy it again
+    attention = llmaccel.attention(q, k_new, v_new, past_k, past_v, None, 0.125, False, 3, cat_2, cat_3)
 
 The site id (last argument) is the layer index read from the nearest upstream parameter's name
 (``..._layers_modules_3_...``), or the site's order in the graph when names are unavailable.
@@ -56,10 +56,10 @@ _SDPA_MASK = {  # op -> (positional index of the mask or None, keyword name)
 
 
 def _kv(node: torch.fx.Node):
-    """Peel GQA expansion and the cache append off a K or V operand: (new, cache, groups)."""
+    """Peel GQA expansion and the cache append off a K or V operand: (new, cache, all, groups)."""
     src, groups = peel_repeat_kv(node)
     cache, new = split_cache_append(src)
-    return new, cache, groups
+    return new, cache, (src if cache is not None else None), groups
 
 
 def _default_scale(q: torch.fx.Node) -> float:
@@ -83,11 +83,11 @@ def match_sdpa(node: torch.fx.Node) -> Site:
     is_causal = bool(get_arg(node, causal_i, "is_causal", False))
     scale = node.kwargs.get("scale")
     scale = _default_scale(q) if scale is None else float(scale)
-    k_new, k_cache, gk = _kv(k)
-    v_new, v_cache, gv = _kv(v)
+    k_new, k_cache, k_all, gk = _kv(k)
+    v_new, v_cache, v_all, _ = _kv(v)
     if (k_cache is None) != (v_cache is None):
         raise NoMatch("keys and values are not appended to a cache the same way")
-    return Site(out, q, k_new, v_new, k_cache, v_cache, mask, scale, is_causal, "sdpa", gk)
+    return Site(out, q, k_new, v_new, k_cache, v_cache, mask, scale, is_causal, "sdpa", gk, k_all, v_all)
 
 
 def _softmax_input(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -175,11 +175,11 @@ def match_eager(softmax: torch.fx.Node, x: torch.fx.Node) -> Site:
     v = strip_to_4d(bmm_pv.args[1])
     if isinstance(mask, (int, float)):
         raise NoMatch("constant added to the scores")
-    k_new, k_cache, gk = _kv(k)
-    v_new, v_cache, _ = _kv(v)
+    k_new, k_cache, k_all, gk = _kv(k)
+    v_new, v_cache, v_all, _ = _kv(v)
     if (k_cache is None) != (v_cache is None):
         raise NoMatch("keys and values are not appended to a cache the same way")
-    return Site(out, q, k_new, v_new, k_cache, v_cache, mask, scale, False, "eager", gk)
+    return Site(out, q, k_new, v_new, k_cache, v_cache, mask, scale, False, "eager", gk, k_all, v_all)
 
 
 def _check(site: Site) -> None:
@@ -233,8 +233,11 @@ def _site_ids(sites: list[Site], ctx: PassContext) -> tuple[list[int], str]:
 def _rewrite(gm: torch.fx.GraphModule, site: Site, site_id: int) -> torch.fx.Node:
     g = gm.graph
     with g.inserting_before(site.out):
-        new = g.call_function(ATTENTION, (site.q, site.k, site.v, site.k_cache, site.v_cache,
-                                          site.attn_mask, site.scale, site.is_causal, site_id))
+        args = (site.q, site.k, site.v, site.k_cache, site.v_cache, site.attn_mask, site.scale,
+                site.is_causal, site_id)
+        if site.k_all is not None:
+            args += (site.k_all, site.v_all)
+        new = g.call_function(ATTENTION, args)
     new.meta["val"] = _fake_output(site)
     old_val = site.out.meta.get("val")
     replacement = new

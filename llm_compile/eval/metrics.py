@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
+                mininterval=0.5)
 
 
 def model_config(model):
@@ -69,6 +70,17 @@ def _segments(nll: torch.Tensor, first_position: int, segment: int) -> list[dict
         out.append(dict(start=first_position + i, end=first_position + i + part.numel(),
                         ppl=math.exp(float(part.mean()))))
     return out
+
+
+def _step_stats(steps: list[float], first_call: float) -> dict:
+    """Decode timing: the median step (compile-free steady state) and the time above it, which is
+    mostly (re)compilation in the first steps."""
+    if not steps:
+        return dict(decode_ms_per_token=float("nan"), first_call_s=round(first_call, 3),
+                    overhead_s=0.0)
+    med = sorted(steps)[len(steps) // 2]
+    return dict(decode_ms_per_token=round(1e3 * med, 2), first_call_s=round(first_call, 3),
+                overhead_s=round(sum(steps) - med * len(steps), 3))
 
 
 @torch.no_grad()
@@ -124,7 +136,8 @@ def streaming_perplexity(model, input_ids: torch.Tensor, *, prefill: int = 0, se
     ``past_key_values=cache, use_cache=True`` and the NLL of the next token is read from its
     logits. Scored are tokens ``max(prefill, 1) .. N-1`` (the first of them predicted by the last
     position of the first call). Returns ``ppl``, ``nll``, ``n_scored``, ``first_scored``,
-    ``by_segment`` (PPL per block of ``segment`` scored tokens), ``decode_ms_per_token``,
+    ``by_segment`` (PPL per block of ``segment`` scored tokens), ``decode_ms_per_token`` (median
+    step), ``first_call_s``, ``overhead_s`` (decode time above the median: mostly compilation),
     ``seconds`` (and ``nll_per_token`` if ``return_nll``).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -139,20 +152,20 @@ def streaming_perplexity(model, input_ids: torch.Tensor, *, prefill: int = 0, se
     out = model(input_ids=input_ids[:, :q], past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values if out.past_key_values is not None else cache
     nll[0] = _token_nll(out.logits[0, -1:], input_ids[0, q:q + 1])[0]
-    t_decode = time.perf_counter()
+    t_prefill = time.perf_counter() - t0
+    steps = []
     bar = _progress(n - q - 1, "stream", progress)
     for p in range(q, n - 1):
+        ts = time.perf_counter()
         out = model(input_ids=input_ids[:, p:p + 1], past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
         cache = out.past_key_values if out.past_key_values is not None else cache
         nll[p - q + 1] = _token_nll(out.logits[0, -1:], input_ids[0, p + 1:p + 2])[0]
+        steps.append(time.perf_counter() - ts)
         bar.update(1)
     bar.close()
-    t1 = time.perf_counter()
-    steps = n - q - 1
-    res = _summary(nll, t1 - t0, tokens=n, prefill=q, first_scored=q,
-                   decode_ms_per_token=round(1e3 * (t1 - t_decode) / max(steps, 1), 2),
-                   by_segment=_segments(nll, q, segment))
+    res = _summary(nll, time.perf_counter() - t0, tokens=n, prefill=q, first_scored=q,
+                   by_segment=_segments(nll, q, segment), **_step_stats(steps, t_prefill))
     if return_nll:
         res["nll_per_token"] = nll
     return res

@@ -2,7 +2,7 @@
 
 Contract (SDPA semantics)::
 
-    attention(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site) -> out
+    attention(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, k_all=None, v_all=None) -> out
       q        [B, Hq,  Lq, D]
       k, v     [B, Hkv, Ln, D] / [B, Hkv, Ln, Dv]   keys/values produced by this call ("new")
       k_cache  [B, Hkv, Lp, D] or None              cached keys/values before this call
@@ -11,6 +11,8 @@ Contract (SDPA semantics)::
       scale    softmax scale (float)
       is_causal  SDPA's is_causal (top-left aligned), only used without attn_mask
       site     stable id of the attention site (its layer index in graph order)
+      k_all, v_all  optional: the graph's own ``cat([k_cache, k], -2)`` (the model's cache update);
+               when given, implementations read it instead of concatenating a second time
       out      [B, Hq, Lq, Dv], dtype of q, in B, Lq, Hq, Dv memory order (see attention_out_like)
 
     Keys attended are cat([k_cache, k], -2); GQA: query head h uses KV head h // (Hq // Hkv).
@@ -24,8 +26,11 @@ import torch
 from torch import Tensor
 
 
-def full_kv(k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None) -> tuple[Tensor, Tensor]:
+def full_kv(k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
+            k_all: Tensor | None = None, v_all: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Keys/values attended by the call: the cache followed by the new ones."""
+    if k_all is not None and v_all is not None:
+        return k_all, v_all
     if k_cache is None:
         return k, v
     return torch.cat([k_cache, k], dim=-2), torch.cat([v_cache, v], dim=-2)
@@ -60,11 +65,12 @@ def to_out_layout(out: Tensor) -> Tensor:
 
 @torch.library.custom_op("llmaccel::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-              attn_mask: Tensor | None, scale: float, is_causal: bool, site: int) -> Tensor:
-    kf, vf = full_kv(k, v, k_cache, v_cache)
+              attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
+              k_all: Tensor | None = None, v_all: Tensor | None = None) -> Tensor:
+    kf, vf = full_kv(k, v, k_cache, v_cache, k_all, v_all)
     return to_out_layout(dense_attention(q, kf, vf, attn_mask, scale, is_causal))
 
 
 @attention.register_fake
-def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site):
+def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, k_all=None, v_all=None):
     return attention_out_like(q, v)

@@ -38,40 +38,23 @@ import torch.distributed as dist
 from torch import Tensor
 
 from llm_compile.runtime import offload_protocol as P
+from llm_compile.runtime.offload_lifecycle import _Resources, connect_watching, finalize_pool
 from llm_compile.runtime.offload_modes import AttentionMode
 from llm_compile.runtime.offload_workers import _spawn_entry, make_group
 
 log = logging.getLogger(__name__)
 
 
-class _Resources:
-    """What must be released even if the pool object is lost (finalizer target, no pool ref)."""
-
-    def __init__(self, pg, store, procs: list) -> None:
-        self.pg, self.store, self.procs = pg, store, procs
-
-    def close(self, join_s: float = 5.0) -> None:
-        for p in self.procs:
-            p.join(join_s)
-            if p.is_alive():
-                log.warning("attention worker pid %d did not exit; terminating", p.pid)
-                p.terminate()
-                p.join(2.0)
-            if p.is_alive():
-                p.kill()
-                p.join(2.0)
-        self.procs = []
-        self.pg = self.store = None
-
-
 class OffloadFuture:
-    """An attention request in flight; :meth:`wait` returns the output (or ``None`` for a store-only
-    prefill). Holds the send buffers until completion."""
+    """An attention request in flight; :meth:`wait` returns the output (``None`` for a store-only
+    prefill). Holds the send buffers until completion. Replies are consumed strictly in issue
+    order: waiting on a future first collects every earlier one (keeping their results)."""
 
     def __init__(self, pool: "AttentionWorkerPool", parts: list, out_shape, dtype, device, what: str) -> None:
         self._pool, self._parts, self._what = pool, parts, what
         self._out_shape, self._dtype, self._device = out_shape, dtype, device
         self._result: Tensor | None = None
+        self._error: str | None = None
         self._done = False
 
     @property
@@ -82,30 +65,36 @@ class OffloadFuture:
         return 0 if self._done else sum(b.numel() for part in self._parts for b in part["keep"])
 
     def wait(self) -> Tensor | None:
-        if self._done:
-            return self._result
+        self._pool._collect_until(self)
+        if self._error is not None:
+            raise RuntimeError(f"llmaccel offload: {self._what} failed on {self._error}")
+        return self._result
+
+    def _collect(self) -> None:
+        """Receive every worker's reply (transport failures raise and break the pool)."""
         pool = self._pool
-        if self._out_shape is not None:  # collect earlier store-only acks first (errors surface here)
-            pool.sync()
         deadline = time.monotonic() + pool.timeout_s
         out = None
         if self._out_shape is not None:
             out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
-        for part in self._parts:
+        errors = []
+        for part in self._parts:  # every reply is consumed, even after an error, to stay in sync
             pool._wait(part["recv"], part["rank"], deadline, self._what)
             for w in part["sends"]:
                 pool._wait(w, part["rank"], deadline, self._what)
             status, _, _, _, msg = P.read_status(part["reply"])
             if status != P.STATUS_OK:
-                self._done = True
-                raise RuntimeError(f"llmaccel offload: {self._what} failed on {msg}")
-            if out is not None:
+                errors.append(msg)
+            elif out is not None:
                 qs, qe = part["q_heads"]
                 shape = (self._out_shape[0], qe - qs, *self._out_shape[2:])
                 chunk = part["reply"][P.STATUS_BYTES:].view(self._dtype).reshape(shape)
                 out[:, qs:qe].copy_(chunk)
-        self._parts, self._result, self._done = [], out, True
-        return out
+        self._parts, self._done = [], True
+        if errors:
+            self._error = "; ".join(errors)
+        else:
+            self._result = out
 
 
 class AttentionWorkerPool:
@@ -118,10 +107,10 @@ class AttentionWorkerPool:
         self.n_workers = world_size - 1
         self._procs = list(procs or [])
         self._res = _Resources(pg, store, self._procs)
-        self._finalizer = weakref.finalize(self, _finalize, self._res, pg, self.n_workers, 2.0, str(self.device))
+        self._finalizer = weakref.finalize(self, finalize_pool, self._res, pg, self.n_workers, 2.0, str(self.device))
         self._seq = 0
         self._lock = threading.Lock()
-        self._pending: list[OffloadFuture] = []
+        self._inflight: list[OffloadFuture] = []
         self._broken: str | None = None
         self._closed = False
         if mode is not None:
@@ -147,7 +136,7 @@ class AttentionWorkerPool:
         t0 = time.monotonic()
         for p in procs:
             p.start()
-        pg = _connect_watching(lambda: make_group("gloo", store, 0, world, startup), procs, startup)
+        pg = connect_watching(lambda: make_group("gloo", store, 0, world, startup), procs, startup)
         pool = cls(pg, world, "gloo", torch.device("cpu"), timeout_s, procs, store, mode)
         pool.ping()  # every worker has finished its rendezvous (gloo mesh complete) and serves
         log.info("spawned %d attention workers (pids %s) in %.1fs", n_workers, [p.pid for p in procs],
@@ -179,8 +168,7 @@ class AttentionWorkerPool:
             self.set_mode(mode, instance, site)
         if q is not None:
             return self._attend(instance, site, q, k, v, scale, attn_mask, is_causal, True, -1, "prefill").wait()
-        fut = self._attend(instance, site, None, k, v, 0.0, None, False, True, -1, "prefill")
-        self._pending.append(fut)
+        self._attend(instance, site, None, k, v, 0.0, None, False, True, -1, "prefill")
         return None
 
     def decode_async(self, instance: int, site: int, q: Tensor, k_new: Tensor, v_new: Tensor, scale: float,
@@ -197,9 +185,17 @@ class AttentionWorkerPool:
         return self.decode_async(instance, site, q, k_new, v_new, scale, attn_mask, is_causal, cached_len).wait()
 
     def sync(self) -> None:
-        """Wait for every store-only prefill still unacknowledged (raises a worker's error)."""
-        while self._pending:
-            self._pending.pop(0).wait()
+        """Collect every request still in flight (raises a store-only prefill's worker error;
+        other futures keep their result or error for their own ``wait``)."""
+        if self._inflight:
+            self._collect_until(self._inflight[-1])
+
+    def _collect_until(self, fut: OffloadFuture) -> None:
+        while self._inflight and not fut.done:
+            first = self._inflight.pop(0)
+            first._collect()
+            if first._error is not None and first._out_shape is None and first is not fut:
+                raise RuntimeError(f"llmaccel offload: {first._what} failed on {first._error}")
 
     def kv_bytes(self, allocated: bool = False) -> list[int]:
         """KV bytes each worker holds (in use, or allocated with ``allocated=True``)."""
@@ -208,7 +204,7 @@ class AttentionWorkerPool:
 
     def local_bytes(self) -> int:
         """Bytes of request buffers this process still holds for in-flight requests."""
-        return sum(f.nbytes_held() for f in self._pending)
+        return sum(f.nbytes_held() for f in self._inflight)
 
     def release(self, instance: int, site: int = -1) -> int:
         """Drop the KV of ``instance`` (one site, or all with -1) on every worker; returns entries freed."""
@@ -232,7 +228,7 @@ class AttentionWorkerPool:
         if self._closed:
             return
         self._closed = True
-        self._pending.clear()
+        self._inflight.clear()
         if self._broken is None:
             try:
                 self._simple(P.OP_SHUTDOWN, "shutdown", timeout_s=min(self.timeout_s, join_s), closing=True)
@@ -240,7 +236,7 @@ class AttentionWorkerPool:
                 log.warning("llmaccel offload: graceful shutdown failed: %s", e)
         self._finalizer.detach()
         # a broken pool: tell the live workers to stop without awaiting answers, reap them quickly
-        _finalize(self._res, self._pg, self.n_workers, join_s if self._broken is None else 1.0, str(self.device))
+        finalize_pool(self._res, self._pg, self.n_workers, join_s if self._broken is None else 1.0, str(self.device))
         self._pg = None
 
     @property
@@ -312,15 +308,17 @@ class AttentionWorkerPool:
             parts = [self._send_request(r, P.Header(op, instance=instance, site=site), payload, 0)
                      for r in range(1, self.world_size)]
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        vals = []
-        for part in parts:
+        vals, errors = [], []
+        for part in parts:  # consume every reply before raising
             self._wait(part["recv"], part["rank"], deadline, what)
             for w in part["sends"]:
                 self._wait(w, part["rank"], deadline, what)
             status, _, v1, v2, msg = P.read_status(part["reply"])
             if status != P.STATUS_OK:
-                raise RuntimeError(f"llmaccel offload: {what} failed on {msg}")
+                errors.append(msg)
             vals.append((v1, v2))
+        if errors:
+            raise RuntimeError(f"llmaccel offload: {what} failed on {'; '.join(errors)}")
         return vals
 
     def _attend(self, instance, site, q, k, v, scale, attn_mask, is_causal, reset, cached_len, what) -> OffloadFuture:
@@ -362,55 +360,11 @@ class AttentionWorkerPool:
                                           P.nbytes_of((B, hdr.q_heads, hdr.q_len, dv), dt))
                 part["q_heads"] = (s * group, e * group)
                 parts.append(part)
-        out_shape = None if q is None else (B, hq, q.shape[2], dv)
-        dev = q.device if q is not None else k.device
-        return OffloadFuture(self, parts, out_shape, dt, dev, f"{what} of instance {instance} site {site}")
-
-
-def _connect_watching(make, procs: list, timeout_s: float):
-    """Run the blocking group creation in a thread while watching the worker processes, so a
-    worker that dies during startup is reported at once instead of after the rendezvous timeout."""
-    box: dict[str, Any] = {}
-
-    def target():
-        try:
-            box["pg"] = make()
-        except BaseException as e:  # reported below
-            box["err"] = e
-
-    t = threading.Thread(target=target, daemon=True, name="llmaccel-offload-connect")
-    t.start()
-    deadline = time.monotonic() + timeout_s
-    while t.is_alive():
-        t.join(0.05)
-        dead = [(r, p) for r, p in enumerate(procs, 1) if p.exitcode is not None]
-        if dead or time.monotonic() > deadline:
-            _Resources(None, None, procs).close(0.5)
-            why = (f"worker rank {dead[0][0]} exited with code {dead[0][1].exitcode}" if dead
-                   else f"no rendezvous within {timeout_s:.0f}s")
-            raise RuntimeError(f"llmaccel offload: starting attention workers failed: {why}")
-    if "err" in box:
-        _Resources(None, None, procs).close(0.5)
-        raise RuntimeError(f"llmaccel offload: starting attention workers failed: {box['err']}") from box["err"]
-    return box["pg"]
-
-
-def _finalize(res: _Resources, pg, n_workers: int, join_s: float = 2.0, device: str = "cpu") -> None:
-    """Shutdown, garbage collection, interpreter exit: send the workers that are still running a
-    shutdown header (after a graceful shutdown: the "fin" that lets them exit; no answer awaited),
-    then reap the processes (terminate/kill after ``join_s``)."""
-    works = []
-    hdr = P.Header(P.OP_SHUTDOWN, flags=P.FLAG_NOW).to_tensor(device)
-    procs = res.procs or [None] * n_workers
-    for r, p in enumerate(procs, 1):
-        if res.procs and not p.is_alive():
-            continue
-        try:
-            works.append(pg.send([hdr], r, P.TAG_REQUEST))
-        except Exception:  # that worker's connection is gone
-            pass
-    res.close(join_s)
-    del works
+            out_shape = None if q is None else (B, hq, q.shape[2], dv)
+            dev = q.device if q is not None else k.device
+            fut = OffloadFuture(self, parts, out_shape, dt, dev, f"{what} of instance {instance} site {site}")
+            self._inflight.append(fut)
+        return fut
 
 
 _POOLS: dict[Any, AttentionWorkerPool] = {}
