@@ -258,3 +258,15 @@ def describe_options() -> list[tuple[str, str, str]]:
         else:
             rows.append((f.name, repr(f.default), doc_of(LLMAccelConfig, f.name)))
     return rows
+
+
+def options_table() -> str:
+    """The README's options table (markdown)."""
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    for key, default, doc in describe_options():
+        lines.append(f"| `{key}` | `{default}` | {doc.replace('``', '`')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(options_table())

@@ -15,7 +15,7 @@ from llm_compile.runtime import offload_protocol as P
 log = logging.getLogger(__name__)
 
 
-class _Resources:
+class Resources:
     """What must be released even if the pool object is lost (finalizer target, no pool ref)."""
 
     def __init__(self, pg, store, procs: list) -> None:
@@ -53,17 +53,17 @@ def connect_watching(make, procs: list, timeout_s: float):
         t.join(0.05)
         dead = [(r, p) for r, p in enumerate(procs, 1) if p.exitcode is not None]
         if dead or time.monotonic() > deadline:
-            _Resources(None, None, procs).close(0.5)
+            Resources(None, None, procs).close(0.5)
             why = (f"worker rank {dead[0][0]} exited with code {dead[0][1].exitcode}" if dead
                    else f"no rendezvous within {timeout_s:.0f}s")
             raise RuntimeError(f"llmaccel offload: starting attention workers failed: {why}")
     if "err" in box:
-        _Resources(None, None, procs).close(0.5)
+        Resources(None, None, procs).close(0.5)
         raise RuntimeError(f"llmaccel offload: starting attention workers failed: {box['err']}") from box["err"]
     return box["pg"]
 
 
-def finalize_pool(res: _Resources, pg, n_workers: int, join_s: float = 2.0, device: str = "cpu") -> None:
+def finalize_pool(res: Resources, pg, n_workers: int, join_s: float = 2.0, device: str = "cpu") -> None:
     """Shutdown, garbage collection, interpreter exit: send the workers that are still running a
     shutdown header (after a graceful shutdown: the "fin" that lets them exit; no answer awaited),
     then reap the processes (terminate/kill after ``join_s``)."""

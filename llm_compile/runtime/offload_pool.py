@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from llm_compile.runtime import offload_protocol as P
-from llm_compile.runtime.offload_lifecycle import _Resources, connect_watching, finalize_pool
+from llm_compile.runtime.offload_lifecycle import Resources, connect_watching, finalize_pool
 from llm_compile.runtime.offload_modes import AttentionMode
 from llm_compile.runtime.offload_workers import _spawn_entry, make_group
 
@@ -106,7 +106,7 @@ class AttentionWorkerPool:
         self.device, self.timeout_s = torch.device(device), float(timeout_s)
         self.n_workers = world_size - 1
         self._procs = list(procs or [])
-        self._res = _Resources(pg, store, self._procs)
+        self._res = Resources(pg, store, self._procs)
         self._finalizer = weakref.finalize(self, finalize_pool, self._res, pg, self.n_workers, 2.0, str(self.device))
         self._seq = 0
         self._lock = threading.Lock()

@@ -1,0 +1,24 @@
+"""The README is the user's entry point: keep its commands and options table true."""
+import pathlib
+import re
+
+from llm_compile.config import options_table
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_options_table_is_current():
+    assert options_table() in README, "regenerate with: python -m llm_compile.config"
+
+
+def test_ci_runs_the_readme_test_command_and_installs_cpu_torch_first():
+    ci = (ROOT / ".ci" / "run").read_text()
+    cmd = re.search(r"```bash\n(python -m pytest[^\n]*)\n```", README).group(1)
+    assert cmd in ci
+    setup = re.search(r"```bash\n(pip install torch==[^\n]*)\n```", README).group(1)
+    assert "torch==2.13.0" in setup and ci.index("torch==2.13.0") < ci.index("-e \".[eval,test]\"")
+
+
+def test_readme_example_exists():
+    assert "python examples/quickstart.py" in README and (ROOT / "examples" / "quickstart.py").exists()
