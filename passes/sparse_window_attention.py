@@ -2,7 +2,7 @@
 
 ``canonicalize_attention`` has already turned each attention site into ``llmaccel::attention``;
 this pass replaces each such node by ``llmaccel::swa_attention`` with the same arguments plus an
-int ``handle`` that maps, at run time, to the ``SWAConfig`` (one handle per distinct config). The
+int ``handle`` (the optional ``k_all``/``v_all`` travel as keywords) that maps, at run time, to the ``SWAConfig`` (one handle per distinct config). The
 op keeps per-(model instance, site) token scores in :mod:`llm_compile.runtime.swa`: prefill stays
 dense and seeds them, each decode step attends only to sinks + recent + top-scored tokens.
 
@@ -41,6 +41,7 @@ from llm_compile.runtime.swa_state import describe_policy
 log = logging.getLogger(__name__)
 
 ATTN_ARGS = ("q", "k", "v", "k_cache", "v_cache", "attn_mask", "scale", "is_causal", "site")
+OPTIONAL_ARGS = ("k_all", "v_all")
 _handles: dict = {}
 _lock = threading.Lock()
 
@@ -54,14 +55,17 @@ def handle_for(cfg) -> int:
         return h
 
 
-def _attention_args(node: torch.fx.Node) -> list:
-    """The 9 arguments of an ``llmaccel::attention`` node, positional, whatever way it was built."""
-    vals = list(node.args)
+def _attention_args(node: torch.fx.Node) -> tuple[list, dict]:
+    """The 9 required arguments of an ``llmaccel::attention`` node, positional, and its optional
+    ``k_all``/``v_all`` (as keywords), whatever way the node was built."""
+    vals = list(node.args[:9])
     for name in ATTN_ARGS[len(vals):]:
         if name not in node.kwargs:
             raise ValueError(f"{node.name}: llmaccel::attention without argument {name!r}")
         vals.append(node.kwargs[name])
-    return vals
+    extra = dict(zip(OPTIONAL_ARGS, node.args[9:]))
+    extra.update({n: node.kwargs[n] for n in OPTIONAL_ARGS if n in node.kwargs})
+    return vals, {n: a for n, a in extra.items() if a is not None}
 
 
 def run(gm: torch.fx.GraphModule, config, ctx: PassContext | None = None) -> PassResult:
@@ -81,12 +85,12 @@ def run(gm: torch.fx.GraphModule, config, ctx: PassContext | None = None) -> Pas
         if node.op != "call_function" or node.target is not attention:
             continue
         try:
-            args = _attention_args(node)
+            args, extra = _attention_args(node)
         except ValueError as e:
             skipped.append({"node": node.name, "reason": str(e)})
             continue
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(swa, tuple(args) + (handle,))
+            new = gm.graph.call_function(swa, tuple(args) + (handle,), extra)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

@@ -4,5 +4,6 @@ Importing this package registers every op; the passes refer to them as ``torch.o
 """
 from llm_compile.ops import anda  # noqa: F401  (registers llmaccel::anda_linear)
 from llm_compile.ops import attention  # noqa: F401  (registers llmaccel::attention)
+from llm_compile.ops import swa  # noqa: F401  (registers llmaccel::swa_attention)
 
-__all__ = ["anda", "attention"]
+__all__ = ["anda", "attention", "swa"]

@@ -2,7 +2,10 @@
 
 Contract: exactly :mod:`llm_compile.ops.attention`'s, plus ``handle``::
 
-    swa_attention(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, handle) -> out
+    swa_attention(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, handle,
+                  k_all=None, v_all=None) -> out
+
+(``k_all``/``v_all``: the graph's own cache concatenation, read instead of concatenating again.)
 
 ``handle`` comes from :func:`llm_compile.runtime.context.register_handle` and maps to the
 ``SWAConfig``; the pass ``sparse_window_attention`` bakes it into the graph. State (token scores)
@@ -23,12 +26,13 @@ from llm_compile.runtime.swa import swa_attention_impl
 @torch.library.custom_op("llmaccel::swa_attention", mutates_args=())
 def swa_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
                   attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
-                  handle: int) -> Tensor:
+                  handle: int, k_all: Tensor | None = None, v_all: Tensor | None = None) -> Tensor:
     cfg = lookup_handle(handle)
-    out = swa_attention_impl(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, cfg)
+    out = swa_attention_impl(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, cfg,
+                             k_all, v_all)
     return to_out_layout(out)
 
 
 @swa_attention.register_fake
-def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, handle):
+def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, handle, k_all=None, v_all=None):
     return attention_out_like(q, v)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from llm_compile.runtime import offload_protocol as P
 from llm_compile.runtime.offload_lifecycle import Resources, connect_watching, finalize_pool
@@ -299,6 +300,10 @@ class AttentionWorkerPool:
     def _simple(self, op: int, what: str, instance: int = 0, site: int = 0, payload: Tensor | None = None,
                 timeout_s: float | None = None, closing: bool = False) -> list[tuple[int, int]]:
         """One status-only request to every worker; returns their (v1, v2)."""
+        with unset_fake_temporarily():  # may be called while a compiler traces (e.g. from a pass)
+            return self._simple_real(op, what, instance, site, payload, timeout_s, closing)
+
+    def _simple_real(self, op, what, instance, site, payload, timeout_s, closing):
         if not closing:
             self._check_usable()
             self.sync()
@@ -323,6 +328,9 @@ class AttentionWorkerPool:
 
     def _attend(self, instance, site, q, k, v, scale, attn_mask, is_causal, reset, cached_len, what) -> OffloadFuture:
         self._check_usable()
+        if any(is_fake(t) for t in (q, k, v, attn_mask) if t is not None):
+            raise RuntimeError("llmaccel offload: fake tensors cannot be sent to attention workers "
+                               "(the pool was called while tracing; use llmaccel::offload_attention)")
         B, hkv, ln, D = k.shape
         dv = v.shape[-1]
         hq = q.shape[1] if q is not None else hkv

@@ -275,11 +275,13 @@ def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: 
 
 def swa_attention_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None,
                        v_cache: Tensor | None, attn_mask: Tensor | None, scale: float,
-                       is_causal: bool, site: int, cfg) -> Tensor:
+                       is_causal: bool, site: int, cfg, k_all: Tensor | None = None,
+                       v_all: Tensor | None = None) -> Tensor:
     """Body of ``llmaccel::swa_attention``: state of (current instance, ``site``), then
-    :func:`swa_step` (decode passes the cache and the new token apart: no concatenation)."""
-    if cfg.sparsity == 0 or k_cache is None:
-        kf, vf = full_kv(k, v, k_cache, v_cache)
+    :func:`swa_step`. Decode reads ``k_all``/``v_all`` (the graph's cache concatenation) when
+    given, else passes the cache and the new token apart (no concatenation)."""
+    if cfg.sparsity == 0 or k_cache is None or k_all is not None:
+        kf, vf = full_kv(k, v, k_cache, v_cache, k_all, v_all)
         if cfg.sparsity == 0:
             return dense_attention(q, kf, vf, attn_mask, scale, is_causal)
         kn = vn = None

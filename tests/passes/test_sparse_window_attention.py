@@ -83,12 +83,13 @@ def test_keyword_form_and_no_sites():
     g = torch.fx.Graph()
     ph = [g.placeholder(n) for n in ("q", "k", "v")]
     node = g.call_function(ATT, tuple(ph), dict(k_cache=None, v_cache=None, attn_mask=None,
-                                                 scale=0.5, is_causal=True, site=3))
+                                                 scale=0.5, is_causal=True, site=3, k_all=ph[1]))
     g.output(node)
     gm = torch.fx.GraphModule(torch.nn.Module(), g)
     res = swa_pass.run(gm, SWAConfig(), None)
     new = next(n for n in gm.graph.nodes if n.target is SWA)
     assert res.matched[0]["site"] == 3 and new.args[3:9] == (None, None, None, 0.5, True, 3)
+    assert new.kwargs == {"k_all": ph[1]}
     empty = torch.fx.symbolic_trace(lambda x: x + 1)
     res = swa_pass.run(empty, SWAConfig(), None)
     assert not res.changed and res.matched == []
