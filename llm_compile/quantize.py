@@ -127,11 +127,13 @@ def quantize_weights(model: nn.Module, bits: int = 4, group_size: int = 128,
     """Replace every ``nn.Linear`` of ``model`` (in place) by a :class:`QuantLinear`.
 
     A linear is skipped when any name in ``skip`` is a component of its qualified name (e.g.
-    ``"lm_head"``), or when ``in_features`` is not a multiple of ``group_size`` (logged). Returns the
-    model; ``model.llmaccel_quantized`` lists the replaced module names.
+    ``"lm_head"``), or when ``in_features`` is not a multiple of ``group_size`` (one warning in all;
+    e.g. SmolLM2's hidden size 576 = 4.5 * 128 leaves its q/k/v/o/gate/up projections in float with
+    ``group_size=128``; 64 fits every linear). Returns the model; ``model.llmaccel_quantized`` lists
+    the replaced module names, ``model.llmaccel_skipped`` those left in float for that reason.
     """
     _qmax(bits)
-    done = []
+    done, misfit = [], []
     for name, mod in list(model.named_modules()):
         if type(mod) is not nn.Linear:
             continue
@@ -139,12 +141,15 @@ def quantize_weights(model: nn.Module, bits: int = 4, group_size: int = 128,
         if any(s in parts for s in skip):
             continue
         if mod.in_features % group_size:
-            log.warning("quantize_weights: skip %s (in_features=%d %% group_size=%d != 0)",
-                        name, mod.in_features, group_size)
+            misfit.append(name)
             continue
         parent = model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
         setattr(parent, parts[-1], QuantLinear.from_linear(mod, bits, group_size, scale_dtype))
         done.append(name)
+    if misfit:  # one warning, not one per layer (SmolLM2 + group 128 would print 180 lines)
+        log.warning("quantize_weights: %d linears left in float: in_features not a multiple of "
+                    "group_size=%d (e.g. %s)", len(misfit), group_size, ", ".join(misfit[:3]))
     model.llmaccel_quantized = done
+    model.llmaccel_skipped = misfit
     log.info("quantize_weights: %d linears -> INT%d (group %d)", len(done), bits, group_size)
     return model

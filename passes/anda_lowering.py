@@ -31,6 +31,7 @@ import re
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import llm_compile.ops.anda  # noqa: F401  (registers llmaccel::anda_linear)
 from llm_compile.codegen.anda_kernels import interpreter_active, kernel_source
@@ -166,21 +167,23 @@ def _verify(gm, chain, leaves, qw, sc, weight, bits: int, gs: int) -> bool:
                  for leaf in leaves), leaves.index(qw), leaves.index(sc), bits, gs)
     if key in _VERIFIED:
         return _VERIFIED[key]
-    gen = torch.Generator().manual_seed(0)
-    env = {}
-    for leaf in leaves:
-        if leaf.op == "get_attr":
-            env[leaf] = getattr(gm, leaf.target)
-        else:
-            env[leaf] = _random_like(_val(leaf), gen)
     ok = False
     try:
-        with torch.no_grad():
+        # The backend runs the passes inside AOTAutograd's compile, where a FakeTensorMode is
+        # active: without leaving it, the random weights are fake and allclose raises.
+        with unset_fake_temporarily(), torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            env = {}
+            for leaf in leaves:
+                if leaf.op == "get_attr":
+                    env[leaf] = getattr(gm, leaf.target)
+                else:
+                    env[leaf] = _random_like(_val(leaf), gen)
             got = _run_chain(gm, chain, env)
-        expect = dequantize_weight(env[qw], env[sc], bits, gs, got.dtype).t()
-        want_shape = tuple(int(s) for s in _val(weight).shape)
-        ok = tuple(got.shape) == want_shape and torch.allclose(
-            got.to(torch.float32), expect.expand(want_shape).to(torch.float32), rtol=1e-2, atol=1e-3)
+            expect = dequantize_weight(env[qw], env[sc], bits, gs, got.dtype).t()
+            want_shape = tuple(int(s) for s in _val(weight).shape)
+            ok = tuple(got.shape) == want_shape and torch.allclose(
+                got.to(torch.float32), expect.expand(want_shape).to(torch.float32), rtol=1e-2, atol=1e-3)
     except Exception as e:  # an op we cannot run concretely: not a pattern we understand
         log.debug("anda_lowering: weight chain evaluation failed: %s", e)
     _VERIFIED[key] = ok

@@ -1,7 +1,8 @@
 """Pass: attention offload (Lamina) — attention runs on attention workers holding the KV cache.
 
 Every canonical attention site (``llmaccel::attention``, or ``llmaccel::swa_attention`` when the SWA
-pass ran first) becomes ``llmaccel::offload_attention`` with the same arguments plus a runtime
+pass ran first) becomes ``llmaccel::offload_attention`` with the same arguments (minus the
+optional ``k_all``/``v_all`` cache appends, which no longer exist) plus a runtime
 handle of the :class:`~llm_compile.runtime.offload_pool.AttentionWorkerPool` (one shared pool per
 ``OffloadConfig``, spawned on first use or joined via ``offload.init_method``) and the SWA handle
 (0 = dense). The KV cache then lives only in the workers, so the cache tensors the graph *returns*
@@ -13,7 +14,8 @@ Before (decode step of one layer)::
 
     cat_2 = aten.cat.default([arg_past_k, k_new], -2)      # returned to the KV cache
     cat_3 = aten.cat.default([arg_past_v, v_new], -2)
-    attention = llmaccel.attention.default(q, k_new, v_new, arg_past_k, arg_past_v, None, 0.25, False, 0)
+    attention = llmaccel.attention.default(q, k_new, v_new, arg_past_k, arg_past_v, None, 0.25, False, 0,
+                                           cat_2, cat_3)
     ...
     return (cat_3, cat_2, ..., logits)
 
@@ -96,6 +98,24 @@ def _cache_outputs(out_node: torch.fx.Node, past, new) -> list[int]:
     return idx
 
 
+def _named_args(node: torch.fx.Node) -> dict:
+    """The call's arguments by schema name (robust to optional trailing arguments)."""
+    out = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
+
+
+def _is_phantom_val(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val is not None and val.numel() > 1 and all(st == 0 for st in val.stride())
+
+
 def _fake(fn, *vals):
     from torch._guards import detect_fake_mode
 
@@ -121,14 +141,18 @@ def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> P
     matched, skipped = [], []
     outs = list(out_node.args[0]) if isinstance(out_node.args[0], (tuple, list)) else None
     for node in sites:
-        q, k, v, kc, vc, mask, scale, causal, site = node.args[:9]
-        swa = node.args[9] if node.target != torch.ops.llmaccel.attention.default else 0
+        a = _named_args(node)
+        q, k, v, kc, vc, mask = (a[n] for n in ("q", "k", "v", "k_cache", "v_cache", "attn_mask"))
+        scale, causal, site, swa = a["scale"], a["is_causal"], a["site"], a.get("handle") or 0
         cache_idx = []
         if outs is not None:
             cache_idx = _cache_outputs(out_node, kc, k) + _cache_outputs(out_node, vc, v)
             if kc is not None:
-                busy = [outs[i].name for i in cache_idx if len(outs[i].users) > 1]
+                busy = [outs[i].name for i in cache_idx if set(outs[i].users) - {out_node, node}]
                 if busy:
+                    if _is_phantom_val(kc):
+                        log.error("llmaccel: offload site %s cannot be cut but its cache is a phantom: "
+                                  "its attention would read zeros", site)
                     skipped.append({"node": node.name, "site": site,
                                     "reason": f"cache append {busy} has users besides the graph output"})
                     continue

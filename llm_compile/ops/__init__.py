@@ -4,6 +4,7 @@ Importing this package registers every op; the passes refer to them as ``torch.o
 """
 from llm_compile.ops import anda  # noqa: F401  (registers llmaccel::anda_linear)
 from llm_compile.ops import attention  # noqa: F401  (registers llmaccel::attention)
+from llm_compile.ops import offload  # noqa: F401  (registers llmaccel::offload_attention, kv_phantom)
 from llm_compile.ops import swa  # noqa: F401  (registers llmaccel::swa_attention)
 
-__all__ = ["anda", "attention", "swa"]
+__all__ = ["anda", "attention", "offload", "swa"]

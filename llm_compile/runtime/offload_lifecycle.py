@@ -79,3 +79,33 @@ def finalize_pool(res: Resources, pg, n_workers: int, join_s: float = 2.0, devic
             pass
     res.close(join_s)
     del works
+
+
+_POOLS: dict[Any, Any] = {}
+
+
+def get_pool(cfg):
+    """The shared pool for an :class:`~llm_compile.config.OffloadConfig` (created on first use), so
+    that the prefill and decode graphs of a model talk to the same workers."""
+    from llm_compile.runtime.offload_pool import AttentionWorkerPool
+
+    key = (cfg.workers, cfg.init_method, cfg.transport, cfg.timeout_s)
+    pool = _POOLS.get(key)
+    if pool is None or pool._closed or pool.broken:
+        if cfg.init_method:
+            pool = AttentionWorkerPool.connect(cfg.init_method, cfg.workers + 1, cfg.timeout_s,
+                                               backend=cfg.transport)
+        else:
+            if cfg.transport == "nccl":
+                raise ValueError("llmaccel offload: a local pool (no init_method) uses gloo; "
+                                 "start NCCL workers with torchrun and set offload.init_method")
+            pool = AttentionWorkerPool.spawn(cfg.workers, cfg.timeout_s)
+        _POOLS[key] = pool
+    return pool
+
+
+def shutdown_pools() -> None:
+    """Shut down every pool made by :func:`get_pool`."""
+    for pool in list(_POOLS.values()):
+        pool.shutdown()
+    _POOLS.clear()

@@ -31,7 +31,6 @@ import pickle
 import threading
 import time
 import weakref
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,7 +38,9 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from llm_compile.runtime import offload_protocol as P
-from llm_compile.runtime.offload_lifecycle import Resources, connect_watching, finalize_pool
+from llm_compile.runtime.offload_lifecycle import (  # noqa: F401  (get_pool/shutdown_pools re-exported)
+    Resources, connect_watching, finalize_pool, get_pool, shutdown_pools,
+)
 from llm_compile.runtime.offload_modes import AttentionMode
 from llm_compile.runtime.offload_workers import _spawn_entry, make_group
 
@@ -373,31 +374,3 @@ class AttentionWorkerPool:
             fut = OffloadFuture(self, parts, out_shape, dt, dev, f"{what} of instance {instance} site {site}")
             self._inflight.append(fut)
         return fut
-
-
-_POOLS: dict[Any, AttentionWorkerPool] = {}
-
-
-def get_pool(cfg) -> AttentionWorkerPool:
-    """The shared pool for an :class:`~llm_compile.config.OffloadConfig` (created on first use), so
-    that the prefill and decode graphs of a model talk to the same workers."""
-    key = (cfg.workers, cfg.init_method, cfg.transport, cfg.timeout_s)
-    pool = _POOLS.get(key)
-    if pool is None or pool._closed or pool.broken:
-        if cfg.init_method:
-            pool = AttentionWorkerPool.connect(cfg.init_method, cfg.workers + 1, cfg.timeout_s,
-                                               backend=cfg.transport)
-        else:
-            if cfg.transport == "nccl":
-                raise ValueError("llmaccel offload: a local pool (no init_method) uses gloo; "
-                                 "start NCCL workers with torchrun and set offload.init_method")
-            pool = AttentionWorkerPool.spawn(cfg.workers, cfg.timeout_s)
-        _POOLS[key] = pool
-    return pool
-
-
-def shutdown_pools() -> None:
-    """Shut down every pool made by :func:`get_pool`."""
-    for pool in list(_POOLS.values()):
-        pool.shutdown()
-    _POOLS.clear()

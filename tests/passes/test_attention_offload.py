@@ -35,7 +35,7 @@ def test_kv_phantom_has_the_shape_and_no_memory():
 def _decode_step(q, k_new, v_new, past_k, past_v):
     k = torch.cat([past_k, k_new], -2)
     v = torch.cat([past_v, v_new], -2)
-    out = torch.ops.llmaccel.attention(q, k_new, v_new, past_k, past_v, None, 0.5, False, 4)
+    out = torch.ops.llmaccel.attention(q, k_new, v_new, past_k, past_v, None, 0.5, False, 4, k, v)
     return out * 2, k, v
 
 

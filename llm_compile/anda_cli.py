@@ -1,0 +1,328 @@
+"""Anda adaptive precision search on SmolLM2-135M-Instruct: evaluators, evaluation cache, CLI.
+
+    python -m llm_compile.anda_search --delta 0.01 --out anda_tuple.json
+    python -m llm_compile.anda_search --delta 0.001 --out anda_tuple_0.1.json   # reuses the cache
+
+Steps: load SmolLM2-135M-Instruct (offline, :func:`llm_compile.eval.model.load_smollm2`), quantize
+every linear but ``lm_head`` to INT4 (:func:`llm_compile.quantize.quantize_weights`; group 64 by
+default, because SmolLM2's hidden size 576 is not a multiple of 128), measure the W4A16 reference
+perplexity (the quantized model, eager, float activations) on the *calibration* split, run
+:func:`llm_compile.anda_search.adaptive_precision_search` at ``--delta`` and write the chosen tuple as
+``{"mantissa_bits": {...}}``, which ``options={"anda": json.load(f)}`` accepts as is.
+
+Evaluators (``--evaluator``), both run every lowered linear as ``llmaccel::anda_linear`` with
+``kernel="reference"`` (pure torch: fake-quantize the activations to Anda, dequantize the weights,
+FP32 matmul; the same math as the generated Triton kernels, bit for bit on the integer dot, and fast
+on CPU where the kernels would run in the Triton interpreter):
+
+* ``compile``: ``torch.compile(model.forward, backend="llmaccel", options={"anda": {"mantissa_bits":
+  tuple, "kernel": "reference"}, "inner": "eager"})`` per candidate: the real lowering, but one
+  compile of the 30-layer model costs 1-2.5 min on two shared cores.
+* ``eager`` (default): each ``QuantLinear`` of the eager model calls the same op with the width of
+  its kind (kinds from :func:`llm_compile.passes.anda_lowering.module_kind`, as the pass does). No
+  compile; after the search, ``--verify`` (default on) compiles the chosen tuple with the backend,
+  checks that all quantized linears were lowered and that its perplexity equals the eager one.
+
+Evaluations are memoised in a JSON file (``--cache``), keyed by everything that changes a number
+(model, quantization, split, tokens, context, stride, evaluator, kernel) and the tuple, so a second
+``--delta`` reuses the first one's evaluations.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from llm_compile.config import ANDA_MODULE_KINDS
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_TOKENS, DEFAULT_CONTEXT, DEFAULT_GROUP = 1024, 512, 64
+CACHE_VERSION = 1
+
+__all__ = ["load_quantized", "linear_kinds", "anda_options", "anda_eager", "EvalCache", "Evaluator",
+           "model_macs", "relative_bops", "lowered_count", "run_search", "main"]
+
+
+def load_quantized(bits: int = 4, group_size: int = DEFAULT_GROUP):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct with INT``bits`` weights (all linears but lm_head)."""
+    from llm_compile.eval.model import load_smollm2
+    from llm_compile.quantize import quantize_weights
+
+    model, tok = load_smollm2()
+    quantize_weights(model, bits=bits, group_size=group_size)
+    return model, tok
+
+
+def linear_kinds(model) -> dict[str, str]:
+    """``{qualified name: Anda kind}`` of every ``QuantLinear`` (the pass's own classification)."""
+    from llm_compile.passes.anda_lowering import module_kind
+    from llm_compile.quantize import QuantLinear
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            source = "L_self_modules_" + "_modules_".join(name.split(".")) + "_buffers_qweight_"
+            out[name] = module_kind(source)
+    return out
+
+
+def _widths(widths) -> dict[str, int]:
+    if isinstance(widths, Mapping):
+        return {k: int(widths[k]) for k in ANDA_MODULE_KINDS}
+    return dict.fromkeys(ANDA_MODULE_KINDS, int(widths))
+
+
+def anda_options(widths, kernel: str = "reference", inner: str = "eager") -> dict:
+    """The backend options that lower every FP-INT linear with ``widths`` (an int or a kind dict)."""
+    return {"anda": {"mantissa_bits": _widths(widths), "kernel": kernel}, "inner": inner}
+
+
+@contextlib.contextmanager
+def anda_eager(model, widths, kernel: str = "reference"):
+    """Inside the block every ``QuantLinear`` of ``model`` runs ``llmaccel::anda_linear`` with the
+    width of its kind (what the lowering pass puts in the graph), without compiling. Yields the count."""
+    w = _widths(widths)
+    kinds = linear_kinds(model)
+    if None in kinds.values():
+        raise ValueError(f"unknown Anda kind for {[n for n, k in kinds.items() if k is None]}")
+    mods = []
+    for name, kind in kinds.items():
+        mod = model.get_submodule(name)
+
+        def fwd(x, mod=mod, m=w[kind]):
+            return torch.ops.llmaccel.anda_linear(x, mod.qweight, mod.scales, mod.bias, m, mod.bits,
+                                                  mod.group_size, kernel)
+        mod.forward = fwd
+        mods.append(mod)
+    try:
+        yield len(mods)
+    finally:
+        for mod in mods:
+            del mod.forward
+
+
+def model_macs(model) -> dict[str, int]:
+    """MACs per token of each Anda kind, over all layers (from the model config)."""
+    from llm_compile.anda_search import macs_per_token
+
+    c = model.config
+    return macs_per_token(c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                          c.num_key_value_heads, getattr(c, "head_dim", None), c.num_hidden_layers)
+
+
+def relative_bops(widths, macs: Mapping[str, float]) -> float:
+    """BOPs of ``widths`` over BOPs of FP16 activations (M = 16) with the same INT4 weights."""
+    from llm_compile.anda_search import bops
+
+    return bops(_widths(widths), macs) / bops(_widths(16), macs)
+
+
+def lowered_count(records) -> int:
+    """FP-INT matmuls lowered to ``anda_linear`` in ``COMPILED`` records (summed over graphs)."""
+    return sum(len(p.get("matched", [])) for r in records for p in r["passes"]
+               if p["pass"] == "anda_lowering")
+
+
+class EvalCache:
+    """``{setting key: {tuple key: record}}`` in a JSON file, rewritten atomically after each put."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path else None
+        self.data = {"version": CACHE_VERSION, "settings": {}}
+        if self.path and self.path.is_file():
+            with open(self.path) as f:
+                data = json.load(f)
+            if data.get("version") == CACHE_VERSION:
+                self.data = data
+
+    def get(self, setting: str, key: str) -> dict | None:
+        return self.data["settings"].get(setting, {}).get(key)
+
+    def put(self, setting: str, key: str, record: dict) -> None:
+        self.data["settings"].setdefault(setting, {})[key] = record
+        if self.path:
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump(self.data, f, indent=1)
+            os.replace(tmp, self.path)
+
+
+class Evaluator:
+    """Perplexity of the quantized model on fixed tokens, with Anda widths, memoised in ``cache``."""
+
+    def __init__(self, model, input_ids: torch.Tensor, *, context: int, stride: int | None = None,
+                 mode: str = "eager", kernel: str = "reference", cache: EvalCache | None = None,
+                 setting: dict | None = None, progress: bool = False):
+        if mode not in ("eager", "compile"):
+            raise ValueError(f"evaluator mode {mode!r} not in ('eager', 'compile')")
+        self.model, self.ids, self.context = model, input_ids, context
+        self.stride = stride or context
+        self.mode, self.kernel, self.progress = mode, kernel, progress
+        self.cache = cache or EvalCache(None)
+        self.setting = json.dumps(dict(setting or {}, tokens=int(input_ids.shape[1]), context=context,
+                                       stride=self.stride, kernel=kernel), sort_keys=True)
+        self.hits = self.misses = 0
+        self.last: dict = {}
+
+    def _ppl(self) -> float:
+        from llm_compile.eval.metrics import perplexity
+
+        return perplexity(self.model, self.ids, context=self.context, stride=self.stride,
+                          progress=self.progress)["ppl"]
+
+    def _cached(self, key: str, fn) -> float:
+        rec = self.cache.get(self.setting, key)
+        if rec is not None:
+            self.hits += 1
+            self.last = dict(rec, cached=True)
+            return rec["ppl"]
+        self.misses += 1
+        t0 = time.perf_counter()
+        ppl, extra = fn()
+        rec = {"ppl": ppl, "seconds": round(time.perf_counter() - t0, 2), **extra}
+        self.cache.put(self.setting, key, rec)
+        self.last = dict(rec, cached=False)
+        return ppl
+
+    def reference(self) -> float:
+        """W4A16 reference: the quantized model, eager (``QuantLinear``: float activations)."""
+        from llm_compile.eval.model import uncompile_model
+
+        def run():
+            uncompile_model(self.model)
+            return self._ppl(), {}
+        return self._cached("w4a16", run)
+
+    def __call__(self, widths) -> float:
+        w = _widths(widths)
+        key = json.dumps({"mode": self.mode, "widths": [w[k] for k in ANDA_MODULE_KINDS]})
+        return self._cached(key, lambda: self._run(w))
+
+    def _run(self, w) -> tuple[float, dict]:
+        from llm_compile.backend import COMPILED
+        from llm_compile.eval.model import compile_model, uncompile_model
+
+        if self.mode == "eager":
+            with anda_eager(self.model, w, self.kernel) as n:
+                return self._ppl(), {"lowered": n}
+        before = [r["graph_id"] for r in COMPILED]
+        compile_model(self.model, anda_options(w, self.kernel))
+        try:
+            ppl = self._ppl()
+        finally:
+            uncompile_model(self.model)
+        new = [r for r in COMPILED if r["graph_id"] not in before]
+        return ppl, {"lowered": lowered_count(new), "graphs": len(new)}
+
+
+def run_search(evaluator: Evaluator, macs, delta: float, *, start=11, max_evals: int = 32,
+               min_bits: int = 1, progress: bool = True):
+    """W4A16 reference + :func:`adaptive_precision_search` with a tqdm bar; returns the result."""
+    from tqdm.auto import tqdm
+
+    from llm_compile.anda_search import adaptive_precision_search
+
+    ref = evaluator.reference()
+    bar = tqdm(total=max_evals, desc=f"anda search d={delta:g}", disable=not progress,
+               dynamic_ncols=True)
+
+    def ppl(widths):
+        v = evaluator(widths)
+        bar.set_postfix_str(f"{[widths[k] for k in ANDA_MODULE_KINDS]} ppl={v:.4f}"
+                            f"{' (cached)' if evaluator.last.get('cached') else ''} "
+                            f"limit={(1 + delta) * ref:.4f}")
+        bar.update(1)
+        return v
+    try:
+        return adaptive_precision_search(ppl, ref, macs, delta=delta, start=start,
+                                         max_evals=max_evals, min_bits=min_bits)
+    finally:
+        bar.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m llm_compile.anda_search", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--delta", type=float, default=0.01, help="tolerance: ppl <= (1+delta)*ppl(W4A16)")
+    ap.add_argument("--out", default="anda_tuple.json", help="chosen tuple, for options={'anda': ...}")
+    ap.add_argument("--cache", default="anda_search_cache.json", help="evaluation memo ('' = none)")
+    ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
+    ap.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="perplexity window")
+    ap.add_argument("--stride", type=int, default=None, help="window stride (default: context)")
+    ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="INT4 weight group")
+    ap.add_argument("--start", type=int, default=11, help="start width for every kind")
+    ap.add_argument("--min-bits", type=int, default=1)
+    ap.add_argument("--max-evals", type=int, default=32)
+    ap.add_argument("--evaluator", choices=("eager", "compile"), default="eager")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip compiling the chosen tuple with the backend after an eager search")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    from llm_compile.eval.data import load_tokens
+
+    model, tok = load_quantized(4, args.group_size)
+    ids = load_tokens(tok, "calibration", args.tokens)
+    setting = {"model": MODEL_NAME, "weights": f"int4-g{args.group_size}", "split": "calibration"}
+    ev = Evaluator(model, ids, context=args.context, stride=args.stride, mode=args.evaluator,
+                   cache=EvalCache(args.cache or None), setting=setting, progress=False)
+    macs = model_macs(model)
+    res = run_search(ev, macs, args.delta, start=args.start, max_evals=args.max_evals,
+                     min_bits=args.min_bits, progress=not args.quiet)
+    out = {"mantissa_bits": res.best}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    summary = {"delta": args.delta, "w4a16_ppl": res.reference_ppl, "limit": (1 + args.delta) * res.reference_ppl,
+               "best": res.best, "best_ppl": res.best_ppl, "feasible": res.feasible,
+               "bops_vs_fp16_act": relative_bops(res.best, macs), "evaluations": res.evaluations,
+               "cache_hits": ev.hits, "new_evaluations": ev.misses, "history": res.history}
+    print(f"W4A16 calibration ppl {res.reference_ppl:.4f} ({args.tokens} tokens, context {args.context}); "
+          f"limit {(1 + args.delta) * res.reference_ppl:.4f} (delta {args.delta:g})")
+    for i, h in enumerate(res.history, 1):
+        print(f"  {i:2d} {[h['widths'][k] for k in ANDA_MODULE_KINDS]} ppl {h['ppl']:.4f} "
+              f"bops {relative_bops(h['widths'], macs):.4f} {'accept' if h['accepted'] else 'reject'}")
+    print(f"chosen {res.best} ppl {res.best_ppl:.4f}, BOPs {summary['bops_vs_fp16_act']:.4f} x W4A16 "
+          f"(M=16); {res.evaluations} evaluations, {ev.misses} new, {ev.hits} from cache; -> {args.out}")
+    if args.evaluator == "eager" and not args.no_verify:
+        summary["verify"] = _verify(model, ids, args, res.best, res.best_ppl)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"total {summary['seconds']:.0f} s")
+    with open(Path(args.out).with_suffix(".search.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def _verify(model, ids, args, best, eager_ppl) -> dict:
+    """Compile the chosen tuple with the backend; same perplexity, every quantized linear lowered."""
+    n_quant = len(linear_kinds(model))
+    ev = Evaluator(model, ids, context=args.context, stride=args.stride, mode="compile")
+    t0 = time.perf_counter()
+    ppl = ev(best)
+    rec = dict(compiled_ppl=ppl, eager_ppl=eager_ppl, rel_diff=abs(ppl - eager_ppl) / eager_ppl,
+               lowered=ev.last["lowered"], quantized=n_quant, graphs=ev.last["graphs"],
+               seconds=round(time.perf_counter() - t0, 1))
+    ok = rec["lowered"] == n_quant * rec["graphs"] and rec["rel_diff"] < 1e-4 and math.isfinite(ppl)
+    print(f"verify (torch.compile, backend llmaccel): ppl {ppl:.5f} vs eager evaluator {eager_ppl:.5f} "
+          f"(rel diff {rec['rel_diff']:.1e}), {rec['lowered']}/{n_quant * rec['graphs']} linears lowered "
+          f"in {rec['graphs']} graph(s), {rec['seconds']:.0f} s: {'OK' if ok else 'MISMATCH'}")
+    rec["ok"] = ok
+    return rec
+
+
+if __name__ == "__main__":
+    main()
