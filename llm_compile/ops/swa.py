@@ -20,13 +20,14 @@ from torch import Tensor
 
 from llm_compile.ops.attention import attention_out_like, to_out_layout
 from llm_compile.runtime.context import lookup_handle
-from llm_compile.runtime.swa import swa_attention_impl
 
 
 @torch.library.custom_op("llmaccel::swa_attention", mutates_args=())
 def swa_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
                   attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
                   handle: int, k_all: Tensor | None = None, v_all: Tensor | None = None) -> Tensor:
+    from llm_compile.runtime.swa import swa_attention_impl  # lazy: runtime.swa imports llm_compile.ops
+
     cfg = lookup_handle(handle)
     out = swa_attention_impl(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, cfg,
                              k_all, v_all)
