@@ -33,3 +33,16 @@ def test_importing_package_too_does_not_duplicate_registration():
         print("OK")
     """)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_modules_import_alone_in_a_fresh_interpreter():
+    """Each entry module imports first in a fresh process (catches import cycles)."""
+    mods = ["llm_compile.runtime.swa", "llm_compile.runtime.offload_pool", "llm_compile.passes.manager",
+            "llm_compile.codegen.anda_kernels", "llm_compile.quantize"]
+    code = "import importlib, subprocess, sys\n" \
+           f"for m in {mods!r}:\n" \
+           "    r = subprocess.run([sys.executable, '-c', 'import ' + m], capture_output=True, text=True)\n" \
+           "    assert r.returncode == 0, (m, r.stderr[-1500:])\n" \
+           "print('OK')\n"
+    r = _run(code)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
