@@ -192,7 +192,29 @@ def unpack(a: AndaTensor, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 def fake_quantize(x: Tensor, mantissa_bits: int, dtype: torch.dtype | None = None) -> Tensor:
-    """``unpack(pack(x, M))`` without building the planes (signs of zeros kept)."""
+    """``unpack(pack(x, M))`` without building the planes (signs of zeros kept).
+
+    Fast path (the reference kernel of every Anda linear runs it, so it is on the perplexity
+    evaluations' critical path): about 8 passes over ``x`` instead of 20, bit-identical to
+    :func:`_encode`: the exponent field of a group's largest ``|x16|`` gives ``E = max(F, 1) - 15``,
+    which equals ``max(frexp(max|x16|).exponent - 1, -14)`` (an all-zero group decodes to zeros
+    whatever ``E`` is); ``copysign`` keeps the FP16 sign bit, ``-0.0`` included.
+    """
+    m_bits = check_mantissa_bits(mantissa_bits)
+    if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] % GROUP or x.numel() == 0:
+        return _fake_quantize_slow(x, m_bits, dtype)
+    x16 = x.to(torch.float16)
+    a = x16.abs().to(torch.float32).reshape(*x.shape[:-1], -1, GROUP)
+    gmax = a.amax(dim=-1, keepdim=True)                  # NaN propagates, inf stays inf
+    if not torch.isfinite(gmax).all():
+        return _fake_quantize_slow(x, m_bits, dtype)     # raises the precise ValueError
+    e = torch.frexp(gmax).exponent.sub_(1).clamp_(min=1 - FP16_BIAS)
+    a.mul_(pow2(m_bits - 1 - e)).floor_().mul_(pow2(e - m_bits + 1))
+    val = torch.copysign(a.reshape(x.shape), x16.to(torch.float32))
+    return val.to(x.dtype if dtype is None else dtype)
+
+
+def _fake_quantize_slow(x: Tensor, mantissa_bits: int, dtype: torch.dtype | None = None) -> Tensor:
     mag, neg, field, k = _encode(x, mantissa_bits)
     magf = mag.to(torch.float32)
     val = torch.where(neg, -magf, magf) * pow2(shared_exponent(field) - mantissa_bits + 1).unsqueeze(-1)

@@ -222,7 +222,23 @@ def parse_options(options: Mapping[str, Any] | LLMAccelConfig | None) -> LLMAcce
         cfg = dataclasses.replace(cfg, debug_dir=os.environ["LLMACCEL_DEBUG"])
     if (cfg.swa or cfg.offload) and not cfg.canonicalize:
         raise OptionsError("llmaccel: swa and offload need canonicalize=True (they rewrite llmaccel::attention)")
+    _validate_swa_offload(cfg)
     return cfg
+
+
+def _validate_swa_offload(cfg: LLMAccelConfig) -> None:
+    """swa + offload: the workers run SWA on their KV heads only. ``selection="layer"`` ranks tokens
+    by scores summed over *all* heads of a layer, which no single worker sees when the heads are
+    split over several workers: refuse rather than silently select different tokens."""
+    s, o = cfg.swa, cfg.offload
+    if s is None or o is None or o.workers == 1:
+        return
+    if s.selection == "layer" and s.sparsity > 0 and s.policy != "streaming":
+        raise OptionsError(
+            f"llmaccel: swa.selection='layer' with offload.workers={o.workers}: each attention worker "
+            "holds only its KV heads, so it cannot sum token scores over all heads of a layer (ALISA's "
+            "per-layer selection); use swa.selection='kv_head' (per-KV-head token sets) or "
+            "offload.workers=1")
 
 
 def describe_options() -> list[tuple[str, str, str]]:

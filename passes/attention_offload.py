@@ -39,9 +39,26 @@ blocking round trip to the workers between them; with ``inner="eager"`` the grap
 :func:`split_at_attention` makes the same cut explicit with ``torch.fx.passes.split_module``
 (``compute_0, attention_1, compute_2, ...``) for inspection or a custom scheduler.
 
-Not done here: ``offload.overlap`` (two micro-batches in ping-pong inside the graph) — the pool's
-``decode_async`` provides the mechanism; the pass reports ``overlap: "not applied"``.
-Sites whose cache append feeds anything besides the returned cache are skipped (KV would stay).
+All or nothing. A site whose cache append feeds anything besides the returned cache cannot be cut
+(its KV would have to stay local). Offloading the other sites would leave a mixed graph, and at
+decode the model's cache holds phantoms whose values are zeros, so the pass raises
+:class:`OffloadIncomplete` instead: the pass manager rolls it back and the whole graph stays
+local (reported in ``passes.json`` as the pass's ``error``). The same happens if, after the
+rewrite, anything but the offload ops and size queries still reads a phantom cache input. A local
+attention op that receives a phantom anyway (a graph rolled back at decode, a cache filled under
+offload passed to a model compiled without it) raises ``RuntimeError``
+(:func:`llm_compile.ops.attention.check_not_phantom`) rather than attend to zeros.
+
+SWA. ``llmaccel::swa_attention`` sites become offload sites carrying the SWA handle: the workers
+run :class:`~llm_compile.runtime.offload_modes.SWAMode` (prefill on the workers too, it seeds the
+scores). ``swa.selection="layer"`` with more than one worker is refused by the config (each worker
+sees only its heads); use ``"kv_head"`` or one worker.
+
+Overlap. With ``offload.overlap`` (and ``inner="eager"``, a symbolic batch size: compile with
+``dynamic=True``) the graph body becomes one call to an
+:class:`~llm_compile.runtime.offload_overlap.OverlapRunner` that runs the two halves of the batch
+in ping-pong around the attention calls (``stats["overlap"] == "applied"``); otherwise the graph
+runs without overlap and ``stats["overlap"]`` says why (a warning too).
 """
 from __future__ import annotations
 
@@ -113,7 +130,10 @@ def _named_args(node: torch.fx.Node) -> dict:
 
 def _is_phantom_val(node) -> bool:
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return val is not None and val.numel() > 1 and all(st == 0 for st in val.stride())
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return False
+    # literal 0 strides only: comparing a symbolic stride would add a guard
+    return all(type(st) is int and st == 0 for st in val.stride())
 
 
 def _fake(fn, *vals):
@@ -126,20 +146,76 @@ def _fake(fn, *vals):
         return fn(*vals)
 
 
+class OffloadIncomplete(RuntimeError):
+    """Some site cannot be offloaded: the pass raises it so that the manager rolls the whole pass
+    back (all attention stays local) instead of leaving a graph with some sites offloaded."""
+
+
+def _check_sites(sites, out_node, outs) -> list[dict]:
+    """Sites that cannot be cut (their cache append feeds more than the returned cache)."""
+    bad = []
+    for node in sites:
+        a = _named_args(node)
+        kc, k, vc, v = a["k_cache"], a["k"], a["v_cache"], a["v"]
+        if outs is None or kc is None:
+            continue
+        idx = _cache_outputs(out_node, kc, k) + _cache_outputs(out_node, vc, v)
+        busy = [outs[i].name for i in idx if set(outs[i].users) - {out_node, node}]
+        if busy:
+            why = f"cache append {busy} has users besides the graph output"
+            if _is_phantom_val(kc):
+                why += " (and its cache is a phantom: local attention would read zeros)"
+            bad.append({"node": node.name, "site": a["site"], "reason": why})
+    return bad
+
+
+_PHANTOM_OK = None
+
+
+def _phantom_consumers_ok(node: torch.fx.Node) -> bool:
+    global _PHANTOM_OK
+    if _PHANTOM_OK is None:
+        _PHANTOM_OK = {OFFLOAD, PHANTOM, aten.sym_size.int, aten.sym_size.default, aten.sym_stride.int,
+                       aten.sym_numel.default, aten.sym_storage_offset.default}
+    return node.op == "output" or (node.op == "call_function" and node.target in _PHANTOM_OK)
+
+
+def check_phantom_inputs(g: torch.fx.Graph) -> list[str]:
+    """Nodes that read the *values* of a phantom cache input (anything but the offload ops, size
+    queries and the graph output); there must be none after the pass."""
+    bad = []
+    for ph in g.nodes:
+        if ph.op == "placeholder" and _is_phantom_val(ph):
+            bad += [f"{u.name} ({u.target}) reads phantom input {ph.name}" for u in ph.users
+                    if not _phantom_consumers_ok(u)]
+    return bad
+
+
 def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> PassResult:
+    """Offload every attention site, or none: a site that cannot be cut raises
+    :class:`OffloadIncomplete` (the manager then rolls the pass back), so a graph is never mixed
+    and a phantom cache never reaches local attention unnoticed."""
     cfg = config.offload
     g = gm.graph
     targets = _site_targets()
     sites = [n for n in g.nodes if n.op == "call_function" and n.target in targets]
     out_node = next(n for n in reversed(g.nodes) if n.op == "output")
+    outs = list(out_node.args[0]) if isinstance(out_node.args[0], (tuple, list)) else None
     if not sites:
+        bad = check_phantom_inputs(g)
+        if bad:
+            raise OffloadIncomplete(f"llmaccel offload: no attention site to offload, but {'; '.join(bad)}")
         return PassResult(changed=False, stats={"sites": 0})
+    bad = _check_sites(sites, out_node, outs)
+    if bad:
+        raise OffloadIncomplete(
+            f"llmaccel offload: {len(bad)} of {len(sites)} attention site(s) cannot be offloaded, so none "
+            f"is (no mixed graph): " + "; ".join(f"site {b['site']} ({b['node']}): {b['reason']}" for b in bad))
     from llm_compile.runtime.offload_pool import get_pool
 
     pool = get_pool(cfg)
     handle = pool_handle(pool)
-    matched, skipped = [], []
-    outs = list(out_node.args[0]) if isinstance(out_node.args[0], (tuple, list)) else None
+    matched = []
     for node in sites:
         a = _named_args(node)
         q, k, v, kc, vc, mask = (a[n] for n in ("q", "k", "v", "k_cache", "v_cache", "attn_mask"))
@@ -147,20 +223,13 @@ def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> P
         cache_idx = []
         if outs is not None:
             cache_idx = _cache_outputs(out_node, kc, k) + _cache_outputs(out_node, vc, v)
-            if kc is not None:
-                busy = [outs[i].name for i in cache_idx if set(outs[i].users) - {out_node, node}]
-                if busy:
-                    if _is_phantom_val(kc):
-                        log.error("llmaccel: offload site %s cannot be cut but its cache is a phantom: "
-                                  "its attention would read zeros", site)
-                    skipped.append({"node": node.name, "site": site,
-                                    "reason": f"cache append {busy} has users besides the graph output"})
-                    continue
         with g.inserting_before(node):
             new = g.call_function(OFFLOAD, (q, k, v, kc, vc, mask, scale, causal, site, handle, swa))
         new.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ in ("val", "stack_trace", "nn_module_stack")})
         node.replace_all_uses_with(new)
         g.erase_node(node)
+        if outs is not None:  # the site itself may be a graph output: re-read after the replacement
+            outs = list(out_node.args[0])
         for i in cache_idx:
             past, fresh = (kc, k) if (outs[i] is k or (kc is not None and _is_append(outs[i], kc, k))) else (vc, v)
             with g.inserting_before(out_node):
@@ -172,12 +241,25 @@ def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> P
         out_node.args = (tuple(outs),) + tuple(out_node.args[1:]) if outs is not None else out_node.args
         matched.append({"site": site, "node": new.name, "form": "swa" if swa else "dense",
                         "decode": kc is not None, "cache_outputs_phantomized": len(cache_idx)})
+    g.eliminate_dead_code()
+    bad = check_phantom_inputs(g)
+    if bad:
+        raise OffloadIncomplete("llmaccel offload: after the rewrite, " + "; ".join(bad))
+    stats = {"sites": len(matched), "workers": pool.n_workers, "pool_handle": handle,
+             "transport": pool.backend, "overlap": "off"}
     if cfg.overlap:
-        log.warning("llmaccel: offload.overlap (in-graph micro-batch ping-pong) is not applied by the "
-                    "pass; use AttentionWorkerPool.decode_async to overlap by hand")
-    return PassResult(changed=bool(matched), matched=matched, skipped=skipped,
-                      stats={"sites": len(matched), "workers": pool.n_workers, "pool_handle": handle,
-                             "transport": pool.backend, "overlap": "not applied" if cfg.overlap else "off"})
+        if config.inner != "eager":
+            stats["overlap"] = "not applied: needs inner='eager' (the ping-pong runner is Python)"
+        else:
+            from llm_compile.runtime.offload_overlap import install
+
+            stats["overlap"] = install(gm, OFFLOAD)
+            if "llmaccel_overlap_runner" in gm.meta:
+                stats["overlap_runner"] = gm.meta["llmaccel_overlap_runner"]
+        if stats["overlap"] != "applied":
+            log.warning("llmaccel: offload.overlap %s; %s runs without overlap", stats["overlap"],
+                        getattr(ctx, "graph_id", "the graph"))
+    return PassResult(changed=bool(matched), matched=matched, skipped=[], stats=stats)
 
 
 def split_at_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

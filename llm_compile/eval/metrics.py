@@ -51,6 +51,13 @@ def new_cache(model):
     return DynamicCache(config=cfg) if cfg is not None else DynamicCache()
 
 
+def check_length(model, n_tokens: int) -> None:
+    """Warn when ``n_tokens`` exceeds the model's trained context (positions past it are untrained)."""
+    limit = getattr(model_config(model), "max_position_embeddings", None)
+    if limit is not None and n_tokens > limit:
+        logger.warning("%d tokens exceed the model's context of %d positions", n_tokens, limit)
+
+
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-position NLL (float32) of ``targets [n]`` under ``logits [n, vocab]``."""
     return F.cross_entropy(logits.float(), targets, reduction="none")
@@ -143,6 +150,7 @@ def streaming_perplexity(model, input_ids: torch.Tensor, *, prefill: int = 0, se
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, N], got {tuple(input_ids.shape)}")
     n = input_ids.shape[1]
+    check_length(model, n)
     q = max(int(prefill), 1)
     if q >= n:
         raise ValueError(f"prefill={prefill} leaves nothing to score in {n} tokens")
@@ -180,6 +188,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     tokens, which are fed one per call like generated tokens; then one call per new token.
     """
     n = input_ids.shape[1]
+    check_length(model, n + max_new_tokens)
     tail = min(max(int(decode_tail), 0), n - 1)
     cache = new_cache(model)
     out = model(input_ids=input_ids[:, :n - tail], past_key_values=cache, use_cache=True,

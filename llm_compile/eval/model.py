@@ -35,6 +35,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
 STAMP_FILE = "llmaccel_cache.json"
 CACHE_FORMAT = 1
+RECOMPILE_LIMIT = 64
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
@@ -165,11 +166,19 @@ def compile_model(model, options: dict | None, *, backend: str = "llmaccel",
     ``options=None`` restores the uncompiled (eager) forward instead. The options dict goes to
     the backend only for ``backend="llmaccel"`` (other backends, e.g. ``"eager"`` while
     developing, do not take it). Any previous patch is removed and Dynamo's caches are reset
-    first, so configs compiled one after another do not share graphs. Returns ``model``.
+    first, so configs compiled one after another do not share graphs. Sets Dynamo's
+    ``recompile_limit`` to at least :data:`RECOMPILE_LIMIT` and ``fail_on_recompile_limit_hit``
+    (process-wide), so a config never silently falls back to eager. Returns ``model``.
     """
     uncompile_model(model)
     if options is None:
         return model
+    # A metric run needs ~3-8 graphs per config (prefill, static then dynamic decode, prompts of
+    # new lengths); past Dynamo's default limit (8) a frame would silently run *eagerly*, which
+    # would report eager numbers for a compiled config. Raise the limit and fail loudly instead.
+    dcfg = torch._dynamo.config
+    dcfg.recompile_limit = max(dcfg.recompile_limit, RECOMPILE_LIMIT)
+    dcfg.fail_on_recompile_limit_hit = True
     kwargs = {}
     if backend == "llmaccel":
         kwargs["options"] = dict(options)
@@ -179,11 +188,21 @@ def compile_model(model, options: dict | None, *, backend: str = "llmaccel",
     return model
 
 
+def compiled_graph_count() -> int:
+    """Graphs Dynamo has compiled since the last :func:`uncompile_model` (Dynamo reset)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def uncompile_model(model):
     """Remove a ``model.forward`` patch (if any) and reset Dynamo; returns ``model``."""
+    from torch._dynamo.utils import counters
+
     if "forward" in vars(model):
         del model.forward
     torch._dynamo.reset()
+    counters["stats"]["unique_graphs"] = 0
     return model
 
 

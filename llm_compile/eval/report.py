@@ -24,6 +24,8 @@ COLUMNS = (
 """(row key, column title, format) of the table and plots, in order."""
 
 PLOTTED = ("ppl", "stream_ppl", "passkey", "agree")
+SHARES = ("passkey", "agree")
+"""Metrics in [0, 1] (plotted on a fixed 0..1 axis)."""
 
 
 def _cell(value, fmt: str) -> str:
@@ -35,14 +37,15 @@ def _cell(value, fmt: str) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One row per config, one column per measured headline number, plus wall time and status."""
+    """One row per config, one column per measured headline number, plus the number of graphs
+    Dynamo compiled, wall time (compilation included) and status."""
     present = [c for c in COLUMNS if any(c[0] in r["row"] for r in results)]
-    head = ["config", *[c[1] for c in present], "time s", "status"]
+    head = ["config", *[c[1] for c in present], "graphs", "time s", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2)
                                                            + ["---"]) + "|"]
     for r in results:
         cells = [r["name"], *[_cell(r["row"].get(k), f) for k, _, f in present],
-                 f"{r['seconds']:.0f}", "ok" if not r.get("error") else "FAILED: " + r["error"][:80]]
+                 str(r.get("graphs", "-")), f"{r['seconds']:.0f}", "ok" if not r.get("error") else "FAILED: " + r["error"][:80]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -82,6 +85,8 @@ def plot_sweep(results: list[dict], key: str, values: list, path: str,
         if reference is not None and finite(reference["row"].get(k)):
             ax.axhline(reference["row"][k], ls="--", color="gray", label=reference["name"])
             ax.legend(fontsize=8)
+        if k in SHARES:
+            ax.set_ylim(-0.03, 1.03)
         if not numeric:
             ax.set_xticks(xs, [str(v) for v in values], rotation=30, fontsize=8)
         ax.set_xlabel(key)
@@ -110,6 +115,8 @@ def plot_configs(results: list[dict], path: str) -> str:
     for ax, (k, title, _) in zip(axes[0], present):
         vals = [r["row"].get(k) if finite(r["row"].get(k)) else 0.0 for r in results]
         ax.bar(range(len(names)), vals)
+        if k in SHARES:
+            ax.set_ylim(0, 1.03)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")

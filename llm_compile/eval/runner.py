@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import data, metrics, passkey
-from .model import compile_model, eager_forward, uncompile_model
+from .model import compile_model, compiled_graph_count, eager_forward, uncompile_model
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ class Evaluator:
                         m["agree"] = metrics.agreement(model, self.prompts, reference=ref,
                                                        max_new_tokens=s.agree_tokens,
                                                        progress=s.progress)
+            res["graphs"] = compiled_graph_count() if options is not None else 0
         except Exception as e:  # noqa: BLE001 - one failing config must not end a sweep
             logger.error("config %s failed: %s", name, e)
             res["error"] = f"{type(e).__name__}: {e}"

@@ -26,9 +26,24 @@ import torch
 from torch import Tensor
 
 
+def check_not_phantom(t: Tensor | None, what: str = "KV cache") -> None:
+    """Raise if ``t`` is a phantom cache (``llmaccel::kv_phantom``: all strides 0, its values are
+    not the keys/values, which live in attention workers). Cheap: reads the strides only."""
+    if t is not None and t.dim() and t.numel() > 1 and not any(t.stride()):
+        raise RuntimeError(
+            f"llmaccel: local attention received a phantom {what} of shape {tuple(t.shape)} (all "
+            "strides 0): its keys/values live in attention-offload workers, and reading it would "
+            "attend to zeros. This site was not offloaded (see the attention_offload record in "
+            "passes.json / llm_compile.backend.COMPILED), or a cache filled under offload was "
+            "passed to a model compiled without it.")
+
+
 def full_kv(k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
             k_all: Tensor | None = None, v_all: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Keys/values attended by the call: the cache followed by the new ones."""
+    """Keys/values attended by the call: the cache followed by the new ones. A phantom cache
+    (offloaded KV, see :func:`check_not_phantom`) raises ``RuntimeError``."""
+    check_not_phantom(k_cache, "key cache")
+    check_not_phantom(v_cache, "value cache")
     if k_all is not None and v_all is not None:
         return k_all, v_all
     if k_cache is None:

@@ -12,8 +12,10 @@ prefill), so a mode must be a picklable object whose class is importable on the 
 * :class:`DenseMode` (default): exactly ``llmaccel::attention``'s math.
 * :class:`SWAMode`: sparse window attention (ALISA) through :func:`llm_compile.runtime.swa.swa_step`.
   Prefill must then run on the workers (it seeds the scores), so ``needs_prefill_query`` is true.
-  Under offload, ``selection="layer"`` sums scores over the heads *one worker holds* (a worker never
-  sees the other workers' heads); with one worker, or ``selection="kv_head"``, it equals local SWA.
+  Under offload, ``selection="layer"`` would sum scores over the heads *one worker holds* (a worker
+  never sees the other workers' heads), so the config refuses it with more than one worker
+  (:func:`llm_compile.config.parse_options`); with one worker, or ``selection="kv_head"``, the
+  workers select exactly the tokens local SWA selects.
 * :class:`CallableMode`: any ``"module:function"`` with the same signature as ``attend``, plus an
   optional ``"module:function"`` state factory; the way to plug in a new kernel without editing the
   worker.

@@ -115,6 +115,8 @@ class AttentionWorkerPool:
         self._inflight: list[OffloadFuture] = []
         self._broken: str | None = None
         self._closed = False
+        self.max_inflight_bytes = 64 << 20
+        """Request bytes held for unanswered requests before the pool waits for the oldest."""
         if mode is not None:
             self.set_mode(mode)
 
@@ -373,4 +375,21 @@ class AttentionWorkerPool:
             dev = q.device if q is not None else k.device
             fut = OffloadFuture(self, parts, out_shape, dt, dev, f"{what} of instance {instance} site {site}")
             self._inflight.append(fut)
+        self._reap()
         return fut
+
+    def _reap(self) -> None:
+        """Free the send buffers of store-only prefills (nobody waits on those): collect leading
+        ones whose transfers are complete (non-blocking), and, while more than
+        ``max_inflight_bytes`` are held (a prefill of many layers ships the whole prompt KV without
+        waiting), the oldest (blocking). Without this the compute process would hold a copy of the
+        whole prompt KV until the next decode. A worker error of a reaped prefill raises here."""
+        def finished(f: OffloadFuture) -> bool:
+            return all(w.is_completed() for part in f._parts for w in [part["recv"], *part["sends"]])
+
+        while self._inflight and self._inflight[0]._out_shape is None and (
+                finished(self._inflight[0]) or self.local_bytes() > self.max_inflight_bytes):
+            first = self._inflight[0]
+            self._collect_until(first)
+            if first._error is not None:
+                raise RuntimeError(f"llmaccel offload: {first._what} failed on {first._error}")

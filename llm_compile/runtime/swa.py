@@ -29,7 +29,7 @@ import logging
 import torch
 from torch import Tensor
 
-from llm_compile.ops.attention import dense_attention, full_kv
+from llm_compile.ops.attention import check_not_phantom, dense_attention, full_kv
 from llm_compile.runtime.context import InstanceStates
 from llm_compile.runtime.swa_state import SWAState, compute_budget, quantize_weights
 
@@ -279,7 +279,10 @@ def swa_attention_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None,
                        v_all: Tensor | None = None) -> Tensor:
     """Body of ``llmaccel::swa_attention``: state of (current instance, ``site``), then
     :func:`swa_step`. Decode reads ``k_all``/``v_all`` (the graph's cache concatenation) when
-    given, else passes the cache and the new token apart (no concatenation)."""
+    given, else passes the cache and the new token apart (no concatenation). A phantom cache
+    (offloaded KV) raises ``RuntimeError`` (:func:`~llm_compile.ops.attention.check_not_phantom`)."""
+    check_not_phantom(k_cache, "key cache")
+    check_not_phantom(v_cache, "value cache")
     if cfg.sparsity == 0 or k_cache is None or k_all is not None:
         kf, vf = full_kv(k, v, k_cache, v_cache, k_all, v_all)
         if cfg.sparsity == 0:

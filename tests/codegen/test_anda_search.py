@@ -80,3 +80,83 @@ def test_dict_start_and_min_bits_floor():
     r = adaptive_precision_search(lambda w: 10.0, 10.0, MACS, delta=0.0, start=start, min_bits=2)
     assert r.best == {"qkv": 2, "o": 2, "gate_up": 2, "down": 2} and r.feasible
     assert all(min(h["widths"].values()) >= 2 for h in r.history)
+
+
+# --- CLI pieces (llm_compile.anda_cli): options, BOPs, memoisation, kinds ---------------------------
+
+def test_cli_options_bops_and_tuple_file(tmp_path):
+    import json
+
+    from llm_compile.anda_cli import anda_options, relative_bops
+    from llm_compile.config import parse_options
+
+    assert relative_bops(16, MACS) == 1.0 and relative_bops(8, MACS) == 0.5
+    w = {"qkv": 8, "o": 4, "gate_up": 6, "down": 8}
+    assert relative_bops(w, MACS) == sum(MACS[k] * w[k] for k in KINDS) / (16 * sum(MACS.values()))
+    cfg = parse_options(anda_options(w))
+    assert cfg.anda.bits_for("o") == 4 and cfg.anda.kernel == "reference" and cfg.inner == "eager"
+    path = tmp_path / "t.json"                       # what the CLI writes: {"mantissa_bits": {...}}
+    path.write_text(json.dumps({"mantissa_bits": w}))
+    assert parse_options({"anda": json.loads(path.read_text())}).anda.bits_for("gate_up") == 6
+
+
+class _CountingEvaluator:
+    """Evaluator whose model call is replaced by a synthetic perplexity (counts real evaluations)."""
+
+    def __new__(cls, cache, setting):
+        import torch
+
+        from llm_compile.anda_cli import Evaluator
+
+        class E(Evaluator):
+            calls = 0
+
+            def _run(self, w):
+                E.calls += 1
+                return synthetic_ppl(w), {"lowered": 0}
+
+            def reference(self):
+                return self._cached("w4a16", lambda: (10.0, {}))
+
+        return E(None, torch.zeros(1, 8, dtype=torch.long), context=8, cache=cache, setting=setting)
+
+
+def test_second_delta_reuses_cached_evaluations(tmp_path):
+    from llm_compile.anda_cli import EvalCache, run_search
+
+    path = tmp_path / "cache.json"
+    e1 = _CountingEvaluator(EvalCache(path), {"split": "calibration"})
+    r1 = run_search(e1, MACS, 0.05, start=8, progress=False)
+    first = type(e1).calls
+    assert first == r1.evaluations and e1.misses == first + 1           # + the W4A16 reference
+    e2 = _CountingEvaluator(EvalCache(path), {"split": "calibration"})      # new process, same file
+    r2 = run_search(e2, MACS, 0.01, start=8, progress=False)
+    assert e2.hits >= 2 and type(e2).calls == e2.misses < r2.evaluations   # start + shared prefix cached
+    assert r2.best_bops >= r1.best_bops                                     # tighter tolerance
+    e3 = _CountingEvaluator(EvalCache(path), {"split": "evaluation"})       # other setting: no reuse
+    e3(dict.fromkeys(KINDS, 8))
+    assert e3.misses == 1 and e3.hits == 0
+
+
+def test_linear_kinds_and_eager_op_match_reference():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_compile.anda_cli import anda_eager, linear_kinds
+    from llm_compile.ops.anda import anda_linear_reference
+    from llm_compile.quantize import quantize_weights
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=64)
+    torch.manual_seed(0)
+    model = quantize_weights(LlamaForCausalLM(cfg).eval(), 4, 64)
+    kinds = linear_kinds(model)
+    assert sorted(kinds.values()) == sorted(["qkv"] * 3 + ["o"] + ["gate_up"] * 2 + ["down"])
+    w = {"qkv": 9, "o": 5, "gate_up": 6, "down": 8}
+    mod = model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 3, 128)
+    with torch.no_grad(), anda_eager(model, w) as n:
+        got = mod(x)
+    assert n == 7 and "forward" not in vars(mod)                         # restored after the block
+    ref = anda_linear_reference(x, mod.qweight, mod.scales, None, 6, 4, 64)
+    assert torch.equal(got, ref)

@@ -69,6 +69,7 @@ def test_table_and_plots(tmp_path):
           res("swa.sparsity=0.9", {"swa": {"sparsity": 0.9}}, float("nan"), "RuntimeError: x")]
     table = report.markdown_table(rs)
     assert table.splitlines()[0].startswith("| config | ppl | stream ppl | decode ms/tok |")
+    assert "| graphs | time s | status |" in table.splitlines()[0]
     assert "FAILED: RuntimeError: x" in table and "| 11.000 |" in table
     png = report.plot_sweep(rs[1:], "swa.sparsity", [0.5, 0.9], str(tmp_path / "s.png"),
                             reference=rs[0])

@@ -165,6 +165,19 @@ def test_swa_mode_plugs_into_workers(pools):
     pool.release(3)
 
 
+def test_store_only_prefills_do_not_pile_up_in_the_compute_process(pools):
+    pool = pools(2)
+    pool.max_inflight_bytes = 1 << 20
+    k = _rand(4, HKV, 2048, D, seed=1)  # 768 KiB of K+V per prefill, 8 layers: 6 MiB if all held
+    for site in range(8):
+        pool.prefill(21, site, k, k)
+        assert pool.local_bytes() <= pool.max_inflight_bytes + 2 * k.numel() * 4
+    pool.sync()
+    assert pool.local_bytes() == 0 and sum(pool.kv_bytes()) == 8 * 2 * k.numel() * 4
+    pool.release(21)
+    pool.max_inflight_bytes = 64 << 20
+
+
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -1,0 +1,142 @@
+"""Anda accuracy on SmolLM2-135M-Instruct: evaluation-split perplexity and BOPs, one command.
+
+    python benchmarks/anda_accuracy.py --tuple "d=1%=anda_tuple_d1.json" --tuple "d=0.1%=anda_tuple_d01.json"
+    python benchmarks/anda_accuracy.py --delta 0.01 0.001      # runs the searches first (cached)
+
+Rows: FP32 (the model as loaded), W4A16 (``quantize_weights`` INT4, group 64, eager, float
+activations), uniform Anda widths ``M`` (``--uniform``, default 4..8, every module kind) and the
+searched tuples (``--tuple NAME=PATH`` files written by ``python -m llm_compile.anda_search``, or
+``--delta`` to search here with the same calibration settings and cache). Every Anda row is the
+model compiled with ``backend="llmaccel"``, ``options={"anda": {"mantissa_bits": ..., "kernel":
+"reference"}, "inner": "eager"}`` (the reference kernel is the generated Triton kernels' math in
+torch, fast on CPU); the table says how many linears each compiled graph lowered.
+
+BOPs (bit operations) per token = sum over the quantized linears (q, k, v, o, gate, up, down of all
+layers; not attention scores, not lm_head) of ``MACs * weight bits * activation bits``, with
+activation bits = ``M`` for Anda and 16 for W4A16's FP16 activations; the table gives
+``BOPs / BOPs(W4A16)`` (weights are INT4 in both, so this is ``sum MACs_k M_k / (16 sum MACs_k)``).
+
+Perplexity: ``llm_compile.eval.metrics.perplexity`` on the first ``--tokens`` tokens of the
+*evaluation* split (Luke, John), windows of ``--context`` tokens (disjoint by default). Evaluations
+are memoised in ``--cache`` (shared with the search CLI). Prints a markdown table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from llm_compile.anda_cli import (DEFAULT_CONTEXT, DEFAULT_GROUP, DEFAULT_TOKENS, MODEL_NAME,
+                                  EvalCache, Evaluator, model_macs, relative_bops, run_search)
+from llm_compile.config import ANDA_MODULE_KINDS
+
+
+def _row(name, widths, ppl, ref, macs, last, n_quant):
+    return {"config": name, "widths": widths, "ppl": ppl,
+            "vs_w4a16": None if ref is None else ppl / ref - 1.0,
+            "bops_vs_w4a16": None if widths is None else relative_bops(widths, macs),
+            "lowered": last.get("lowered"), "quantized": n_quant, "seconds": last.get("seconds"),
+            "cached": last.get("cached")}
+
+
+def markdown(rows, args) -> str:
+    out = [f"SmolLM2-135M-Instruct, evaluation split (Luke, John), {args.tokens} tokens, context "
+           f"{args.context}; INT4 weights, group {args.group_size}; Anda rows compiled with "
+           f"backend=\"llmaccel\" (kernel \"reference\").", "",
+           "| config | M (qkv, o, gate_up, down) | eval ppl | vs W4A16 | BOPs / W4A16 | linears lowered |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        w = "—" if r["widths"] is None else ", ".join(str(r["widths"][k]) for k in ANDA_MODULE_KINDS)
+        vs = "—" if r["vs_w4a16"] is None else f"{100 * r['vs_w4a16']:+.2f}%"
+        b = "—" if r["bops_vs_w4a16"] is None else f"{r['bops_vs_w4a16']:.3f}"
+        low = "—" if r["lowered"] is None else f"{r['lowered']}/{r['quantized']}"
+        out.append(f"| {r['config']} | {w} | {r['ppl']:.4f} | {vs} | {b} | {low} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tuple", action="append", default=[], metavar="NAME=PATH",
+                    help="a searched tuple file ({'mantissa_bits': {...}}); repeatable")
+    ap.add_argument("--delta", type=float, nargs="*", default=[],
+                    help="run the search (calibration split, shared cache) for these deltas")
+    ap.add_argument("--uniform", type=int, nargs="*", default=[4, 5, 6, 7, 8])
+    ap.add_argument("--tokens", type=int, default=2048, help="evaluation-split tokens")
+    ap.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
+    ap.add_argument("--calib-tokens", type=int, default=DEFAULT_TOKENS, help="search: calibration tokens")
+    ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP)
+    ap.add_argument("--cache", default="anda_search_cache.json")
+    ap.add_argument("--out", default="anda_accuracy.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    t_start = time.perf_counter()
+    from llm_compile.eval.data import load_tokens
+    from llm_compile.eval.model import load_smollm2
+    from llm_compile.quantize import quantize_weights
+
+    model, tok = load_smollm2()
+    ids = load_tokens(tok, "evaluation", args.tokens)
+    cache = EvalCache(args.cache or None)
+    setting = {"model": MODEL_NAME, "weights": f"int4-g{args.group_size}", "split": "evaluation"}
+    fp32 = Evaluator(model, ids, context=args.context, cache=cache,
+                     setting=dict(setting, weights="fp32"))
+    ppl_fp32 = fp32.reference()                      # the unquantized model, eager
+    fp32_last = fp32.last
+    quantize_weights(model, bits=4, group_size=args.group_size)
+    n_quant = len(model.llmaccel_quantized)
+    macs = model_macs(model)
+
+    tuples = []
+    for spec in args.tuple:
+        name, _, path = spec.rpartition("=")
+        with open(path) as f:
+            tuples.append((name or os.path.basename(path), json.load(f)["mantissa_bits"]))
+    searches = []
+    if args.delta:
+        calib = Evaluator(model, load_tokens(tok, "calibration", args.calib_tokens), context=args.context,
+                          cache=cache, setting=dict(setting, split="calibration"))
+        for d in args.delta:
+            res = run_search(calib, macs, d)
+            searches.append({"delta": d, "best": res.best, "calib_ppl": res.best_ppl,
+                             "calib_w4a16": res.reference_ppl, "evaluations": res.evaluations})
+            tuples.append((f"searched δ={100 * d:g}%", res.best))
+        calib.close()
+
+    ev = Evaluator(model, ids, context=args.context, cache=cache, setting=setting)
+    ref = ev.reference()
+    rows = [_row("FP32", None, ppl_fp32, ref, macs, fp32_last, n_quant),
+            _row("W4A16 (eager)", None, ref, ref, macs, dict(ev.last, lowered=None), n_quant)]
+    rows[0]["vs_w4a16"] = ppl_fp32 / ref - 1.0
+    rows[1]["bops_vs_w4a16"] = 1.0
+    rows[0]["lowered"] = None
+    for m in args.uniform:
+        w = dict.fromkeys(ANDA_MODULE_KINDS, m)
+        rows.append(_row(f"Anda M={m}", w, ev(w), ref, macs, ev.last, n_quant))
+        print(f"  {rows[-1]['config']}: ppl {rows[-1]['ppl']:.4f}", file=sys.stderr, flush=True)
+    for name, w in tuples:
+        w = {k: int(w[k]) for k in ANDA_MODULE_KINDS}
+        rows.append(_row(name, w, ev(w), ref, macs, ev.last, n_quant))
+        print(f"  {name}: ppl {rows[-1]['ppl']:.4f}", file=sys.stderr, flush=True)
+    ev.close()
+    table = markdown(rows, args)
+    print(table)
+    result = {"model": MODEL_NAME, "split": "evaluation", "tokens": args.tokens, "context": args.context,
+              "weight_bits": 4, "group_size": args.group_size, "macs_per_token": macs,
+              "searches": searches, "rows": rows, "markdown": table,
+              "seconds": round(time.perf_counter() - t_start, 1),
+              "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads()}}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{len(rows)} rows in {result['seconds']:.0f} s -> {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
