@@ -175,3 +175,20 @@ def test_non_finite_raise(bad):
 def test_bad_mantissa_bits(m_bits):
     with pytest.raises(ValueError):
         af.pack(torch.ones(64), m_bits)
+
+
+@pytest.mark.parametrize("m_bits", [1, 2, 4, 7, 8, 11, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fast_fake_quantize_bit_identical_to_slow_path(m_bits, dtype):
+    from llm_compile.codegen.anda_format import _fake_quantize_slow, fake_quantize
+
+    g = torch.Generator().manual_seed(m_bits)
+    x = torch.randn(5, 200, generator=g) * torch.logspace(-9, 3, 200)
+    x[0, :70] = 0.0
+    x[1, 3] = -0.0
+    x[2, :64] = 1e-6  # fp16 subnormal group
+    x = x.to(dtype)
+    fast, slow = fake_quantize(x, m_bits), _fake_quantize_slow(x, m_bits)
+    assert fast.dtype == slow.dtype
+    assert torch.equal(fast.view(torch.int16 if fast.element_size() == 2 else torch.int32),
+                       slow.view(torch.int16 if slow.element_size() == 2 else torch.int32))
