@@ -104,6 +104,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/out/swa_accuracy.json")
     ap.add_argument("--plot", default="benchmarks/out/swa_accuracy.png")
+    ap.add_argument("--only", default=None,
+                    help="comma list of configs to run, in this order (e.g. dense,alisa@0.8,h2o@0.8)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (e.g. when it runs in another process)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="only print the table/plot of these JSON files (runs split over processes)")
@@ -128,12 +130,17 @@ def main(argv=None) -> None:
     model, tok = load_smollm2()
     t0 = time.perf_counter()
     cfgs = configs(args.sparsities, policies, args.inner, args.sinks, dense=not args.no_dense)
-    results = runner.run_configs(model, tok, cfgs, settings)
+    if args.only:
+        by = dict(cfgs)
+        cfgs = [(n, by[n]) for n in args.only.split(",")]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"settings": runner.settings_dict(settings), "args": {k: v for k, v in vars(args).items()},
-                   "meta": runner.run_metadata(), "results": results}, f, indent=1, default=str)
-    print(f"wrote {args.out}")
+    results = []
+    for cfg in cfgs:  # one config at a time, the JSON rewritten after each (long runs can be cut)
+        results += runner.run_configs(model, tok, [cfg], settings)
+        with open(args.out, "w") as f:
+            json.dump({"settings": runner.settings_dict(settings), "args": vars(args),
+                       "meta": runner.run_metadata(), "results": results}, f, indent=1, default=str)
+        print(f"wrote {args.out} ({len(results)}/{len(cfgs)} configs)", flush=True)
     if not args.no_dense:
         report(results, settings, args, t0)
 

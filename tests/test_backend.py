@@ -8,7 +8,6 @@ import torch
 
 import llm_compile.passes.pipeline as pipeline
 from helpers import record_compiles, sites
-from llm_compile.passes.base import PassResult
 from model_zoo import build
 
 
@@ -106,10 +105,10 @@ def test_env_var_dump_and_pass_filter(tmp_path, monkeypatch):
 
 
 def test_stages_mirrored_to_torch_logging(tmp_path):
-    code = f"""
+    code = """
 import torch
 torch.compile(lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x), backend="llmaccel",
-              options={{"inner": "eager"}})(torch.randn(1, 2, 4, 8))
+              options={"inner": "eager"})(torch.randn(1, 2, 4, 8))
 """
     env = dict(**__import__("os").environ, TORCH_TRACE=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
