@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_zoo import build
 from helpers import pass_record, record_compiles
 from llm_compile.config import parse_options
 from llm_compile.ops.offload import is_phantom
@@ -24,12 +25,7 @@ def _pools():
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    return build("llama")
 
 
 def _run(batch: int, dynamic: bool):

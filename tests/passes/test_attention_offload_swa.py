@@ -9,6 +9,7 @@ from llm_compile.config import OptionsError, parse_options
 from llm_compile.ops.offload import is_phantom
 from llm_compile.runtime.offload_pool import get_pool, shutdown_pools
 
+from model_zoo import build
 from helpers import pass_record, record_compiles
 
 
@@ -20,12 +21,7 @@ def _pools():
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    return build("llama")
 
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
