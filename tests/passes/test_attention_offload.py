@@ -12,16 +12,12 @@ from llm_compile.ops.attention import dense_attention
 from llm_compile.ops.offload import is_phantom
 from llm_compile.passes import attention_offload
 from llm_compile.passes.base import PassContext
-from llm_compile.runtime.offload_pool import get_pool, shutdown_pools
+from llm_compile.runtime.offload_pool import get_pool
 
 OPTIONS = {"offload": {"workers": 2, "timeout_s": 30}, "inner": "eager"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _pools():
-    yield
-    shutdown_pools()
-    assert not torch.multiprocessing.active_children()
+pytestmark = pytest.mark.usefixtures("offload_pools_shut_down")
 
 
 def test_kv_phantom_has_the_shape_and_no_memory():

@@ -11,17 +11,13 @@ from llm_compile.config import parse_options
 from llm_compile.ops.offload import is_phantom
 from llm_compile.runtime.context import lookup_handle
 from llm_compile.runtime.offload_overlap import HALF_KEY
-from llm_compile.runtime.offload_pool import get_pool, shutdown_pools
+from llm_compile.runtime.offload_pool import get_pool
 
 OPTIONS = {"offload": {"workers": 2, "timeout_s": 30, "overlap": True}, "inner": "eager"}
 NEW = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _pools():
-    yield
-    shutdown_pools()
-    assert not torch.multiprocessing.active_children()
+pytestmark = pytest.mark.usefixtures("offload_pools_shut_down")
 
 
 def _llama():

@@ -19,18 +19,14 @@ from llm_compile.ops.offload import is_phantom
 from llm_compile.passes.base import PassContext
 from llm_compile.passes.manager import run_pipeline
 from llm_compile.passes.sparse_window_attention import handle_for
-from llm_compile.runtime.offload_pool import shutdown_pools
+
 
 OPTIONS = {"offload": {"workers": 1, "timeout_s": 30}, "inner": "eager"}
 ATT = torch.ops.llmaccel.attention.default
 OFF = torch.ops.llmaccel.offload_attention.default
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _pools():
-    yield
-    shutdown_pools()
-    assert not torch.multiprocessing.active_children()
+pytestmark = pytest.mark.usefixtures("offload_pools_shut_down")
 
 
 def _phantom(b, h, n, d):

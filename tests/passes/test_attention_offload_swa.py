@@ -7,17 +7,13 @@ import torch
 
 from llm_compile.config import OptionsError, parse_options
 from llm_compile.ops.offload import is_phantom
-from llm_compile.runtime.offload_pool import get_pool, shutdown_pools
+from llm_compile.runtime.offload_pool import get_pool
 
 from model_zoo import build
 from helpers import pass_record, record_compiles
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _pools():
-    yield
-    shutdown_pools()
-    assert not torch.multiprocessing.active_children()
+pytestmark = pytest.mark.usefixtures("offload_pools_shut_down")
 
 
 def _llama():
