@@ -32,7 +32,10 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x)
 
 
-def configs(sparsities, policies, inner: str, sinks: int, dense: bool = True) -> list[tuple[str, dict]]:
+def configs(sparsities, policies, inner: str, sinks: int, dense: bool = True,
+            variants: dict[str, dict] | None = None) -> list[tuple[str, dict]]:
+    """``[(name, options)]``: dense, every ``policy@sparsity``, and every ``label@sparsity`` of
+    ``variants`` (``{label: extra swa options}``, e.g. ``{"alisa-kvhead": {"selection": "kv_head"}}``)."""
     out = [("dense", {"inner": inner})] if dense else []
     for p in policies:
         for s in sparsities:
@@ -40,7 +43,24 @@ def configs(sparsities, policies, inner: str, sinks: int, dense: bool = True) ->
             if p == "streaming" and sinks:
                 swa["sink_tokens"] = sinks
             out.append((f"{p}@{s}", {"inner": inner, "swa": swa}))
+    for label, extra in (variants or {}).items():
+        for s in sparsities:
+            out.append((f"{label}@{s}", {"inner": inner, "swa": {**extra, "sparsity": s}}))
     return out
+
+
+def _variant(spec: str) -> tuple[str, dict]:
+    label, sep, js = spec.partition("=")
+    if not sep or "@" in label or not label:
+        raise argparse.ArgumentTypeError(f"--variant wants LABEL=JSON (no '@' in LABEL), got {spec!r}")
+    try:
+        extra = json.loads(js)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--variant {label}: bad JSON {js!r}: {e}") from None
+    if not isinstance(extra, dict) or "sparsity" in extra:
+        raise argparse.ArgumentTypeError(f"--variant {label}: want a JSON object of swa options "
+                                         "without 'sparsity' (set by --sparsities)")
+    return label, extra
 
 
 def table(results: list[dict], sparsities, policies, key: str, fmt: str) -> str:
@@ -106,6 +126,9 @@ def main(argv=None) -> None:
     ap.add_argument("--plot", default="benchmarks/out/swa_accuracy.png")
     ap.add_argument("--only", default=None,
                     help="comma list of configs to run, in this order (e.g. dense,alisa@0.8,h2o@0.8)")
+    ap.add_argument("--variant", type=_variant, action="append", default=[], metavar="LABEL=JSON",
+                    help="extra rows: swa options (e.g. 'alisa-kvhead={\"selection\": \"kv_head\"}') "
+                         "run at every --sparsities value as LABEL@S; repeatable")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (e.g. when it runs in another process)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="only print the table/plot of these JSON files (runs split over processes)")
@@ -127,12 +150,16 @@ def main(argv=None) -> None:
         metrics=tuple(args.metrics.split(",")), stream_tokens=args.stream_tokens, prefill=args.prefill,
         passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
         passkey_decode_tail=args.passkey_decode_tail)
-    model, tok = load_smollm2()
-    t0 = time.perf_counter()
-    cfgs = configs(args.sparsities, policies, args.inner, args.sinks, dense=not args.no_dense)
+    cfgs = configs(args.sparsities, policies, args.inner, args.sinks, dense=not args.no_dense,
+                   variants=dict(args.variant))
     if args.only:
         by = dict(cfgs)
+        unknown = [n for n in args.only.split(",") if n not in by]
+        if unknown:
+            ap.error(f"--only: unknown configs {unknown}; known: {sorted(by)}")
         cfgs = [(n, by[n]) for n in args.only.split(",")]
+    model, tok = load_smollm2()
+    t0 = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     results = []
     for cfg in cfgs:  # one config at a time, the JSON rewritten after each (long runs can be cut)
