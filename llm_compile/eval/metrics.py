@@ -63,9 +63,17 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
+def _ppl(mean_nll: float) -> float:
+    """``exp(mean NLL)``; ``inf`` past float range (a broken model, e.g. NLL 800), not an error."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return float("inf")
+
+
 def _summary(nll: torch.Tensor, seconds: float, **extra) -> dict:
     mean = float(nll.mean()) if nll.numel() else float("nan")
-    return dict(ppl=math.exp(mean), nll=mean, n_scored=int(nll.numel()),
+    return dict(ppl=_ppl(mean), nll=mean, n_scored=int(nll.numel()),
                 seconds=round(seconds, 3), **extra)
 
 
@@ -75,7 +83,7 @@ def _segments(nll: torch.Tensor, first_position: int, segment: int) -> list[dict
     for i in range(0, nll.numel(), segment):
         part = nll[i:i + segment]
         out.append(dict(start=first_position + i, end=first_position + i + part.numel(),
-                        ppl=math.exp(float(part.mean()))))
+                        ppl=_ppl(float(part.mean()))))
     return out
 
 

@@ -110,3 +110,11 @@ def test_llmaccel_inductor_passes_off_matches_eager(smollm2):
     assert math.isclose(acc["row"]["stream_ppl"], eager["row"]["stream_ppl"], rel_tol=1e-4)
     assert acc["row"]["passkey"] == eager["row"]["passkey"]
     assert acc["row"]["agree"] == 1.0
+
+
+def test_summary_of_a_broken_model_is_inf_not_an_error():
+    """A model whose mean NLL passes float range (e.g. Anda at a too-small mantissa) gets ppl inf."""
+    out = metrics._summary(torch.full((4,), 800.0), 1.0)
+    assert out["ppl"] == float("inf") and out["nll"] == 800.0
+    assert metrics._segments(torch.full((4,), 800.0), 0, 2)[0]["ppl"] == float("inf")
+    assert math.isclose(metrics._summary(torch.full((4,), 2.0), 1.0)["ppl"], math.exp(2.0))

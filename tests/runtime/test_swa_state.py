@@ -88,3 +88,36 @@ def test_bucket_padding_shape(n):
     cfg = SWAConfig(sparsity=0.5, bucket=32)
     b = compute_budget(n, cfg)
     assert b.padded % 32 == 0 and b.padded >= b.total > b.padded - 32
+
+
+def test_row_ring_matches_a_plain_queue_and_reuses_its_buffers():
+    """The score-history ring returns exactly what went in, oldest first, across growth in rows and
+    width and wrap-around; once grown it allocates nothing per step (no heap fragmentation)."""
+    from collections import deque
+
+    from llm_compile.runtime.swa_state import RowRing
+
+    g = torch.Generator().manual_seed(0)
+    ring, ref = RowRing(2, 3, torch.device("cpu")), deque()
+    ptrs = set()
+    for step in range(200):
+        T = 5 + step // 20 if step < 150 else 12  # rows widen as the context grows
+        idx = torch.randint(0, 50, (2, 3, T), generator=g)
+        wq = torch.randint(1, 1000, (2, 3, T), generator=g)
+        ring.push(idx, wq)
+        ref.append((idx, wq))
+        if len(ref) > 30:                        # window of ~30 steps: pop 1 or 2 rows
+            m = min(len(ref), 1 + step % 2)
+            got_i, got_w = ring.pop(m)
+            want = torch.zeros(2, 3, 50, dtype=torch.int64)
+            for _ in range(m):
+                i, w = ref.popleft()
+                want.scatter_add_(2, i, w)
+            have = torch.zeros(2, 3, 50, dtype=torch.int64).scatter_add_(2, got_i, got_w)
+            assert torch.equal(have, want)
+        assert len(ring) == len(ref)
+        if step >= 150:
+            ptrs.add(ring._idx.data_ptr())
+    assert len(ptrs) == 1  # steady state: same storage every step
+    ring.clear()
+    assert len(ring) == 0
