@@ -30,8 +30,9 @@ To make add-then-subtract exact, weights enter the sum as fixed-point integers
 (``round(w * 2**36)``, int64): quantisation is deterministic, so a row leaving the window removes
 exactly what it added, and the running sum equals the windowed sum of the quantised weights
 (resolution 1.5e-11, below float32 precision of any weight that can matter for a ranking).
-Memory: about ``W * total`` decode entries (12 bytes; the ring keeps up to ~25 % spare) plus ``W0 * L`` prompt weights per group, where
-``W0`` is the window at the first decode step; prompt rows are freed once they leave the window.
+Memory: about ``W * total`` decode entries (12 bytes; the ring keeps up to ~25 % spare) plus
+``W0 * L`` prompt weights per group, where ``W0`` is the window at the first decode step; prompt
+rows are freed once they leave the window.
 """
 from __future__ import annotations
 
@@ -175,9 +176,6 @@ class RowRing:
         self.head = (self.head + m) % S
         self.count -= m
         return idx, w
-
-    def nbytes(self) -> int:
-        return self._idx.numel() * 4 + self._w.numel() * 8
 
 
 class SWAState:
