@@ -40,8 +40,17 @@ def smollm2_config(layers: int):
         rope_theta=100000.0, tie_word_embeddings=True)
 
 
-def _decode_run(model, ids, steps: int, warmup: int, options: dict) -> dict:
-    """Prefill + ``steps`` greedy decode steps through a compiled forward; per-step times."""
+def _top_ops(prof, steps: int, n: int = 6) -> list[dict]:
+    """The ``n`` ATen ops with the most self CPU time, in ms per decode step."""
+    ev = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")),
+                key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+    return [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls": e.count}
+            for e in ev]
+
+
+def _decode_run(model, ids, steps: int, warmup: int, options: dict, profile: int = 0) -> dict:
+    """Prefill + ``steps`` greedy decode steps through a compiled forward; per-step times; with
+    ``profile`` > 0, that many more steps under ``torch.profiler`` (top ops per step)."""
     from transformers import DynamicCache
 
     torch._dynamo.reset()
@@ -60,12 +69,18 @@ def _decode_run(model, ids, steps: int, warmup: int, options: dict) -> dict:
             tok = out.logits[:, -1:].argmax(-1)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+        top = None
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(profile):
+                    tok = fwd(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            top = _top_ops(prof, profile)
     med = sorted(times)[len(times) // 2]
     states = [swa.STATES.get(s, instance=i) for (i, s) in list(swa.STATES._states)]
     budgets = [st.last_budget for st in states if st is not None and st.last_budget is not None]
     return {"prefill_s": prefill_s, "step_ms_median": med * 1e3, "tokens_per_s": ids.shape[0] / med,
             "budget": budgets[0] if budgets else None, "sites_with_state": len(states),
-            "final_n": ids.shape[1] + steps + warmup}
+            "final_n": ids.shape[1] + steps + warmup, "top_ops": top}
 
 
 def cpu_bench(args) -> dict:
@@ -76,9 +91,9 @@ def cpu_bench(args) -> dict:
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.context))
     inner = {"inner": args.inner}
-    dense = _decode_run(model, ids, args.steps, args.warmup, dict(inner))
+    dense = _decode_run(model, ids, args.steps, args.warmup, dict(inner), args.profile)
     sparse = _decode_run(model, ids, args.steps, args.warmup,
-                         dict(inner, swa={"sparsity": args.sparsity, "bucket": args.bucket}))
+                         dict(inner, swa={"sparsity": args.sparsity, "bucket": args.bucket}), args.profile)
     n = sparse["final_n"]
     b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket))
     row_bytes = 2 * cfg.num_key_value_heads * 64 * 4 * args.batch * args.layers  # K+V, fp32
@@ -177,6 +192,8 @@ def main(argv=None) -> dict:
     p.add_argument("--gpu-context", type=int, default=32768)
     p.add_argument("--op-context", type=int, default=8192, help="context of the one-site CPU op bench")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile this many extra decode steps per config and print the top ops")
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU model benchmark")
     p.add_argument("--json", default="bench_swa.json")
     p.add_argument("--png", default=None, help="bar chart of the step times (needs matplotlib)")
@@ -198,6 +215,9 @@ def main(argv=None) -> dict:
         for name, r, byts in (("dense", c["dense"], kv["dense"]), ("swa", c["swa"], kv["swa_padded"])):
             print(f"{name:14}{r['step_ms_median']:10.1f}{r['tokens_per_s']:10.1f}{byts / 1e6:17.2f}")
         print(f"speedup {c['speedup']:.2f}x, KV read ratio {kv['swa_padded'] / kv['dense']:.3f}")
+        for name in ("dense", "swa"):
+            for t in c[name]["top_ops"] or []:
+                print(f"  {name:6} {t['op']:48} {t['ms_per_step']:8.1f} ms/step ({t['calls']} calls)")
     if torch.cuda.is_available():
         g = res["gpu"] = gpu_bench(args)
         print(f"\nGPU decode attention, {g['device']}, context {g['context']}, batch {g['batch']}, fp16")
