@@ -110,6 +110,21 @@ def bench_overlap(pool, iters: int, ctx=2048, B=4, hq=8, hkv=2, D=64, mm=384) ->
             "sequential_ms": 1e3 * (t_attn + t_comp), "overlapped_ms": 1e3 * t_both, "overlap": hidden}
 
 
+def _decode_ms_per_token(model, ids, tokens: int) -> tuple[float, torch.Tensor]:
+    """Greedy decode ms per token of a compiled ``model``: (time of ``tokens + 1`` new tokens minus
+    the time of 1, i.e. the prefill) / ``tokens``, after a warm-up that compiles both graphs; and
+    the generated sequences of the timed run."""
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False)  # compile prefill + decode graphs
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        t_pre = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=tokens + 1, do_sample=False)
+        t_all = time.perf_counter() - t0
+    return 1e3 * (t_all - t_pre) / tokens, out
+
+
 def bench_model(tokens: int) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -123,15 +138,7 @@ def bench_model(tokens: int) -> list[dict]:
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).eval()
         model.forward = torch.compile(model.forward, backend="llmaccel", options=opts)
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=4, do_sample=False)  # compile prefill + decode graphs
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, do_sample=False)
-            t_pre = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=tokens + 1, do_sample=False)
-            t_all = time.perf_counter() - t0
-        rows.append({"bench": "model", "where": name, "ms_per_token": 1e3 * (t_all - t_pre) / tokens})
+        rows.append({"bench": "model", "where": name, "ms_per_token": _decode_ms_per_token(model, ids, tokens)[0]})
     rows[1]["overhead_ms"] = rows[1]["ms_per_token"] - rows[0]["ms_per_token"]
     return rows
 
@@ -249,16 +256,9 @@ def bench_overlap_model(tokens: int, batch: int, ctx: int = 256) -> list[dict]:
         model = LlamaForCausalLM(cfg).eval()
         opts = {"inner": "eager", **({"offload": off} if off else {})}
         model.forward = torch.compile(model.forward, backend="llmaccel", options=opts, dynamic=True)
-        with torch.no_grad():
-            ref = model.generate(ids, max_new_tokens=4, do_sample=False)
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, do_sample=False)
-            t_pre = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=tokens + 1, do_sample=False)
-            t_all = time.perf_counter() - t0
+        ms, out = _decode_ms_per_token(model, ids, tokens)
         rows.append({"bench": "overlap_model", "where": name, "batch": batch, "ctx": ctx,
-                     "ms_per_token": 1e3 * (t_all - t_pre) / tokens, "tokens": out[:, ctx:].tolist()})
+                     "ms_per_token": ms, "tokens": out[:, ctx:].tolist()})
         shutdown_pools()
     loc, off, ovl = (r["ms_per_token"] for r in rows)
     rows[1]["overhead_ms"], rows[2]["overhead_ms"] = off - loc, ovl - loc
@@ -281,17 +281,9 @@ def bench_smollm2(tokens: int) -> list[dict]:
                        ("offload 2 workers", {"inner": "eager", "offload": {"workers": 2}})):
         torch._dynamo.reset()
         model.forward = torch.compile(model.forward, backend="llmaccel", options=opts)
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=4, do_sample=False)  # compile prefill + decode graphs
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, do_sample=False)
-            t_pre = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=tokens + 1, do_sample=False)
-            t_all = time.perf_counter() - t0
+        ms = _decode_ms_per_token(model, ids, tokens)[0]
         del model.forward
-        rows.append({"bench": "smollm2", "where": name, "ctx": ids.shape[1],
-                     "ms_per_token": 1e3 * (t_all - t_pre) / tokens})
+        rows.append({"bench": "smollm2", "where": name, "ctx": ids.shape[1], "ms_per_token": ms})
     shutdown_pools()
     rows[1]["overhead_ms"] = rows[1]["ms_per_token"] - rows[0]["ms_per_token"]
     return rows
