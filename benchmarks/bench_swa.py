@@ -2,10 +2,13 @@
 
 CPU (always): a random-weight Llama with SmolLM2-135M shapes (30 layers, hidden 576, 9 heads,
 3 KV heads, head dim 64), batch 4, prompt of ``--context`` tokens, then ``--steps`` greedy decode
-steps timed one by one (the first ``--warmup`` steps, which compile, are not timed). Two compiled
-models in the same run: llmaccel dense (canonical attention) and llmaccel SWA (``--sparsity``).
-KV bytes read per step: dense reads every cached K/V row of every layer; SWA reads the kept rows
-(the budget of the step) — both analytic from the shapes, the SWA budget taken from the state.
+steps timed one by one (the first ``--warmup`` steps, which compile, are not timed). Compiled
+models in the same run: llmaccel dense (canonical attention) and llmaccel SWA (``--sparsity``),
+each with the KV cache in the in-place store (``kv_store``) and in HF's ``DynamicCache``
+(``--cache both``, the default). KV bytes read per step: dense reads every cached K/V row of every
+layer; SWA reads the kept rows (the budget of the step); KV bytes written per step: HF's append
+rewrites the whole cache (``torch.cat``), the store writes the new row — all analytic from the
+shapes, the SWA budget taken from the state.
 
 GPU (when available): one decode attention call at ``--gpu-context`` tokens (default 32k), fp16,
 batch 4: dense SDPA over the whole cache vs the SWA Triton kernel over the bucketed budget (and
@@ -53,8 +56,11 @@ def _decode_run(model, ids, steps: int, warmup: int, options: dict, profile: int
     ``profile`` > 0, that many more steps under ``torch.profiler`` (top ops per step)."""
     from transformers import DynamicCache
 
+    from llm_compile.runtime.kv_store import release_all
+
     torch._dynamo.reset()
     swa.reset_states()
+    release_all()
     fwd = torch.compile(model.forward, backend="llmaccel", options=options)
     times = []
     with torch.no_grad():
@@ -78,9 +84,17 @@ def _decode_run(model, ids, steps: int, warmup: int, options: dict, profile: int
     med = sorted(times)[len(times) // 2]
     states = [swa.STATES.get(s, instance=i) for (i, s) in list(swa.STATES._states)]
     budgets = [st.last_budget for st in states if st is not None and st.last_budget is not None]
-    return {"prefill_s": prefill_s, "step_ms_median": med * 1e3, "tokens_per_s": ids.shape[0] / med,
-            "budget": budgets[0] if budgets else None, "sites_with_state": len(states),
-            "final_n": ids.shape[1] + steps + warmup, "top_ops": top}
+    res = {"prefill_s": prefill_s, "step_ms_median": med * 1e3, "tokens_per_s": ids.shape[0] / med,
+           "budget": budgets[0] if budgets else None, "sites_with_state": len(states),
+           "final_n": ids.shape[1] + steps + warmup, "top_ops": top}
+    release_all()
+    swa.reset_states()
+    return res
+
+
+CACHES = {"store": {"kv_store": True}, "hf": {"kv_store": False}}
+"""Where the KV cache lives: the in-place store (``kv_store``) or HF's ``DynamicCache`` (whose
+append is a ``torch.cat`` of the whole cache every step)."""
 
 
 def cpu_bench(args) -> dict:
@@ -90,24 +104,53 @@ def cpu_bench(args) -> dict:
     cfg = smollm2_config(args.layers)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.context))
-    inner = {"inner": args.inner}
-    dense = _decode_run(model, ids, args.steps, args.warmup, dict(inner), args.profile)
-    sparse = _decode_run(model, ids, args.steps, args.warmup,
-                         dict(inner, swa={"sparsity": args.sparsity, "bucket": args.bucket}), args.profile)
-    n = sparse["final_n"]
+    caches = list(CACHES) if args.cache == "both" else [args.cache]
+    runs = {}
+    for cache in caches:
+        base = dict(CACHES[cache], inner=args.inner)
+        runs[f"dense_{cache}"] = _decode_run(model, ids, args.steps, args.warmup, dict(base), args.profile)
+        runs[f"swa_{cache}"] = _decode_run(
+            model, ids, args.steps, args.warmup,
+            dict(base, swa={"sparsity": args.sparsity, "bucket": args.bucket}), args.profile)
+    n = runs[f"swa_{caches[0]}"]["final_n"]
     b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket))
     row_bytes = 2 * cfg.num_key_value_heads * 64 * 4 * args.batch * args.layers  # K+V, fp32
     res = {"device": "cpu", "threads": torch.get_num_threads(), "layers": args.layers,
            "batch": args.batch, "context": args.context, "steps": args.steps, "inner": args.inner,
            "sparsity": args.sparsity, "final_n": n, "budget": b.describe(),
-           "dense": {k: v for k, v in dense.items() if k != "budget"},
-           "swa": {k: v for k, v in sparse.items() if k != "budget"},
-           "kv_bytes_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes,
-                                 "swa_padded": b.padded * row_bytes},
-           "speedup": dense["step_ms_median"] / sparse["step_ms_median"]}
-    if sparse["budget"] is not None:
-        res["swa_state_budget"] = sparse["budget"].describe()
+           "runs": {k: {k2: v2 for k2, v2 in r.items() if k2 != "budget"} for k, r in runs.items()},
+           "kv_bytes_read_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes,
+                                      "swa_padded": b.padded * row_bytes},
+           "kv_bytes_written_per_step": {"hf": n * row_bytes, "store": row_bytes},
+           "speedup": {c: runs[f"dense_{c}"]["step_ms_median"] / runs[f"swa_{c}"]["step_ms_median"]
+                       for c in caches}}
+    if "store" in caches and "hf" in caches:
+        res["speedup_swa_store_vs_dense_hf"] = (runs["dense_hf"]["step_ms_median"]
+                                                / runs["swa_store"]["step_ms_median"])
+    budget = next((r["budget"] for r in runs.values() if r["budget"] is not None), None)
+    if budget is not None:
+        res["swa_state_budget"] = budget.describe()
     return res
+
+
+def print_cpu(c: dict) -> None:
+    print(f"\nCPU decode, SmolLM2 shapes x{c['layers']} layers, batch {c['batch']}, context "
+          f"{c['context']} -> {c['final_n']} ({c['threads']} threads, inner={c['inner']})")
+    print(f"SWA budget at the last step: {c['budget']}")
+    rd, wr = c["kv_bytes_read_per_step"], c["kv_bytes_written_per_step"]
+    print(f"{'attention':10}{'KV cache':10}{'ms/step':>10}{'tokens/s':>10}{'KV MB read':>12}{'KV MB written':>15}")
+    for name, r in c["runs"].items():
+        att, cache = name.split("_")
+        read = rd["dense"] if att == "dense" else rd["swa_padded"]
+        print(f"{att:10}{cache:10}{r['step_ms_median']:10.1f}{r['tokens_per_s']:10.2f}"
+              f"{read / 1e6:12.1f}{wr[cache] / 1e6:15.2f}")
+    for cache, sp in c["speedup"].items():
+        print(f"speedup SWA vs dense, both with the {cache} cache: {sp:.2f}x")
+    if "speedup_swa_store_vs_dense_hf" in c:
+        print(f"speedup SWA + store vs dense + HF cache: {c['speedup_swa_store_vs_dense_hf']:.2f}x")
+    for name, r in c["runs"].items():
+        for t in r["top_ops"] or []:
+            print(f"  {name:10} {t['op']:48} {t['ms_per_step']:8.1f} ms/step ({t['calls']} calls)")
 
 
 def cpu_op_bench(args) -> dict:
@@ -189,6 +232,8 @@ def main(argv=None) -> dict:
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--bucket", type=int, default=64)
     p.add_argument("--inner", default="eager", choices=["eager", "inductor"])
+    p.add_argument("--cache", default="both", choices=["both", "store", "hf"],
+                   help="KV cache of the model runs: the in-place store (kv_store), HF DynamicCache, or both")
     p.add_argument("--gpu-context", type=int, default=32768)
     p.add_argument("--op-context", type=int, default=8192, help="context of the one-site CPU op bench")
     p.add_argument("--threads", type=int, default=None)
@@ -206,18 +251,7 @@ def main(argv=None) -> dict:
           f"{o['dense_ms']:.2f} ms, SWA {o['swa_ms']:.2f} ms ({o['speedup']:.2f}x; {o['budget']}); "
           f"KV MB read {o['kv_bytes']['dense'] / 1e6:.1f} -> {o['kv_bytes']['swa_padded'] / 1e6:.1f}")
     if not args.no_cpu:
-        c = res["cpu"] = cpu_bench(args)
-        print(f"\nCPU decode, SmolLM2 shapes x{c['layers']} layers, batch {c['batch']}, context "
-              f"{c['context']} -> {c['final_n']} ({c['threads']} threads, inner={c['inner']})")
-        print(f"SWA budget at the last step: {c['budget']}")
-        print(f"{'':14}{'ms/step':>10}{'tokens/s':>10}{'KV MB read/step':>17}")
-        kv = c["kv_bytes_per_step"]
-        for name, r, byts in (("dense", c["dense"], kv["dense"]), ("swa", c["swa"], kv["swa_padded"])):
-            print(f"{name:14}{r['step_ms_median']:10.1f}{r['tokens_per_s']:10.1f}{byts / 1e6:17.2f}")
-        print(f"speedup {c['speedup']:.2f}x, KV read ratio {kv['swa_padded'] / kv['dense']:.3f}")
-        for name in ("dense", "swa"):
-            for t in c[name]["top_ops"] or []:
-                print(f"  {name:6} {t['op']:48} {t['ms_per_step']:8.1f} ms/step ({t['calls']} calls)")
+        print_cpu(res.setdefault("cpu", cpu_bench(args)))
     if torch.cuda.is_available():
         g = res["gpu"] = gpu_bench(args)
         print(f"\nGPU decode attention, {g['device']}, context {g['context']}, batch {g['batch']}, fp16")
@@ -235,9 +269,9 @@ def main(argv=None) -> dict:
         import matplotlib.pyplot as plt
 
         c = res["cpu"]
-        plt.bar(["dense", f"swa {args.sparsity}"], [c["dense"]["step_ms_median"], c["swa"]["step_ms_median"]])
+        plt.bar(list(c["runs"]), [r["step_ms_median"] for r in c["runs"].values()])
         plt.ylabel("ms / decode step")
-        plt.title(f"batch {c['batch']}, context {c['context']}")
+        plt.title(f"batch {c['batch']}, context {c['context']}, SWA sparsity {c['sparsity']}")
         plt.savefig(args.png)
     return res
 

@@ -74,6 +74,7 @@ def llmaccel(gm: torch.fx.GraphModule, example_inputs, *, options=None, mode=Non
         records = run_pipeline(aten_gm, config, ctx, dump)
         COMPILED.append({"graph_id": graph_id, "passes": records})
         dump.repro(aten_gm, aten_inputs)
+        _refuse_phantom_reads(aten_gm, graph_id)
         return _inner_compile(aten_gm, aten_inputs, config.inner)
 
     global _warned_grad
@@ -94,6 +95,23 @@ def llmaccel(gm: torch.fx.GraphModule, example_inputs, *, options=None, mode=Non
 
     run._llmaccel_graph_id = graph_id  # type: ignore[attr-defined]
     return run
+
+
+def _refuse_phantom_reads(gm: torch.fx.GraphModule, graph_id: str) -> None:
+    """A KV-cache input that is a phantom (its KV lives in the kv_store or offload workers) may
+    only be read for its length. If the final graph reads its values (a site the passes could not
+    rewrite, a cache filled under kv_store/offload passed to a model compiled without it), the
+    graph would attend to zeros: refuse to compile it instead."""
+    from llm_compile.passes.attention_offload import check_phantom_inputs
+
+    bad = check_phantom_inputs(gm.graph)
+    if bad:
+        raise RuntimeError(
+            f"llmaccel: {graph_id} would read the values of a phantom KV cache (its keys/values live "
+            f"in the kv_store or in offload workers, the model's cache holds only its shape): "
+            f"{'; '.join(bad[:3])}. Run the whole sequence through one model compiled with the same "
+            "kv_store/offload options (see passes.json for sites that were not rewritten), or pass "
+            "\"kv_store\": False to keep the KV cache in the model")
 
 
 def _decompositions():

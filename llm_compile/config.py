@@ -84,6 +84,17 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True)
+class KVStoreConfig:
+    """In-process KV store: attention sites keep their KV cache in preallocated buffers appended in
+    place (the model's cache holds zero-memory phantoms), instead of HF's per-step ``torch.cat``."""
+
+    reserve_tokens: int = 256
+    """Free token slots allocated after the prompt at prefill (decode appends need no copy until full)."""
+    growth: float = 1.5
+    """When full, the buffers grow to this factor times their capacity (one copy per growth)."""
+
+
+@dataclass(frozen=True)
 class LLMAccelConfig:
     swa: SWAConfig | None = None
     """Sparse window attention; off unless given."""
@@ -91,6 +102,8 @@ class LLMAccelConfig:
     """Anda lowering of FP-INT matmuls; off unless given."""
     offload: OffloadConfig | None = None
     """Attention offload; off unless given."""
+    kv_store: KVStoreConfig | None = None
+    """In-process in-place KV store: on by default with `swa` (not with `offload`), else off unless given; `False` turns it off."""
     canonicalize: bool = True
     """Rewrite attention sites to ``llmaccel::attention`` (needed by swa/offload)."""
     inner: str = "inductor"
@@ -101,7 +114,7 @@ class LLMAccelConfig:
     """Only dump the stages of these passes (names as in ``passes.json``); ``None`` = all."""
 
 
-_SECTIONS = {"swa": SWAConfig, "anda": AndaConfig, "offload": OffloadConfig}
+_SECTIONS = {"swa": SWAConfig, "anda": AndaConfig, "offload": OffloadConfig, "kv_store": KVStoreConfig}
 _CHOICES = {
     ("swa", "selection"): ("layer", "kv_head"),
     ("swa", "policy"): ("alisa", "streaming", "h2o"),
@@ -170,7 +183,15 @@ def _validate_offload(c: OffloadConfig) -> None:
         raise OptionsError("llmaccel: offload.timeout_s must be > 0")
 
 
-_VALIDATORS = {"swa": _validate_swa, "anda": _validate_anda, "offload": _validate_offload}
+def _validate_kv_store(c: KVStoreConfig) -> None:
+    if isinstance(c.reserve_tokens, bool) or not isinstance(c.reserve_tokens, int) or c.reserve_tokens < 0:
+        raise OptionsError(f"llmaccel: kv_store.reserve_tokens={c.reserve_tokens!r} must be an int >= 0")
+    if not isinstance(c.growth, (int, float)) or isinstance(c.growth, bool) or not c.growth > 1.0:
+        raise OptionsError(f"llmaccel: kv_store.growth={c.growth!r} must be a number > 1")
+
+
+_VALIDATORS = {"swa": _validate_swa, "anda": _validate_anda, "offload": _validate_offload,
+               "kv_store": _validate_kv_store}
 
 
 def _section(name: str, value: Any):
@@ -217,11 +238,18 @@ def parse_options(options: Mapping[str, Any] | LLMAccelConfig | None) -> LLMAcce
             kw["debug_passes"] = tuple(kw["debug_passes"])
         if "canonicalize" in kw and not isinstance(kw["canonicalize"], bool):
             raise OptionsError("llmaccel: option canonicalize must be True or False")
+        if "kv_store" not in options and kw.get("swa") is not None and kw.get("offload") is None:
+            kw["kv_store"] = KVStoreConfig()  # SWA's speed needs the in-place cache (README: kv_store)
         cfg = LLMAccelConfig(**kw)
     if cfg.debug_dir is None and os.environ.get("LLMACCEL_DEBUG"):
         cfg = dataclasses.replace(cfg, debug_dir=os.environ["LLMACCEL_DEBUG"])
-    if (cfg.swa or cfg.offload) and not cfg.canonicalize:
-        raise OptionsError("llmaccel: swa and offload need canonicalize=True (they rewrite llmaccel::attention)")
+    if (cfg.swa or cfg.offload or cfg.kv_store) and not cfg.canonicalize:
+        raise OptionsError("llmaccel: swa, offload and kv_store need canonicalize=True (they rewrite "
+                           "llmaccel::attention)")
+    if cfg.kv_store and cfg.offload:
+        raise OptionsError("llmaccel: kv_store and offload both take the KV cache out of the model; "
+                           "under offload it already lives in the attention workers (appended in place "
+                           "there): drop kv_store")
     _validate_swa_offload(cfg)
     return cfg
 

@@ -68,6 +68,7 @@ import torch
 import torch.fx
 
 import llm_compile.ops.attention  # noqa: F401  (registers llmaccel::attention)
+import llm_compile.ops.kv_store  # noqa: F401  (registers llmaccel::stored_attention)
 import llm_compile.ops.offload  # noqa: F401  (registers llmaccel::offload_attention, kv_phantom)
 from llm_compile.config import LLMAccelConfig
 from llm_compile.passes.base import PassContext, PassResult
@@ -77,6 +78,7 @@ log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 OFFLOAD = torch.ops.llmaccel.offload_attention.default
+STORED = torch.ops.llmaccel.stored_attention.default
 PHANTOM = torch.ops.llmaccel.kv_phantom.default
 _POOL_HANDLES: dict[int, int] = {}
 
@@ -169,15 +171,29 @@ def _check_sites(sites, out_node, outs) -> list[dict]:
     return bad
 
 
+def _sites_without_returned_cache(sites, out_node, outs) -> list[dict]:
+    """Sites whose cache (new K/V at prefill, the appends at decode) the graph does not return."""
+    bad = []
+    for node in sites:
+        a = _named_args(node)
+        n = 0 if outs is None else len(_cache_outputs(out_node, a["k_cache"], a["k"])
+                                       + _cache_outputs(out_node, a["v_cache"], a["v"]))
+        if n < 2:
+            bad.append({"node": node.name, "site": a["site"],
+                        "reason": "the graph does not return its K/V cache (the model keeps no cache here)"})
+    return bad
+
+
 _PHANTOM_OK = None
 
 
 def _phantom_consumers_ok(node: torch.fx.Node) -> bool:
     global _PHANTOM_OK
     if _PHANTOM_OK is None:
-        _PHANTOM_OK = {OFFLOAD, PHANTOM, aten.sym_size.int, aten.sym_size.default, aten.sym_stride.int,
+        _PHANTOM_OK = {OFFLOAD, STORED, PHANTOM, aten.sym_size.int, aten.sym_size.default, aten.sym_stride.int,
                        aten.sym_numel.default, aten.sym_storage_offset.default}
-    return node.op == "output" or (node.op == "call_function" and node.target in _PHANTOM_OK)
+    return node.op == "output" or (node.op == "call_function" and (
+        node.target in _PHANTOM_OK or getattr(node.target, "llmaccel_reads_phantoms_by_length", False)))
 
 
 def check_phantom_inputs(g: torch.fx.Graph) -> list[str]:
@@ -191,11 +207,15 @@ def check_phantom_inputs(g: torch.fx.Graph) -> list[str]:
     return bad
 
 
-def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> PassResult:
-    """Offload every attention site, or none: a site that cannot be cut raises
-    :class:`OffloadIncomplete` (the manager then rolls the pass back), so a graph is never mixed
-    and a phantom cache never reaches local attention unnoticed."""
-    cfg = config.offload
+def move_kv_out(gm: torch.fx.GraphModule, op, make_handle, what: str,
+                require_returned_cache: bool = False) -> list[dict]:
+    """Replace every canonical attention site by ``op(q, k, v, k_cache, v_cache, mask, scale,
+    causal, site, handle, swa_handle)`` and the cache tensors the graph returns by phantoms, or
+    raise :class:`OffloadIncomplete` (nothing may stay local). ``make_handle()`` is called only if
+    there is a site. With ``require_returned_cache``, a site whose new K and V (prefill) or cache
+    appends (decode) are not both graph outputs is refused too, and a graph where no site returns
+    its cache (``use_cache=False``) is left as it is (returns ``[]``).
+    Shared by this pass and ``local_kv_store``; returns one record per site."""
     g = gm.graph
     targets = _site_targets()
     sites = [n for n in g.nodes if n.op == "call_function" and n.target in targets]
@@ -204,17 +224,20 @@ def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> P
     if not sites:
         bad = check_phantom_inputs(g)
         if bad:
-            raise OffloadIncomplete(f"llmaccel offload: no attention site to offload, but {'; '.join(bad)}")
-        return PassResult(changed=False, stats={"sites": 0})
+            raise OffloadIncomplete(f"llmaccel {what}: no attention site to rewrite, but {'; '.join(bad)}")
+        return []
     bad = _check_sites(sites, out_node, outs)
+    if require_returned_cache:
+        missing = _sites_without_returned_cache(sites, out_node, outs)
+        if len(missing) == len(sites):
+            return []  # the graph keeps no cache at all (use_cache=False): nothing to move
+        bad += missing
     if bad:
         raise OffloadIncomplete(
-            f"llmaccel offload: {len(bad)} of {len(sites)} attention site(s) cannot be offloaded, so none "
-            f"is (no mixed graph): " + "; ".join(f"site {b['site']} ({b['node']}): {b['reason']}" for b in bad))
-    from llm_compile.runtime.offload_pool import get_pool
-
-    pool = get_pool(cfg)
-    handle = pool_handle(pool)
+            f"llmaccel {what}: {len(bad)} of {len(sites)} attention site(s) cannot be "
+            f"{'offloaded' if what == 'offload' else 'moved to the ' + what}, so none is (no mixed graph): "
+            + "; ".join(f"site {b['site']} ({b['node']}): {b['reason']}" for b in bad))
+    handle = make_handle()
     matched = []
     for node in sites:
         a = _named_args(node)
@@ -224,7 +247,7 @@ def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> P
         if outs is not None:
             cache_idx = _cache_outputs(out_node, kc, k) + _cache_outputs(out_node, vc, v)
         with g.inserting_before(node):
-            new = g.call_function(OFFLOAD, (q, k, v, kc, vc, mask, scale, causal, site, handle, swa))
+            new = g.call_function(op, (q, k, v, kc, vc, mask, scale, causal, site, handle, swa))
         new.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ in ("val", "stack_trace", "nn_module_stack")})
         node.replace_all_uses_with(new)
         g.erase_node(node)
@@ -244,8 +267,28 @@ def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> P
     g.eliminate_dead_code()
     bad = check_phantom_inputs(g)
     if bad:
-        raise OffloadIncomplete("llmaccel offload: after the rewrite, " + "; ".join(bad))
-    stats = {"sites": len(matched), "workers": pool.n_workers, "pool_handle": handle,
+        raise OffloadIncomplete(f"llmaccel {what}: after the rewrite, " + "; ".join(bad))
+    return matched
+
+
+def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> PassResult:
+    """Offload every attention site, or none: a site that cannot be cut raises
+    :class:`OffloadIncomplete` (the manager then rolls the pass back), so a graph is never mixed
+    and a phantom cache never reaches local attention unnoticed."""
+    cfg = config.offload
+    box = {}
+
+    def make_handle() -> int:
+        from llm_compile.runtime.offload_pool import get_pool
+
+        box["pool"] = get_pool(cfg)
+        return pool_handle(box["pool"])
+
+    matched = move_kv_out(gm, OFFLOAD, make_handle, "offload")
+    if not matched:
+        return PassResult(changed=False, stats={"sites": 0})
+    pool = box["pool"]
+    stats = {"sites": len(matched), "workers": pool.n_workers, "pool_handle": pool_handle(pool),
              "transport": pool.backend, "overlap": "off"}
     if cfg.overlap:
         if config.inner != "eager":
@@ -259,7 +302,7 @@ def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> P
         if stats["overlap"] != "applied":
             log.warning("llmaccel: offload.overlap %s; %s runs without overlap", stats["overlap"],
                         getattr(ctx, "graph_id", "the graph"))
-    return PassResult(changed=bool(matched), matched=matched, skipped=[], stats=stats)
+    return PassResult(changed=True, matched=matched, skipped=[], stats=stats)
 
 
 def split_at_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -94,6 +94,18 @@ def peel_transpose_last2(node: torch.fx.Node) -> torch.fx.Node:
     raise NoMatch(f"key operand {node.name} is not K transposed over its last two dims")
 
 
+def is_full_slice(node) -> bool:
+    """``aten.slice(x, dim, 0|None, None|>=2**62, 1)``: a no-op slice of the whole dimension."""
+    if not is_op(node, {aten.slice.Tensor}):
+        return False
+    a = list(node.args) + [None] * (5 - len(node.args))
+    start = node.kwargs.get("start", a[2])
+    end = node.kwargs.get("end", a[3])
+    step = node.kwargs.get("step", a[4])
+    return (start in (0, None) and (end is None or (type(end) is int and end >= 2 ** 62))
+            and step in (1, None))
+
+
 def peel_repeat_kv(node: torch.fx.Node) -> tuple[torch.fx.Node, int]:
     """Undo the GQA expansion ``view(clone(expand(unsqueeze(x, 2), [B,Hkv,G,L,D])), [B,Hkv*G,L,D])``.
 
@@ -108,6 +120,8 @@ def peel_repeat_kv(node: torch.fx.Node) -> tuple[torch.fx.Node, int]:
     if not is_op(inner, {aten.expand.default}):
         return node, 1
     unsq = inner.args[0]
+    while is_full_slice(unsq):  # dynamic shapes keep repeat_kv's ``x[:, :, None, :, :]`` slice
+        unsq = unsq.args[0]
     s5 = shape(inner)
     if not is_op(unsq, {aten.unsqueeze.default}) or s5 is None or len(s5) != 5 or unsq.args[1] % 5 != 2:
         return node, 1

@@ -72,11 +72,23 @@ def _swa_mode(handle: int):
     return mode
 
 
-@torch.library.custom_op("llmaccel::offload_attention", mutates_args=())
-def offload_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                      attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
-                      pool_handle: int, swa_handle: int) -> Tensor:
-    pool = lookup_handle(pool_handle)
+def check_cache_is_phantom(k_cache: Tensor, site: int, where: str) -> None:
+    """At decode the model's cache must be the phantom this op's graph returned last step: real
+    values there mean it was filled without this option, or changed outside the compiled model
+    (beam-search reorder, crop), and the held KV would not match it."""
+    if k_cache.numel() > 1 and not is_phantom(k_cache):
+        raise RuntimeError(
+            f"llmaccel {where}: site {site} got a real KV cache of shape {tuple(k_cache.shape)}, not the "
+            "phantom its previous step returned: the cache was filled by a model compiled without "
+            f"{where}, or changed outside the compiled model (beam-search reordering, cropping), so the "
+            f"KV held by {where} would not match it. Start the sequence again (prefill) through this "
+            "compiled model; greedy/sampled generate() works, beam search does not")
+
+
+def external_attention(pool, where: str, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None,
+                       attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
+                       swa_handle: int) -> Tensor:
+    """Body of the ops whose KV cache lives in ``pool`` (attention workers or the local store)."""
     inst = current_instance()
     if k_cache is None:
         if swa_handle:
@@ -86,8 +98,17 @@ def offload_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v
             out = dense_attention(q, k, v, attn_mask, scale, is_causal)
             pool.prefill(inst, site, k, v)
     else:
+        check_cache_is_phantom(k_cache, site, where)
         out = pool.decode(inst, site, q, k, v, scale, attn_mask, is_causal, cached_len=k_cache.shape[-2])
     return to_out_layout(out)
+
+
+@torch.library.custom_op("llmaccel::offload_attention", mutates_args=())
+def offload_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
+                      attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
+                      pool_handle: int, swa_handle: int) -> Tensor:
+    return external_attention(lookup_handle(pool_handle), "offload", q, k, v, k_cache, attn_mask,
+                              scale, is_causal, site, swa_handle)
 
 
 @offload_attention.register_fake

@@ -208,6 +208,10 @@ def run_overlap(handle: int, *args):
     return lookup_handle(handle)(*args)
 
 
+run_overlap.llmaccel_reads_phantoms_by_length = True  # type: ignore[attr-defined]
+"""The runner passes the phantom caches only to offload ops (the backend's phantom check)."""
+
+
 def install(gm: torch.fx.GraphModule, offload_target) -> str:
     """Replace ``gm``'s body by a call to an :class:`OverlapRunner` over a copy of it (its runtime
     handle in ``gm.meta["llmaccel_overlap_runner"]``). Returns a short status for the pass report

@@ -32,13 +32,13 @@ import pickle
 import sys
 import threading
 import time
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from llm_compile.runtime import offload_protocol as P
+from llm_compile.runtime.kv_buffer import SiteKV
 from llm_compile.runtime.offload_modes import AttentionMode, DenseMode
 
 log = logging.getLogger(__name__)
@@ -61,45 +61,6 @@ def make_group(backend: str, store, rank: int, world_size: int, timeout_s: float
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world_size, opts)
     raise ValueError(f"llmaccel offload: unknown transport {backend!r} (gloo or nccl)")
-
-
-class SiteKV:
-    """One worker's slice ``[B, h, n, D]`` of one site's K and V, in doubling buffers."""
-
-    def __init__(self, batch: int, heads: int, head_dim: int, v_dim: int, dtype: torch.dtype,
-                 device: torch.device, mode: AttentionMode, state: Any) -> None:
-        self.shape = (batch, heads, head_dim, v_dim)
-        self.dtype, self.device = dtype, device
-        self.k = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty(batch, heads, 0, v_dim, dtype=dtype, device=device)
-        self.length = 0
-        self.mode, self.state = mode, state
-
-    def append(self, k: Tensor, v: Tensor) -> None:
-        B, H, D, Dv = self.shape
-        if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D or v.shape[3] != Dv:
-            raise RuntimeError(f"k_new {tuple(k.shape)} does not fit the cache [B={B}, h={H}, *, D={D}]")
-        n = self.length + k.shape[2]
-        if n > self.k.shape[2]:
-            cap = max(16, 2 * self.k.shape[2], n)
-            for name, old, d in (("k", self.k, D), ("v", self.v, Dv)):
-                new = torch.empty(B, H, cap, d, dtype=self.dtype, device=self.device)
-                new[:, :, :self.length] = old[:, :, :self.length]
-                setattr(self, name, new)
-        self.k[:, :, self.length:n] = k
-        self.v[:, :, self.length:n] = v
-        self.length = n
-
-    def keys(self) -> Tensor:
-        return self.k[:, :, :self.length]
-
-    def values(self) -> Tensor:
-        return self.v[:, :, :self.length]
-
-    def nbytes(self, allocated: bool = False) -> int:
-        n = self.k.shape[2] if allocated else self.length
-        B, H, D, Dv = self.shape
-        return B * H * n * (D + Dv) * self.k.element_size()
 
 
 class AttentionWorker:

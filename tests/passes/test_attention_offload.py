@@ -49,7 +49,10 @@ def test_pass_structure_and_numerics_on_a_decode_graph():
     assert targets.count(torch.ops.llmaccel.kv_phantom.default) == 2
     pool = get_pool(parse_options(OPTIONS).offload)
     pool.prefill(0, 4, pk, pv)  # instance 0: outside a compiled graph
-    out, k, v = gm(q, kn, vn, pk, pv)
+    phantom = torch.ops.llmaccel.kv_phantom
+    with pytest.raises(RuntimeError, match="got a real KV cache"):  # only the previous phantom is valid
+        gm(q, kn, vn, pk, pv)
+    out, k, v = gm(q, kn, vn, phantom(None, pk), phantom(None, pv))
     expect = dense_attention(q, torch.cat([pk, kn], -2), torch.cat([pv, vn], -2), None, 0.5, False) * 2
     torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
     assert k.shape == (1, 2, 6, 8) and is_phantom(k) and is_phantom(v)
