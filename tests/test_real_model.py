@@ -62,6 +62,8 @@ def test_smollm2_hf_generate_with_swa_0_8(smollm2):
     for r in rec:
         assert pass_record(r, "sparse_window_attention")["changed"]
         assert len(pass_record(r, "sparse_window_attention")["matched"]) == 30
+        store = pass_record(r, "local_kv_store")  # on by default with swa: KV appended in place
+        assert store["changed"] and len(store["matched"]) == 30
     states = [st for st in swa.STATES._states.values() if st.last_budget is not None]
     assert len({site for (_, site), st in swa.STATES._states.items() if st.last_budget}) == 30
     b = states[0].last_budget

@@ -157,3 +157,24 @@ def test_inductor_compiles_canonical_op():
         m.forward = torch.compile(m.forward, backend="llmaccel")
         out = m.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.tolist() == ref.tolist()
+
+
+def test_padded_batch_decode_splits_the_cache_append_in_dynamic_graphs():
+    """A left-padded batch makes HF expand GQA with ``repeat_kv``; once the cache length is
+    symbolic that expansion keeps a no-op ``slice(x, 3, 0, INT_MAX)``, which must be peeled so the
+    site still gets its KV-cache append split (SWA, kv_store and offload depend on it)."""
+    m = build("llama", "sdpa", layers=2)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    gen = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        ref = m.generate(ids, **gen)
+        m.forward = torch.compile(m.forward, backend="llmaccel", options=EAGER)
+        with record_compiles() as rec:
+            out = m.generate(ids, **gen)
+    assert torch.equal(out, ref)
+    decode = [pass_record(r, "canonicalize_attention")["matched"] for r in rec[1:]]
+    assert len(decode) >= 2  # the static first decode step, then the symbolic one
+    assert all(s["kv_cache_append"] and str(s["gqa_groups"]) == "2" for d in decode for s in d)
+    assert all(len(d) == 2 for d in decode)
