@@ -103,14 +103,23 @@ def external_attention(pool, where: str, q: Tensor, k: Tensor, v: Tensor, k_cach
     return to_out_layout(out)
 
 
-@torch.library.custom_op("llmaccel::offload_attention", mutates_args=())
-def offload_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                      attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
-                      pool_handle: int, swa_handle: int) -> Tensor:
-    return external_attention(lookup_handle(pool_handle), "offload", q, k, v, k_cache, attn_mask,
-                              scale, is_causal, site, swa_handle)
+def define_external_attention_op(name: str, where: str):
+    """Register ``llmaccel::<name>(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site,
+    pool_handle, swa_handle)``: :func:`external_attention` over the KV holder ``pool_handle``
+    names (a worker pool, or the local KV store); ``where`` names the option in its errors."""
+
+    @torch.library.custom_op(f"llmaccel::{name}", mutates_args=())
+    def op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
+           attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
+           pool_handle: int, swa_handle: int) -> Tensor:
+        return external_attention(lookup_handle(pool_handle), where, q, k, v, k_cache, attn_mask,
+                                  scale, is_causal, site, swa_handle)
+
+    @op.register_fake
+    def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, pool_handle, swa_handle):
+        return attention_out_like(q, v)
+
+    return op
 
 
-@offload_attention.register_fake
-def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, pool_handle, swa_handle):
-    return attention_out_like(q, v)
+offload_attention = define_external_attention_op("offload_attention", "offload")
