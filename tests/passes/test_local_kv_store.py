@@ -252,3 +252,20 @@ def test_phantom_cache_read_by_an_unrewritten_graph_is_refused():
                                       options={"canonicalize": False, "inner": "eager"})
         with pytest.raises(Exception, match="phantom KV cache"):
             other(tok, past_key_values=cache, use_cache=True)
+
+
+def test_inductor_compiles_around_the_store():
+    """With the default inner compiler (Inductor) the store op stays an opaque call between fused
+    kernels; SWA + store greedy tokens equal the eager-inner run's."""
+    ids = _ids(n=40)
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        ref = _compiled(_llama(), swa={"sparsity": 0.5}).generate(ids, **gen)
+        torch._dynamo.reset()
+        release_all()
+        model = _llama()
+        model.forward = torch.compile(model.forward, backend="llmaccel", options={"swa": {"sparsity": 0.5}})
+        with record_compiles() as rec:
+            out = model.generate(ids, **gen)
+    assert torch.equal(out, ref)
+    assert all(pass_record(r, "local_kv_store")["changed"] for r in rec)
