@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -23,11 +24,32 @@ _next_handle = itertools.count(1)
 _lock = threading.Lock()
 
 
+_watched: set[int] = set()
+_gone_hooks: list = []
+
+
+def on_instance_gone(hook) -> None:
+    """Call ``hook(instance)`` when the parameter an instance key names is garbage-collected
+    (the model is gone): runtime stores drop that instance's state then."""
+    if hook not in _gone_hooks:
+        _gone_hooks.append(hook)
+
+
+def _instance_gone(key: int) -> None:
+    _watched.discard(key)
+    for hook in list(_gone_hooks):
+        hook(key)
+
+
 def instance_key_from_args(args, fallback: int) -> int:
     """Identity of the model instance a compiled graph is called for."""
     for a in args:
         if isinstance(a, torch.nn.Parameter):
-            return id(a)
+            key = id(a)
+            if key not in _watched:
+                _watched.add(key)
+                weakref.finalize(a, _instance_gone, key)
+            return key
     return fallback
 
 

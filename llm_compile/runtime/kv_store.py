@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
+from llm_compile.runtime.context import on_instance_gone
 from llm_compile.runtime.kv_buffer import SiteKV
 from llm_compile.runtime.offload_modes import AttentionMode, DenseMode, SWAMode
 
@@ -112,6 +113,16 @@ class LocalKVStore:
 
 _STORES: dict[tuple, LocalKVStore] = {}
 _STORES_LOCK = threading.Lock()
+
+
+def _forget(instance: int) -> None:
+    from llm_compile.runtime import swa
+
+    release_all(instance)
+    swa.STATES.clear(instance)
+
+
+on_instance_gone(_forget)  # a garbage-collected model's KV and SWA states are freed with it
 
 
 def get_store(cfg) -> LocalKVStore:

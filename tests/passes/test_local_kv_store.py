@@ -269,3 +269,17 @@ def test_inductor_compiles_around_the_store():
             out = model.generate(ids, **gen)
     assert torch.equal(out, ref)
     assert all(pass_record(r, "local_kv_store")["changed"] for r in rec)
+
+
+def test_kv_is_freed_with_the_model():
+    import gc
+
+    model = _compiled(_llama())
+    ids = _ids()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    store = get_store(parse_options({"kv_store": True}).kv_store)
+    assert len(store.keys()) == 2 and store.kv_bytes() > 0
+    del model
+    gc.collect()
+    assert store.keys() == [] and store.kv_bytes() == 0
