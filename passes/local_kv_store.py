@@ -59,11 +59,11 @@ def store_handle(store) -> int:
 def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext | None = None) -> PassResult:
     from llm_compile.runtime.kv_store import get_store
 
-    store = get_store(config.kv_store)
-    matched = move_kv_out(gm, STORED, lambda: store_handle(store), "kv_store", require_returned_cache=True)
+    handle = store_handle(get_store(config.kv_store))
+    matched = move_kv_out(gm, STORED, lambda: handle, "kv_store", require_returned_cache=True)
     skipped = [] if matched else [{"reason": "no attention site whose K/V cache the graph returns "
                                              "(no cache kept, e.g. use_cache=False): nothing to store"}]
-    stats = {"sites": len(matched), "store_handle": store_handle(store),
+    stats = {"sites": len(matched), "store_handle": handle,
              "reserve_tokens": config.kv_store.reserve_tokens, "growth": config.kv_store.growth}
     log.info("kv_store: %d attention site(s) of %s keep their KV in the in-place store", len(matched),
              getattr(ctx, "graph_id", "?"))

@@ -115,11 +115,12 @@ _STORES: dict[tuple, LocalKVStore] = {}
 _STORES_LOCK = threading.Lock()
 
 
-def _forget(instance: int) -> None:
+def _forget(instance: int) -> int:
+    """Drop ``instance``'s stored KV and SWA states; returns the KV entries freed."""
     from llm_compile.runtime import swa
 
-    release_all(instance)
     swa.STATES.clear(instance)
+    return release_all(instance)
 
 
 on_instance_gone(_forget)  # a garbage-collected model's KV and SWA states are freed with it
@@ -148,14 +149,9 @@ def release_all(instance: int | None = None) -> int:
 
 def release_model(model) -> int:
     """Drop the stored KV (and SWA states) of ``model``, an ``nn.Module`` compiled with
-    ``kv_store``: its instance key is one of its parameters' ids. Returns the entries freed."""
+    ``kv_store``: its instance key is one of its parameters' ids. Returns the KV entries freed."""
     from llm_compile.runtime import swa
 
     ids = {id(p) for p in model.parameters()}
-    freed = 0
-    for store in stores():
-        for inst in {key[0] for key in store.keys()} & ids:
-            freed += store.release(inst)
-    for inst in swa.STATES.instances() & ids:
-        swa.STATES.clear(inst)
-    return freed
+    held = {key[0] for store in stores() for key in store.keys()} | swa.STATES.instances()
+    return sum(_forget(inst) for inst in held & ids)
