@@ -6,8 +6,10 @@ its sign and an ``M``-bit mantissa that *counts the hidden bit* (``M = 1..16``).
 
 Definition (this module is the reference; the Triton kernels compute exactly the same numbers)
 -----------------------------------------------------------------------------------------------
-1. ``x16 = x.to(torch.float16)`` (round to nearest even). Inputs that are inf/NaN, or finite values
-   that overflow FP16 (``|x| > 65504`` rounds to inf), raise :class:`ValueError`.
+1. ``x16 = x.clamp(-65504, 65504).to(torch.float16)`` (round to nearest even): finite values beyond
+   the FP16 range *saturate* to +-65504 (with a one-time :class:`RuntimeWarning`, see
+   :func:`warn_saturated`) instead of overflowing to inf. Inputs that are inf/NaN raise
+   :class:`ValueError` (the Triton kernels cannot raise: they return NaN in the affected rows).
 2. ``F = max over the group of the 5-bit biased FP16 exponent field of x16`` (bits 14..10), i.e. the
    exponent field of the group's largest ``|x16|``; ``0 <= F <= 30``. Zero padding (see 6) and zeros
    have field 0 and never raise ``F``. ``F`` is what is stored (5 bits, kept in a ``uint8``).
@@ -39,6 +41,8 @@ Storage is ``64 * (M + 1) + 5`` bits per group, ``(M + 1) / 8 + 5 / 512`` bytes 
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +52,21 @@ GROUP = 64
 """Values per group along K that share one exponent (Anda: 64)."""
 FP16_BIAS = 15
 MAX_MANTISSA_BITS = 16
+FP16_MAX = 65504.0
+"""Largest finite FP16 value: larger finite activations saturate to it (step 1 above)."""
 
 __all__ = [
     "GROUP", "AndaTensor", "pack", "unpack", "quantize", "dequantize", "fake_quantize",
-    "shared_exponent", "pow2", "bytes_per_value", "check_mantissa_bits",
+    "shared_exponent", "pow2", "bytes_per_value", "check_mantissa_bits", "FP16_MAX", "warn_saturated",
 ]
+
+
+@functools.lru_cache(maxsize=None)
+def warn_saturated() -> None:
+    """Warn once per process that finite activations beyond the FP16 range were saturated."""
+    warnings.warn(f"Anda: finite activations with |x| > {FP16_MAX:g} are saturated to +-{FP16_MAX:g} "
+                  f"(the format is defined on FP16 values); this warning is shown once",
+                  RuntimeWarning, stacklevel=3)
 
 
 def check_mantissa_bits(mantissa_bits: int) -> int:
@@ -81,8 +95,9 @@ def _to_fp16_groups(x: Tensor) -> tuple[Tensor, int]:
     if not torch.isfinite(x).all():
         raise ValueError("Anda format cannot represent inf or NaN")
     x16 = x.to(torch.float16)
-    if not torch.isfinite(x16).all():
-        raise ValueError("Anda input overflows FP16 (|x| > 65504); the format is defined on FP16 values")
+    if not torch.isfinite(x16).all():          # finite values beyond the FP16 range: saturate
+        warn_saturated()
+        x16 = x.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16)   # fp32: bf16 has no 65504
     k = x16.shape[-1]
     pad = (-k) % GROUP
     if pad:
@@ -207,7 +222,12 @@ def fake_quantize(x: Tensor, mantissa_bits: int, dtype: torch.dtype | None = Non
     a = x16.abs().to(torch.float32).reshape(*x.shape[:-1], -1, GROUP)
     gmax = a.amax(dim=-1, keepdim=True)                  # NaN propagates, inf stays inf
     if not torch.isfinite(gmax).all():
-        return _fake_quantize_slow(x, m_bits, dtype)     # raises the precise ValueError
+        if not torch.isfinite(x).all():
+            return _fake_quantize_slow(x, m_bits, dtype)     # raises the precise ValueError
+        warn_saturated()                                     # finite |x| > 65504: saturate
+        x16 = x.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16)   # fp32: bf16 has no 65504
+        a = x16.abs().to(torch.float32).reshape(*x.shape[:-1], -1, GROUP)
+        gmax = a.amax(dim=-1, keepdim=True)
     e = torch.frexp(gmax).exponent.sub_(1).clamp_(min=1 - FP16_BIAS)
     a.mul_(pow2(m_bits - 1 - e)).floor_().mul_(pow2(e - m_bits + 1))
     val = torch.copysign(a.reshape(x.shape), x16.to(torch.float32))

@@ -1,16 +1,17 @@
 """Generator of readable Triton kernels for Anda activations x INT4/INT8 weights.
 
-Each :class:`AndaKernelSpec` (kernel kind, mantissa bits ``M``, weight bits, weight group size,
-tile sizes, dot flavour) becomes one small Python module of Triton source. :func:`kernel_source`
-returns the text (the debug dump saves it); :func:`load_kernel` writes it to the cache directory
+Each :class:`AndaKernelSpec` (kernel kind, storage type of the Anda mantissas, dot flavour, weight
+bits, tile sizes) becomes one small Python module of Triton source. :func:`kernel_source` returns
+the text (the debug dump saves it); :func:`load_kernel` writes it to the cache directory
 (``$LLMACCEL_KERNEL_CACHE`` or ``~/.cache/llm_compile/anda_kernels``), keyed by the spec and a hash
 of the text, and imports it from there.
 
 Kernels (all compute exactly the Anda conversion of :mod:`llm_compile.codegen.anda_format`):
 
-* ``compress``: float ``x [R, K]`` -> signed mantissas ``q [R, Kpad]`` (int8 for M<=7, int16 for
-  M<=15, int32 for M=16) and exponent fields ``uint8 [R, G]``. Groups holding inf/NaN (or values
-  that overflow FP16) get field 31 and make the GEMM output NaN (kernels cannot raise).
+* ``compress``: float ``x [R, K]`` -> signed mantissas ``q [R, Kpad]`` (``int8`` / ``int16`` /
+  ``int32``, see :func:`q_dtype_name`) and exponent fields ``uint8 [R, G]``. Finite values beyond
+  the FP16 range saturate to +-65504 (as in the reference); groups holding inf/NaN get field 31 and
+  make the output row NaN (the reference raises; kernels cannot).
 * ``gemm``: ``out[r, n] = sum_g 2^(E[r,g]-M+1) * s[n, g*64 // gs] * sum_{k in g} q[r,k]*w[n,k]``
   (+ bias), one 64-group per K step, FP32 accumulation. The per-group integer dot is
   ``i8``: one int8 ``tl.dot`` (M <= 7, sign + 7 bits fit int8; tensor cores on GPU);
@@ -18,6 +19,14 @@ Kernels (all compute exactly the Anda conversion of :mod:`llm_compile.codegen.an
   with ``input_precision="ieee"`` (any M; exact while partial sums stay below 2^24).
 * ``gemv``: few rows (decode). One program per (row, N block); the activation is converted inline
   (no compress launch) and the integer dot is an exact int32 multiply + ``tl.sum``.
+
+The mantissa width ``M`` and the weight group size are *runtime* scalars of the kernels (they only
+enter shift amounts and one index division per K step, so specialising on them buys nothing and
+would multiply the number of GPU compilations); what changes the code is specialised: the
+mantissa storage type and dot flavour (from ``M``, :func:`default_dot`), weight bits, tiles, bias.
+Every constant a kernel reads is a ``tl.constexpr`` parameter or a literal: the Triton compiler
+(unlike the interpreter) rejects plain Python globals. ``tests/codegen/test_aot_compile.py``
+compiles every spec :func:`~llm_compile.codegen.anda_launch.plan` can produce for sm_80 and sm_90.
 
 INT4 weights are ``uint8 [N, K/2]``, low nibble = even k, offset 8 (see ``llm_compile.quantize``):
 the kernel reads byte ``k // 2`` and shifts by ``4 * (k % 2)``. Interpreter-safe: no bf16
@@ -27,19 +36,22 @@ CPU tensors need triton imported with ``TRITON_INTERPRET=1`` (see :func:`interpr
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import sys
 import textwrap
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 GROUP = 64
 KINDS = ("compress", "gemm", "gemv")
 DOTS = ("i8", "i8x2", "f32")
+Q_DTYPES = ("int8", "int16", "int32")
+_DOT_OF_Q = {"int8": "i8", "int16": "i8x2", "int32": "f32"}
+_Q_OF_DOT = {v: k for k, v in _DOT_OF_Q.items()}
+_MAX_M_OF_DOT = {"i8": 7, "i8x2": 14, "f32": 16}
 
 __all__ = ["AndaKernelSpec", "kernel_source", "load_kernel", "kernel_path", "cache_dir", "default_dot",
-           "q_dtype_name", "interpreter_active"]
+           "q_dtype_name", "dot_fits", "interpreter_active", "GROUP", "DOTS"]
 
 
 def default_dot(mantissa_bits: int) -> str:
@@ -47,9 +59,16 @@ def default_dot(mantissa_bits: int) -> str:
     return "i8" if mantissa_bits <= 7 else "i8x2" if mantissa_bits <= 14 else "f32"
 
 
-def q_dtype_name(mantissa_bits: int) -> str:
-    """Storage dtype of the signed mantissas ``q`` written by ``compress``."""
-    return "int8" if mantissa_bits <= 7 else "int16" if mantissa_bits <= 15 else "int32"
+def dot_fits(dot: str, mantissa_bits: int) -> bool:
+    """Whether the ``dot`` flavour holds ``M``-bit mantissas exactly."""
+    if dot not in DOTS:
+        raise ValueError(f"dot {dot!r} not in {DOTS}")
+    return mantissa_bits <= _MAX_M_OF_DOT[dot]
+
+
+def q_dtype_name(dot: str) -> str:
+    """Storage dtype of the signed mantissas ``q`` that ``compress`` writes for a ``dot`` flavour."""
+    return _Q_OF_DOT[dot]
 
 
 def _pow2(n: int) -> bool:
@@ -58,75 +77,96 @@ def _pow2(n: int) -> bool:
 
 @dataclass(frozen=True)
 class AndaKernelSpec:
+    """What the generated source of one kernel depends on (fields a kind ignores are normalised)."""
+
     kind: str
     """``compress``, ``gemm`` or ``gemv``."""
-    mantissa_bits: int
+    dot: str = "i8"
+    """``compress``: the mantissa storage it writes (``q_dtype_name(dot)``); ``gemm``: the integer
+    dot flavour, ``i8`` / ``i8x2`` / ``f32`` (reads ``q_dtype_name(dot)``); ignored by ``gemv``."""
     weight_bits: int = 4
     """4 or 8 (ignored by ``compress``)."""
-    w_group_size: int = 128
-    """Weight scale group along K; a multiple of 64 (ignored by ``compress``)."""
     block_m: int = 16
     """Rows per program (``compress``/``gemm``; ``gemv`` uses 1)."""
     block_n: int = 64
     """Output columns per program (``gemm``/``gemv``)."""
-    dot: str = "auto"
-    """``gemm`` only: ``i8``, ``i8x2``, ``f32`` or ``auto`` (:func:`default_dot`)."""
+    mantissa_bits: int | None = field(default=None, compare=False)
+    """Informational (the kernel takes M at run time): the M this spec was planned for, shown in
+    :attr:`name`; specs that differ only here are equal and share one kernel."""
+    w_group_size: int | None = field(default=None, compare=False)
+    """Informational, like ``mantissa_bits``: the weight group size it was planned for."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kernel kind {self.kind!r} not in {KINDS}")
-        if not 1 <= self.mantissa_bits <= 16:
-            raise ValueError(f"mantissa_bits={self.mantissa_bits} not in 1..16")
+        if self.dot not in DOTS:
+            raise ValueError(f"dot {self.dot!r} not in {DOTS}")
         if self.weight_bits not in (4, 8):
             raise ValueError(f"weight_bits={self.weight_bits} not in (4, 8)")
-        if self.w_group_size % GROUP:
-            raise ValueError(f"weight group size {self.w_group_size} is not a multiple of {GROUP}")
         if not (_pow2(self.block_m) and _pow2(self.block_n)):
             raise ValueError("block sizes must be powers of two")
-        dot = self.resolved_dot
-        if dot not in DOTS:
-            raise ValueError(f"dot {self.dot!r} not in {DOTS + ('auto',)}")
         if self.kind == "gemm" and (self.block_m < 16 or self.block_n < 16):
             raise ValueError("tl.dot needs block_m, block_n >= 16")
-        if dot == "i8" and self.mantissa_bits > 7 or dot == "i8x2" and self.mantissa_bits > 14:
-            raise ValueError(f"dot {dot!r} cannot hold {self.mantissa_bits} mantissa bits")
+        ignored = {"compress": dict(weight_bits=4, block_n=64), "gemv": dict(dot="i8", block_m=1),
+                   "gemm": {}}[self.kind]
+        for name, value in ignored.items():          # one spec (and one compile) per distinct kernel
+            object.__setattr__(self, name, value)
 
     @property
-    def resolved_dot(self) -> str:
-        return default_dot(self.mantissa_bits) if self.dot == "auto" else self.dot
+    def q_dtype(self) -> str:
+        return q_dtype_name(self.dot)
+
+    @property
+    def kernel_name(self) -> str:
+        """Name of the generated kernel function (and cache file): what the source depends on."""
+        if self.kind == "compress":
+            return f"anda_compress_{self.q_dtype}_bm{self.block_m}"
+        if self.kind == "gemv":
+            return f"anda_gemv_w{self.weight_bits}_bn{self.block_n}"
+        return f"anda_gemm_{self.dot}_w{self.weight_bits}_bm{self.block_m}_bn{self.block_n}"
 
     @property
     def name(self) -> str:
-        m = self.mantissa_bits
+        """``kernel_name``, or for a planned spec a label with its M and weight group (dump file
+        names), e.g. ``anda_gemm_m7_w4_g64_bm16_bn64_i8`` for kernel ``anda_gemm_i8_w4_bm16_bn64``."""
+        m, gs = self.mantissa_bits, self.w_group_size
+        if m is None:
+            return self.kernel_name
         if self.kind == "compress":
             return f"anda_compress_m{m}_bm{self.block_m}"
-        tail = f"_w{self.weight_bits}_g{self.w_group_size}"
+        tail = f"_w{self.weight_bits}" + (f"_g{gs}" if gs else "")
         if self.kind == "gemv":
             return f"anda_gemv_m{m}{tail}_bn{self.block_n}"
-        return f"anda_gemm_m{m}{tail}_bm{self.block_m}_bn{self.block_n}_{self.resolved_dot}"
+        return f"anda_gemm_m{m}{tail}_bm{self.block_m}_bn{self.block_n}_{self.dot}"
+
+    def structural(self) -> dict:
+        """The fields the generated source depends on."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
 
 
 _HEADER = '''\
 """Generated by llm_compile.codegen.anda_kernels -- {name}.
 
 {summary}
+Runtime scalars: M = Anda mantissa bits (hidden bit included){w_group}.
 """
 import triton
 import triton.language as tl
-
-M_BITS = {m}          # Anda mantissa bits, hidden bit included
 '''
 
 _CONVERT = '''
 
 @triton.jit
-def anda_convert(x, M: tl.constexpr):
+def anda_convert(x, M):
     """Anda conversion of a [rows, 64] tile: returns (q int32 = sign*m, field int32 [rows]).
 
-    x16 = fp16(x); F = max 5-bit exponent field of the row's group; E = max(F, 1) - 15;
+    x16 = fp16(x) with finite |x| > 65504 saturated to +-65504 (inf/NaN kept: field 31, NaN output);
+    F = max 5-bit exponent field of the row's group; E = max(F, 1) - 15;
     m = floor(|x16| * 2^(M-1-E)) (float->int truncation, exact); sign = fp16 sign bit.
     """
-    x16 = x.to(tl.float16)
+    x32 = x.to(tl.float32)
+    big = (tl.abs(x32) > 65504.0) & (tl.abs(x32) < float("inf"))
+    x16 = tl.where(big, tl.where(x32 < 0, -65504.0, 65504.0), x32).to(tl.float16)
     bits = x16.to(tl.int16, bitcast=True).to(tl.int32)
     field = tl.max((bits >> 10) & 0x1F, axis=1)
     e = tl.maximum(field, 1) - 15
@@ -140,7 +180,7 @@ def anda_convert(x, M: tl.constexpr):
 _SCALE = '''
 
 @triton.jit
-def anda_scale(field, M: tl.constexpr):
+def anda_scale(field, M):
     """2^(E-M+1) for exponent fields (exact, from the bits); NaN for field 31 (inf/NaN input)."""
     e = tl.maximum(field, 1) - 15
     s = ((e - M + 1 + 127) << 23).to(tl.float32, bitcast=True)
@@ -162,8 +202,8 @@ def _weight_tile(spec: AndaKernelSpec, k_dim: str) -> str:
 
 _COMPRESS = '''
 
-@triton.jit
-def {name}(x_ptr, q_ptr, e_ptr, R, K, stride_xr, stride_qr, stride_er,
+@triton.jit(do_not_specialize=["M"])
+def {name}(x_ptr, q_ptr, e_ptr, R, K, M, stride_xr, stride_qr, stride_er,
            BLOCK_M: tl.constexpr):
     """Grid (cdiv(R, BLOCK_M), G): one [BLOCK_M, 64] group tile per program."""
     pid_r = tl.program_id(0)
@@ -173,15 +213,15 @@ def {name}(x_ptr, q_ptr, e_ptr, R, K, stride_xr, stride_qr, stride_er,
     rmask = rows < R
     x = tl.load(x_ptr + rows[:, None] * stride_xr + ks[None, :],
                 mask=rmask[:, None] & (ks[None, :] < K), other=0.0)    # zero padding past K
-    q, field = anda_convert(x, M_BITS)
+    q, field = anda_convert(x, M)
     tl.store(q_ptr + rows[:, None] * stride_qr + ks[None, :], q.to(tl.{qt}), mask=rmask[:, None])
     tl.store(e_ptr + rows * stride_er + g, field.to(tl.uint8), mask=rmask)
 '''
 
 _GEMM = '''
 
-@triton.jit
-def {name}(q_ptr, e_ptr, w_ptr, s_ptr, b_ptr, out_ptr, R, N, K, G,
+@triton.jit(do_not_specialize=["M", "W_GROUP"])
+def {name}(q_ptr, e_ptr, w_ptr, s_ptr, b_ptr, out_ptr, R, N, K, G, M, W_GROUP,
            stride_qr, stride_er, stride_wn, stride_sn, stride_or,
            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(R, BLOCK_M), cdiv(N, BLOCK_N)). out[R, N] = anda(q, e) @ (w * s)^T + bias."""
@@ -196,7 +236,7 @@ def {name}(q_ptr, e_ptr, w_ptr, s_ptr, b_ptr, out_ptr, R, N, K, G,
         ks = g * 64 + tl.arange(0, 64)
         kmask = ks < K
         qa = tl.load(q_ptr + rows[:, None] * stride_qr + ks[None, :], mask=rmask[:, None], other=0).to(tl.int32)
-        a_scale = anda_scale(tl.load(e_ptr + rows * stride_er + g, mask=rmask, other=0).to(tl.int32), M_BITS)
+        a_scale = anda_scale(tl.load(e_ptr + rows * stride_er + g, mask=rmask, other=0).to(tl.int32), M)
 {weight}
         w_scale = tl.load(s_ptr + ns * stride_sn + (g * 64) // W_GROUP, mask=nmask, other=0.0).to(tl.float32)
 {dot}
@@ -222,8 +262,8 @@ _DOTS = {
 
 _GEMV = '''
 
-@triton.jit
-def {name}(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, R, N, K, G,
+@triton.jit(do_not_specialize=["M", "W_GROUP"])
+def {name}(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, R, N, K, G, M, W_GROUP,
            stride_xr, stride_wn, stride_sn, stride_or,
            HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (R, cdiv(N, BLOCK_N)). Converts the activation row inline, integer dot by multiply+sum."""
@@ -236,8 +276,8 @@ def {name}(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, R, N, K, G,
         ks = g * 64 + tl.arange(0, 64)
         kmask = ks < K
         x = tl.load(x_ptr + row * stride_xr + ks[None, :], mask=kmask[None, :], other=0.0)   # [1, 64]
-        q, field = anda_convert(x, M_BITS)
-        a_scale = anda_scale(field, M_BITS)                                                 # [1]
+        q, field = anda_convert(x, M)
+        a_scale = anda_scale(field, M)                                                      # [1]
 {weight}
         part = tl.sum(w * q, axis=1).to(tl.float32)                # exact int32 dot, [BLOCK_N]
         w_scale = tl.load(s_ptr + ns * stride_sn + (g * 64) // W_GROUP, mask=nmask, other=0.0).to(tl.float32)
@@ -253,32 +293,34 @@ def _indent(src: str, n: int = 8) -> str:
 
 
 def kernel_source(spec: AndaKernelSpec) -> str:
-    """Readable Triton source of the module for ``spec`` (kernel function named ``spec.name``)."""
-    m = spec.mantissa_bits
+    """Readable Triton source of the module for ``spec`` (kernel function named ``spec.kernel_name``)."""
+    w_group = ", W_GROUP = weight scale group along K (a multiple of 64)"
     if spec.kind == "compress":
-        summary = (f"Anda compressor: float -> (q {q_dtype_name(m)}, exponent uint8), M={m}, "
-                   f"BLOCK_M={spec.block_m}.")
-        body = _CONVERT + _COMPRESS.format(name=spec.name, qt=q_dtype_name(m))
+        summary = f"Anda compressor: float -> (q {spec.q_dtype}, exponent uint8), BLOCK_M={spec.block_m}."
+        body = _CONVERT + _COMPRESS.format(name=spec.kernel_name, qt=spec.q_dtype)
+        w_group = ""
+    elif spec.kind == "gemm":
+        summary = (f"Anda x INT{spec.weight_bits} GEMM, tiles {spec.block_m}x{spec.block_n}x64, "
+                   f"dot={spec.dot} (mantissas stored as {spec.q_dtype}).")
+        body = _SCALE + _GEMM.format(name=spec.kernel_name, weight=_indent(_weight_tile(spec, "rows")),
+                                     dot=_indent(_DOTS[spec.dot]))
     else:
-        consts = f"W_GROUP = {spec.w_group_size}   # weight scale group along K (INT{spec.weight_bits})\n"
-        if spec.kind == "gemm":
-            summary = (f"Anda x INT{spec.weight_bits} GEMM, M={m}, weight group {spec.w_group_size}, "
-                       f"tiles {spec.block_m}x{spec.block_n}x64, dot={spec.resolved_dot}.")
-            body = consts + _SCALE + _GEMM.format(
-                name=spec.name, weight=_indent(_weight_tile(spec, "rows")),
-                dot=_indent(_DOTS[spec.resolved_dot]))
-        else:
-            summary = (f"Anda x INT{spec.weight_bits} GEMV (inline conversion), M={m}, weight group "
-                       f"{spec.w_group_size}, BLOCK_N={spec.block_n}.")
-            body = consts + _CONVERT + _SCALE + _GEMV.format(
-                name=spec.name, weight=_indent(_weight_tile(spec, "cols")))
-    return _HEADER.format(name=spec.name, summary=summary, m=m) + body
+        summary = f"Anda x INT{spec.weight_bits} GEMV (inline conversion), BLOCK_N={spec.block_n}."
+        body = _CONVERT + _SCALE + _GEMV.format(name=spec.kernel_name, weight=_indent(_weight_tile(spec, "cols")))
+    return _HEADER.format(name=spec.kernel_name, summary=summary, w_group=w_group) + body
 
 
 def cache_dir() -> str:
+    """The kernel cache directory, created user-only (0o700). A directory that others may write to
+    is refused: a file planted there would run as this user's code at the next import."""
     d = os.environ.get("LLMACCEL_KERNEL_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "llm_compile", "anda_kernels")
-    os.makedirs(d, exist_ok=True)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.stat(d)
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise RuntimeError(f"Anda kernel cache {d!r} is not owned by this user or is writable by others "
+                           f"(mode {oct(st.st_mode & 0o777)}): run `chmod 700 {d}` or point "
+                           f"LLMACCEL_KERNEL_CACHE to a private directory")
     return d
 
 
@@ -295,30 +337,54 @@ def interpreter_active() -> bool:
     return isinstance(tl.standard.sum, InterpretedFunction)
 
 
+def _digest(src: str) -> str:
+    return hashlib.sha256(src.encode()).hexdigest()[:12]
+
+
 def kernel_path(spec: AndaKernelSpec) -> str:
-    src = kernel_source(spec)
-    digest = hashlib.sha256(src.encode()).hexdigest()[:12]
-    return os.path.join(cache_dir(), f"{spec.name}_{digest}.py")
+    return os.path.join(cache_dir(), f"{spec.kernel_name}_{_digest(kernel_source(spec))}.py")
+
+
+def _write_private(path: str, src: str) -> None:
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(src)
+    os.replace(tmp, path)
 
 
 def load_kernel(spec: AndaKernelSpec):
-    """The ``@triton.jit`` kernel for ``spec``: source written to the cache dir and imported."""
+    """The ``@triton.jit`` kernel for ``spec``: source written to the cache dir and imported.
+
+    A file already at the cache path runs only if its content hashes to the digest in its name
+    (that is, it is the generated source); otherwise it is rewritten. The module is executed from
+    the verified text, which is also what Triton reads back as the kernel source (``linecache``),
+    so the file is read once.
+    """
+    import importlib.util
+    import linecache
+
     fn = _LOADED.get(spec)
     if fn is not None:
         return fn
     with _LOCK:
         if spec in _LOADED:
             return _LOADED[spec]
+        src = kernel_source(spec)
         path = kernel_path(spec)
-        if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(kernel_source(spec))
-            os.replace(tmp, path)
+        try:
+            with open(path) as f:
+                on_disk = f.read()
+        except FileNotFoundError:
+            on_disk = None
+        if on_disk is None or _digest(on_disk) != _digest(src):      # the digest in its name
+            _write_private(path, src)
         mod_name = f"llmaccel_anda_kernels.{os.path.basename(path)[:-3]}"
-        mspec = importlib.util.spec_from_file_location(mod_name, path)
+        linecache.cache[path] = (len(src), None, src.splitlines(True), path)   # inspect reads this
+        mspec = importlib.util.spec_from_loader(mod_name, loader=None, origin=path)
         mod = importlib.util.module_from_spec(mspec)
+        mod.__file__ = path
         sys.modules[mod_name] = mod            # triton resolves globals through the module
-        mspec.loader.exec_module(mod)
-        fn = _LOADED[spec] = getattr(mod, spec.name)
+        exec(compile(src, path, "exec"), mod.__dict__)
+        fn = _LOADED[spec] = getattr(mod, spec.kernel_name)
         return fn

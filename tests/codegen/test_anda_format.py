@@ -161,7 +161,7 @@ def test_dtypes_and_bytes():
     assert af.bytes_per_value(7) == 1.0 + 5 / 512
 
 
-@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), 1e5])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_raise(bad):
     x = torch.ones(70)
     x[66] = bad
@@ -169,6 +169,33 @@ def test_non_finite_raise(bad):
         af.pack(x, 4)
     with pytest.raises(ValueError):
         af.quantize(x, 4)
+    with pytest.raises(ValueError):
+        af.fake_quantize(torch.cat([x, torch.ones(58)]), 4)     # fast path (K multiple of 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_of_fp16_range_saturates_with_one_warning(dtype):
+    """Finite |x| > 65504 (7e4, 1e5, -3e38) saturate to +-65504 in every entry point (they used to
+    raise here and give NaN rows in the kernels); the warning is shown once per process."""
+    x = torch.randn(3, 128)
+    x[0, 5], x[1, 70], x[2, 1] = 7e4, 1e5, -3e38
+    x = x.to(dtype)
+    sat = x.float().clamp(-65504, 65504)
+    af.warn_saturated.cache_clear()
+    with pytest.warns(RuntimeWarning, match="saturated"):
+        q, e = af.quantize(x, 7)
+    q_sat, e_sat = af.quantize(sat, 7)
+    assert torch.equal(q, q_sat) and torch.equal(e, e_sat) and int(e.max()) == 30
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # one-time: no second warning
+        fq = af.fake_quantize(x, 7, dtype=torch.float32)
+        assert torch.isfinite(fq).all()
+        fq11 = af.fake_quantize(x, 11, dtype=torch.float32)         # 11 bits hold 65504 exactly
+        assert float(fq11[1, 70]) == 65504.0 and float(fq11[2, 1]) == -65504.0
+        assert torch.equal(fq, af.fake_quantize(sat, 7, dtype=torch.float32))
+        assert torch.equal(af.unpack(af.pack(x[:, :100], 7)), af.fake_quantize(sat[:, :100], 7,
+                                                                                 dtype=torch.float32))
 
 
 @pytest.mark.parametrize("m_bits", [0, 17, 2.0, True])

@@ -39,7 +39,7 @@ def test_compress_bit_exact(m_bits):
     x[5, :] = x[5, :] * 1e-6                       # fp16 subnormal groups
     q, e = anda_compress(x, m_bits)
     q_ref, e_ref = af.quantize(x, m_bits)
-    assert q.dtype == {1: torch.int8, 4: torch.int8, 7: torch.int8}.get(m_bits, q.dtype)
+    assert q.dtype == (torch.int8 if m_bits <= 7 else torch.int16 if m_bits <= 14 else torch.int32)
     assert torch.equal(q.to(torch.int32), q_ref) and torch.equal(e, e_ref)
 
 
@@ -98,15 +98,66 @@ def test_nan_rows_propagate():
         assert out[2].isnan().all() and not out[[0, 1, 3, 4]].isnan().any()
 
 
+@pytest.mark.parametrize("mode", ["gemv", "gemm"])
+def test_out_of_fp16_range_activations_saturate(mode):
+    """7e4 and 1e5 used to become NaN rows (FP16 overflow); now they saturate to 65504 like the
+    reference on the saturated input, with a one-time warning on CPU."""
+    rows = 3 if mode == "gemv" else 20
+    x, qw, s, b = _problem(rows, 128, 48, 4, 64, seed=9)
+    x[0, 3], x[1, 100], x[2, 64] = 7e4, 1e5, -1e5
+    af.warn_saturated.cache_clear()
+    with pytest.warns(RuntimeWarning, match="saturated"):
+        out = anda_matmul(x, qw, s, b, 7, 4, 64, mode=mode)
+    ref = anda_linear_reference(x.clamp(-65504, 65504), qw, s, b, 7, 4, 64)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
+    q, e = anda_compress(x, 7)
+    q_ref, e_ref = af.quantize(x.clamp(-65504, 65504), 7)
+    assert torch.equal(q.to(torch.int32), q_ref) and torch.equal(e, e_ref)
+
+
+def test_cache_file_is_verified_before_it_runs(tmp_path, monkeypatch):
+    """A cached kernel file whose content does not hash to the digest in its name (here: an
+    appended line) is not executed but rewritten; the cache is user-only."""
+    import stat
+
+    from llm_compile.codegen import anda_kernels as ak
+
+    monkeypatch.setenv("LLMACCEL_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ak, "_LOADED", {})
+    spec = AndaKernelSpec("gemv", weight_bits=8, block_n=32)
+    path = kernel_path(spec)
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
+    marker = tmp_path / "pwned"
+    with open(path, "w") as f:
+        f.write(kernel_source(spec) + f"\nopen({str(marker)!r}, 'w').close()\n")
+    fn = ak.load_kernel(spec)
+    assert not marker.exists(), "the tampered cache file was executed"
+    assert open(path).read() == kernel_source(spec)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    x, qw, s, b = _problem(2, 64, 32, 8, 64)
+    torch.testing.assert_close(anda_matmul(x, qw, s, b, 7, 8, 64, block_n=32),
+                               anda_linear_reference(x, qw, s, b, 7, 8, 64), rtol=2e-5, atol=1e-4)
+    assert fn is ak.load_kernel(spec)
+    os.chmod(tmp_path / "cache", 0o777)
+    with pytest.raises(RuntimeError, match="writable by others"):
+        ak.cache_dir()
+
+
 def test_source_is_specialised_and_cached():
-    spec = AndaKernelSpec("gemm", 7, 4, 128, 16, 64)
+    spec = AndaKernelSpec("gemm", "i8", 4, 16, 64)
     src = kernel_source(spec)
-    assert spec.name == "anda_gemm_m7_w4_g128_bm16_bn64_i8" and f"def {spec.name}(" in src
-    assert "M_BITS = 7" in src and "W_GROUP = 128" in src and "out_dtype=tl.int32" in src
-    assert "& 0xF" in src and "libdevice" not in src and "inline_asm" not in src
-    src8 = kernel_source(AndaKernelSpec("gemm", 12, 8, 256, 32, 32))
-    assert "mag >> 7" in src8 and "& 0xF" not in src8 and "W_GROUP = 256" in src8
+    assert spec.name == spec.kernel_name == "anda_gemm_i8_w4_bm16_bn64" and f"def {spec.name}(" in src
+    assert "out_dtype=tl.int32" in src and "& 0xF" in src
+    assert "libdevice" not in src and "inline_asm" not in src
+    src8 = kernel_source(AndaKernelSpec("gemm", "i8x2", 8, 32, 32))
+    assert "mag >> 7" in src8 and "& 0xF" not in src8
     compile(src, spec.name, "exec")
+    # M and the weight group are runtime scalars: one kernel for every M of a dot flavour
+    assert plan(16, 3, 4, 128)[1] == plan(16, 7, 4, 64)[1] == spec
+    assert plan(16, 7, 4, 64)[1].name == "anda_gemm_m7_w4_g64_bm16_bn64_i8"       # dump label
+    assert kernel_source(plan(16, 3, 4, 128)[1]) == src
+    assert plan(1, 2, 4, 64) == plan(3, 16, 4, 256) == [AndaKernelSpec("gemv", weight_bits=4)]
     x, qw, s, b = _problem(16, 128, 64, 4, 128)
     anda_matmul(x, qw, s, b, 7, 4, 128, mode="gemm")
     assert os.path.exists(kernel_path(spec))
@@ -114,10 +165,16 @@ def test_source_is_specialised_and_cached():
     assert default_dot(7) == "i8" and default_dot(8) == "i8x2" and default_dot(15) == "f32"
 
 
-@pytest.mark.parametrize("kw", [dict(kind="gemm", mantissa_bits=8, dot="i8"),
-                                dict(kind="gemm", mantissa_bits=4, block_m=8),
-                                dict(kind="gemv", mantissa_bits=4, w_group_size=96),
-                                dict(kind="fused", mantissa_bits=4)])
+@pytest.mark.parametrize("kw", [dict(kind="gemm", dot="i4"), dict(kind="gemm", block_m=8),
+                                dict(kind="gemv", weight_bits=2), dict(kind="fused")])
 def test_bad_specs(kw):
     with pytest.raises(ValueError):
         AndaKernelSpec(**kw)
+
+
+@pytest.mark.parametrize("args", [(16, 8, 4, 64, "gemm", "i8"), (16, 15, 4, 64, "gemm", "i8x2"),
+                                  (1, 7, 4, 96, "auto", "auto"), (1, 7, 4, 0, "auto", "auto"),
+                                  (1, 17, 4, 64, "auto", "auto")])
+def test_bad_plans(args):
+    with pytest.raises(ValueError):
+        plan(*args)

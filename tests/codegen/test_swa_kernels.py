@@ -86,39 +86,4 @@ def test_swa_step_triton_equals_torch(selection):
         assert (states["triton"].score - states["torch"].score).abs().max() < 2 ** 36 * 1e-5
 
 
-_AOT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from llm_compile.codegen import swa_kernels as K
-
-def types(fn, ptrs):
-    return {n: ptrs.get(n, "constexpr" if n.isupper() and n not in ptrs and (n.startswith("BLOCK")
-            or n in ("D", "DV", "PER_HEAD_IDX")) else "i32") for n in fn.arg_names}
-
-tgt = GPUTarget("cuda", 80, 32)
-for dt in ("*fp16",):
-    ptrs = dict(Q=dt, K=dt, V=dt, IDX="*i64", BIAS="*fp32", W="*fp32", MP="*fp32", LP="*fp32",
-                ACC="*fp32", scale="fp32")
-    c = dict(D=64, DV=64, PER_HEAD_IDX=True, BLOCK_G=16, BLOCK_T=64, BLOCK_D=64, BLOCK_DV=64)
-    triton.compile(ASTSource(K._swa_partial_kernel, types(K._swa_partial_kernel, ptrs), c), target=tgt)
-    ptrs = dict(W="*fp32", MP="*fp32", LP="*fp32", ACC="*fp32", OUT=dt)
-    c = dict(DV=64, BLOCK_G=16, BLOCK_T=64, BLOCK_DV=64, BLOCK_S=32)
-    triton.compile(ASTSource(K._swa_finish_kernel, types(K._swa_finish_kernel, ptrs), c), target=tgt)
-print("compiled")
-"""
-
-
-def test_kernels_compile_for_gpu_without_gpu():
-    """Full Triton compilation (to cubin for sm_80) catches what the interpreter lets through
-    (non-constexpr globals, tl.dot tile sizes, type mismatches in loops)."""
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception:
-        pytest.skip("triton without the NVIDIA backend")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+# Ahead-of-time compilation for sm_80/sm_90 over the kernels' constexpr space: test_aot_compile.py
