@@ -122,13 +122,12 @@ def test_unsupported_mode_is_a_clear_error():
         torch.compile(lambda x: x + 1, backend="llmaccel", mode="max-autotune")(torch.ones(2))
 
 
-def test_grad_mode_warns_inference_only():
+def test_grad_mode_with_every_pass_off_keeps_autograd():
+    """Training with every pass off compiles a plain autograd graph (tests/test_training_mode.py
+    covers the refusal with passes on)."""
     lin = torch.nn.Linear(4, 4)
     f = torch.compile(lin, backend="llmaccel", options={"inner": "eager"})
-    import llm_compile.backend as b
-    b._warned_grad = False
     x = torch.randn(2, 4)
-    with pytest.warns(UserWarning, match="inference"):
-        out = f(x)
-    torch.testing.assert_close(out, lin(x).detach())
-    assert not out.requires_grad
+    out = f(x)
+    torch.testing.assert_close(out, lin(x))
+    assert out.requires_grad
