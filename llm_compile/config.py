@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 
-from llm_compile.option_rules import OptionsError, Rule, _Bad, _is_int
+from llm_compile.option_rules import OptionsError, Rule, OutOfRange, is_int
 
 __all__ = ["OptionsError", "LLMAccelConfig", "SWAConfig", "AndaConfig", "OffloadConfig", "KVStoreConfig",
            "parse_options", "POLICY_DEFAULTS", "RULES", "STAGE_NAMES", "options_table"]
@@ -150,7 +150,7 @@ def _mantissa_bits(value):
     else:
         values = [value]
     if any(not 1 <= b <= 16 for b in values):
-        raise _Bad
+        raise OutOfRange
     return dict(value) if isinstance(value, Mapping) else value
 
 
@@ -164,8 +164,8 @@ RULES: dict[str, Rule] = {
     "swa.bucket": Rule.int_(lo=1),
     "swa.kernel": Rule.choice("auto", "torch", "triton"),
     "anda.mantissa_bits": Rule("an int in [1, 16], or a dict of such ints over qkv, o, gate_up, down",
-                               lambda v: _is_int(v) or (isinstance(v, Mapping)
-                                                        and all(_is_int(b) for b in v.values())),
+                               lambda v: is_int(v) or (isinstance(v, Mapping)
+                                                        and all(is_int(b) for b in v.values())),
                                _mantissa_bits),
     "anda.group_size": Rule.int_(64, 64),
     "anda.kernel": Rule.choice("triton", "reference"),

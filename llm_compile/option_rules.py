@@ -22,15 +22,15 @@ class OptionsError(ValueError):
     """An unknown option key or a bad option value (wrong type or out of range)."""
 
 
-class _Bad(Exception):
+class OutOfRange(Exception):
     """Raised by a rule's range check; carries nothing (the rule's text says what was expected)."""
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v) -> bool:
+def is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -51,7 +51,7 @@ class Rule:
     type_ok: Callable[[Any], bool]
     """Whether the value has an acceptable type (checked first: a wrong type is its own error)."""
     convert: Callable[[Any], Any] = lambda v: v
-    """Normalises a value of an acceptable type; raises :class:`_Bad` when out of range."""
+    """Normalises a value of an acceptable type; raises :class:`OutOfRange` when out of range."""
     optional: bool = False
     """``None`` is accepted too."""
 
@@ -63,7 +63,7 @@ class Rule:
                                f"type; expected {self.text}")
         try:
             return self.convert(value)
-        except _Bad:
+        except OutOfRange:
             raise OptionsError(f"llmaccel: option {key}={value!r} is out of range; expected {self.text}") from None
 
     # ---- constructors -------------------------------------------------------------------------
@@ -72,11 +72,11 @@ class Rule:
     def int_(lo: int | None = None, hi: int | None = None, optional: bool = False, note: str = "") -> "Rule":
         def conv(v):
             if (lo is not None and v < lo) or (hi is not None and v > hi):
-                raise _Bad
+                raise OutOfRange
             return v
         text = (f"the int {lo}" if lo is not None and lo == hi else "an int" + _bounds(lo, hi, False, False))
         text += (" or None" if optional else "") + note
-        return Rule(text, _is_int, conv, optional)
+        return Rule(text, is_int, conv, optional)
 
     @staticmethod
     def float_(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -84,13 +84,13 @@ class Rule:
         def conv(v):
             v = float(v)
             if not math.isfinite(v):
-                raise _Bad
+                raise OutOfRange
             if lo is not None and (v < lo or (lo_open and v == lo)):
-                raise _Bad
+                raise OutOfRange
             if hi is not None and (v > hi or (hi_open and v == hi)):
-                raise _Bad
+                raise OutOfRange
             return v
-        return Rule("a number" + _bounds(lo, hi, lo_open, hi_open), _is_num, conv)
+        return Rule("a number" + _bounds(lo, hi, lo_open, hi_open), is_num, conv)
 
     @staticmethod
     def bool_() -> "Rule":
@@ -100,7 +100,7 @@ class Rule:
     def choice(*choices: str) -> "Rule":
         def conv(v):
             if v not in choices:
-                raise _Bad
+                raise OutOfRange
             return v
         return Rule("one of " + ", ".join(repr(c) for c in choices), lambda v: isinstance(v, str), conv)
 
@@ -108,7 +108,7 @@ class Rule:
     def url(schemes: tuple[str, ...], optional: bool = True) -> "Rule":
         def conv(v):
             if not any(v.startswith(f"{s}://") for s in schemes):
-                raise _Bad
+                raise OutOfRange
             return v
         text = "a URL " + " / ".join(f"'{s}://…'" for s in schemes) + (" or None" if optional else "")
         return Rule(text, lambda v: isinstance(v, str), conv, optional)
@@ -118,7 +118,7 @@ class Rule:
         def conv(v):
             v = os.fspath(v)
             if not isinstance(v, str) or not v.strip():
-                raise _Bad
+                raise OutOfRange
             return v
         return Rule("a non-empty path (str or os.PathLike)" + (" or None" if optional else ""),
                     lambda v: isinstance(v, (str, os.PathLike)), conv, optional)
@@ -128,7 +128,7 @@ class Rule:
         def conv(v):
             v = (v,) if isinstance(v, str) else tuple(v)
             if not v or any(n not in valid for n in v):
-                raise _Bad
+                raise OutOfRange
             return v
         return Rule("a list of stage names among " + ", ".join(valid) + (" or None" if optional else ""),
                     lambda v: isinstance(v, str) or (isinstance(v, (list, tuple))
