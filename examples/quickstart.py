@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     print(f"{'llmaccel':10s} {tps_llm:9.2f}   (compile + first 3 tokens: {compile_s:.1f} s)")
     print(f"same text: {text_eager == text_llm}")
     if args.debug_dir:
-        print(f"debug dump: {os.path.abspath(args.debug_dir)} (see README, 'Reading a debug dump')")
+        print(f"debug dump: {os.path.join(os.path.abspath(args.debug_dir), 'latest')} (this run's folder; see README, 'Reading a debug dump')")
 
 
 if __name__ == "__main__":

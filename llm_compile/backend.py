@@ -15,7 +15,6 @@ import itertools
 from collections import deque
 import logging
 import threading
-import warnings
 
 import torch
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 
 _graph_ids = itertools.count()
 _graph_lock = threading.Lock()
-_warned_grad = False
 
 COMPILED: deque[dict] = deque(maxlen=256)
 """The most recent compiled graphs of this process: ``{"graph_id", "passes"}`` (pass records as in
@@ -77,12 +75,10 @@ def llmaccel(gm: torch.fx.GraphModule, example_inputs, *, options=None, mode=Non
         _refuse_phantom_reads(aten_gm, graph_id)
         return _inner_compile(aten_gm, aten_inputs, config.inner)
 
-    global _warned_grad
+    # --- training mode (issue 13, item 9): refused with passes on; plain autograd with all off ---
     if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs):
-        if not _warned_grad:
-            warnings.warn("llmaccel is an inference backend: compiled graphs carry no autograd history "
-                          "(run under torch.no_grad() / torch.inference_mode() to silence this)")
-            _warned_grad = True
+        return _training_graph(gm, example_inputs, config, graph_id)
+    # --- end training mode ---
     with torch.no_grad():
         compiled = aot_module_simplified(
             gm, example_inputs, fw_compiler=fw_compiler, inference_compiler=fw_compiler,
@@ -95,6 +91,32 @@ def llmaccel(gm: torch.fx.GraphModule, example_inputs, *, options=None, mode=Non
 
     run._llmaccel_graph_id = graph_id  # type: ignore[attr-defined]
     return run
+
+
+class TrainingModeError(RuntimeError):
+    """A graph compiled for training (grad mode on, inputs that require grad) with a pass on."""
+
+
+def _training_graph(gm: torch.fx.GraphModule, example_inputs, config, graph_id: str):
+    """Grad mode is on and some input requires grad: training, or inference without no_grad.
+    The passes' ops have no backward, so any pass on is refused here, at compile time, rather than
+    failing later in ``backward()``. With every pass off there is nothing to rewrite (attention is
+    not canonicalised either): the graph keeps autograd (``inner="eager"``: as captured; else
+    Inductor's own training compile)."""
+    on = [name for name in ("swa", "anda", "offload", "kv_store") if getattr(config, name) is not None]
+    if on:
+        raise TrainingModeError(
+            f"llmaccel is an inference-only backend: {graph_id} is compiled with grad mode on and inputs "
+            f"that require grad (training, or inference outside torch.no_grad()), and the passes {on} "
+            "have no backward. For inference, call the model under torch.no_grad() or "
+            "torch.inference_mode() (generate() already does); to train, compile with every pass off "
+            "(no swa/anda/offload/kv_store options) or with backend=\"inductor\"")
+    log.info("llmaccel: %s compiled for training with every pass off: graph kept as captured", graph_id)
+    if config.inner == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
 
 
 def _refuse_phantom_reads(gm: torch.fx.GraphModule, graph_id: str) -> None:

@@ -18,11 +18,21 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 
-class OptionsError(ValueError):
-    """An unknown option key or a bad option value."""
+from llm_compile.option_rules import OptionsError, Rule, OutOfRange, is_int
 
+__all__ = ["OptionsError", "LLMAccelConfig", "SWAConfig", "AndaConfig", "OffloadConfig", "KVStoreConfig",
+           "parse_options", "POLICY_DEFAULTS", "RULES", "STAGE_NAMES", "options_table"]
 
 ANDA_MODULE_KINDS = ("qkv", "o", "gate_up", "down")
+
+
+POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "alisa": {"sink_tokens": 0},
+    "streaming": {"sink_tokens": 4},
+    "h2o": {"sink_tokens": 0},
+}
+"""Per SWA policy, the values that give its published form where the user leaves them unset
+(``None``): StreamingLLM keeps 4 attention sinks; ALISA and H2O keep none. A user value wins."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +47,9 @@ class SWAConfig:
     """Decode steps whose attention weights are summed into the scores; ``None`` = ``k`` (ALISA)."""
     selection: str = "layer"
     """``"layer"``: one token set per layer, scores summed over heads (ALISA); ``"kv_head"``: per KV head."""
-    sink_tokens: int = 0
-    """First tokens always kept (StreamingLLM's attention sinks); taken from the budget."""
+    sink_tokens: int | None = None
+    """First tokens always kept (StreamingLLM's attention sinks); taken from the budget. ``None``:
+    the policy's published default (``streaming``: 4, StreamingLLM; ``alisa``, ``h2o``: 0)."""
     policy: str = "alisa"
     """``"alisa"`` (recent + top-k by windowed scores), ``"streaming"`` (sinks + recent only),
     ``"h2o"`` (recent + top-k by scores accumulated over the whole history)."""
@@ -47,6 +58,11 @@ class SWAConfig:
     kernel: str = "auto"
     """``"torch"`` (gather + SDPA), ``"triton"`` (fused gather/attend/score kernel), ``"auto"``
     (Triton on GPU, torch on CPU)."""
+
+    def __post_init__(self):
+        if self.sink_tokens is None:  # the policy's published form (POLICY_DEFAULTS)
+            defaults = POLICY_DEFAULTS.get(self.policy, {})
+            object.__setattr__(self, "sink_tokens", defaults.get("sink_tokens", 0))
 
 
 @dataclass(frozen=True)
@@ -115,14 +131,57 @@ class LLMAccelConfig:
 
 
 _SECTIONS = {"swa": SWAConfig, "anda": AndaConfig, "offload": OffloadConfig, "kv_store": KVStoreConfig}
-_CHOICES = {
-    ("swa", "selection"): ("layer", "kv_head"),
-    ("swa", "policy"): ("alisa", "streaming", "h2o"),
-    ("swa", "kernel"): ("auto", "torch", "triton"),
-    ("anda", "kernel"): ("triton", "reference"),
-    ("offload", "transport"): ("auto", "gloo", "nccl"),
-    ("", "inner"): ("inductor", "eager"),
+
+STAGE_NAMES = ("dynamo", "aten", "canonicalize_attention", "sparse_window_attention", "anda_lowering",
+               "local_kv_store", "attention_offload")
+"""Stages a debug dump can hold: the Dynamo and ATen graphs, then every pass of
+``llm_compile.passes.pipeline.PIPELINE`` (a test keeps the two lists equal)."""
+
+
+def _mantissa_bits(value):
+    if isinstance(value, Mapping):
+        missing = sorted(set(ANDA_MODULE_KINDS) - set(value))
+        extra = sorted(set(value) - set(ANDA_MODULE_KINDS))
+        if missing or extra:
+            raise OptionsError(
+                f"llmaccel: option anda.mantissa_bits={dict(value)!r}: the dict needs exactly the keys "
+                f"{list(ANDA_MODULE_KINDS)} (missing {missing}, unknown {extra})")
+        values = list(value.values())
+    else:
+        values = [value]
+    if any(not 1 <= b <= 16 for b in values):
+        raise OutOfRange
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+RULES: dict[str, Rule] = {
+    "swa.sparsity": Rule.float_(0, 1, hi_open=True),
+    "swa.recent_fraction": Rule.float_(0, 1),
+    "swa.score_window": Rule.int_(lo=1, optional=True),
+    "swa.selection": Rule.choice("layer", "kv_head"),
+    "swa.sink_tokens": Rule.int_(lo=0, optional=True),
+    "swa.policy": Rule.choice(*POLICY_DEFAULTS),
+    "swa.bucket": Rule.int_(lo=1),
+    "swa.kernel": Rule.choice("auto", "torch", "triton"),
+    "anda.mantissa_bits": Rule("an int in [1, 16], or a dict of such ints over qkv, o, gate_up, down",
+                               lambda v: is_int(v) or (isinstance(v, Mapping)
+                                                        and all(is_int(b) for b in v.values())),
+                               _mantissa_bits),
+    "anda.group_size": Rule.int_(64, 64),
+    "anda.kernel": Rule.choice("triton", "reference"),
+    "offload.workers": Rule.int_(lo=1),
+    "offload.timeout_s": Rule.float_(lo=0, lo_open=True),
+    "offload.overlap": Rule.bool_(),
+    "offload.transport": Rule.choice("auto", "gloo", "nccl"),
+    "offload.init_method": Rule.url(("tcp", "env", "file")),
+    "kv_store.reserve_tokens": Rule.int_(lo=0),
+    "kv_store.growth": Rule.float_(lo=1, lo_open=True),
+    "canonicalize": Rule.bool_(),
+    "inner": Rule.choice("inductor", "eager"),
+    "debug_dir": Rule.path(),
+    "debug_passes": Rule.names(STAGE_NAMES),
 }
+"""One rule per option key (``section.key`` or top-level key); every dataclass field has one."""
 
 
 def _names(cls) -> list[str]:
@@ -130,7 +189,8 @@ def _names(cls) -> list[str]:
 
 
 def _check_keys(where: str, given: Mapping, cls) -> None:
-    unknown = sorted(set(given) - set(_names(cls)))
+    bad = [k for k in given if not isinstance(k, str)]
+    unknown = sorted(set(given) - set(_names(cls)) - set(bad)) + [repr(k) for k in bad]
     if unknown:
         raise OptionsError(
             f"llmaccel: unknown option{'s' if len(unknown) > 1 else ''} {unknown} in {where}; "
@@ -138,60 +198,15 @@ def _check_keys(where: str, given: Mapping, cls) -> None:
         )
 
 
-def _check_value(section: str, key: str, value: Any) -> None:
-    choices = _CHOICES.get((section, key))
-    if choices is not None and value not in choices:
-        where = f"{section}.{key}" if section else key
-        raise OptionsError(f"llmaccel: option {where}={value!r} is not one of {list(choices)}")
-
-
-def _validate_swa(c: SWAConfig) -> None:
-    if not 0.0 <= c.sparsity < 1.0:
-        raise OptionsError(f"llmaccel: swa.sparsity={c.sparsity} must be in [0, 1)")
-    if not 0.0 <= c.recent_fraction <= 1.0:
-        raise OptionsError(f"llmaccel: swa.recent_fraction={c.recent_fraction} must be in [0, 1]")
-    if c.score_window is not None and c.score_window < 1:
-        raise OptionsError("llmaccel: swa.score_window must be a positive int or None")
-    if c.sink_tokens < 0 or c.bucket < 1:
-        raise OptionsError("llmaccel: swa.sink_tokens must be >= 0 and swa.bucket >= 1")
-
-
-def _validate_anda(c: AndaConfig) -> None:
-    bits = c.mantissa_bits
-    if isinstance(bits, Mapping):
-        missing = sorted(set(ANDA_MODULE_KINDS) - set(bits))
-        extra = sorted(set(bits) - set(ANDA_MODULE_KINDS))
-        if missing or extra:
-            raise OptionsError(
-                f"llmaccel: anda.mantissa_bits dict needs exactly the keys {list(ANDA_MODULE_KINDS)}"
-                f" (missing {missing}, unknown {extra})"
-            )
-        values = list(bits.values())
-    else:
-        values = [bits]
-    for b in values:
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 16:
-            raise OptionsError(f"llmaccel: anda.mantissa_bits values must be ints in 1..16, got {b!r}")
-    if c.group_size != 64:
-        raise OptionsError("llmaccel: anda.group_size must be 64 (the Anda format's group)")
-
-
-def _validate_offload(c: OffloadConfig) -> None:
-    if c.workers < 1:
-        raise OptionsError(f"llmaccel: offload.workers={c.workers} must be >= 1")
-    if c.timeout_s <= 0:
-        raise OptionsError("llmaccel: offload.timeout_s must be > 0")
-
-
-def _validate_kv_store(c: KVStoreConfig) -> None:
-    if isinstance(c.reserve_tokens, bool) or not isinstance(c.reserve_tokens, int) or c.reserve_tokens < 0:
-        raise OptionsError(f"llmaccel: kv_store.reserve_tokens={c.reserve_tokens!r} must be an int >= 0")
-    if not isinstance(c.growth, (int, float)) or isinstance(c.growth, bool) or not c.growth > 1.0:
-        raise OptionsError(f"llmaccel: kv_store.growth={c.growth!r} must be a number > 1")
-
-
-_VALIDATORS = {"swa": _validate_swa, "anda": _validate_anda, "offload": _validate_offload,
-               "kv_store": _validate_kv_store}
+def _checked(cls, prefix: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field of ``cls``: the given value (or the default), checked and normalised."""
+    out = {}
+    for f in fields(cls):
+        if f.name in _SECTIONS:
+            continue
+        value = given[f.name] if f.name in given else f.default
+        out[f.name] = RULES[prefix + f.name].check(prefix + f.name, value)
+    return out
 
 
 def _section(name: str, value: Any):
@@ -201,48 +216,36 @@ def _section(name: str, value: Any):
     if value is True:
         value = {}
     if isinstance(value, cls):
-        cfg = value
+        value = {f.name: getattr(value, f.name) for f in fields(cls)}
     elif isinstance(value, Mapping):
         _check_keys(f"options[{name!r}]", value, cls)
-        for k, v in value.items():
-            _check_value(name, k, v)
-        try:
-            cfg = cls(**value)
-        except TypeError as e:  # pragma: no cover - keys already checked
-            raise OptionsError(f"llmaccel: bad options[{name!r}]: {e}") from None
     else:
         raise OptionsError(
-            f"llmaccel: options[{name!r}] must be a dict, True/False or None, got {type(value).__name__}"
-        )
-    _VALIDATORS[name](cfg)
-    return cfg
+            f"llmaccel: option {name}={value!r} ({type(value).__name__}) has the wrong type; expected "
+            f"a dict of {name} options, True (defaults), False or None (off)")
+    return cls(**_checked(cls, f"{name}.", value))
 
 
 def parse_options(options: Mapping[str, Any] | LLMAccelConfig | None) -> LLMAccelConfig:
-    """Validate ``options`` and return the frozen config (``LLMACCEL_DEBUG`` fills ``debug_dir``)."""
+    """Check ``options`` (keys, types, ranges) and return the frozen config (``LLMACCEL_DEBUG`` fills
+    ``debug_dir``). Any problem raises one :class:`OptionsError` naming the key, value and expected type."""
     if isinstance(options, LLMAccelConfig):
-        cfg = options
-    else:
+        options = {f.name: getattr(options, f.name) for f in fields(LLMAccelConfig)}
+        explicit_kv = True
+    elif options is None or isinstance(options, Mapping):
         options = dict(options or {})
-        _check_keys("options", options, LLMAccelConfig)
-        kw: dict[str, Any] = {}
-        for k, v in options.items():
-            if k in _SECTIONS:
-                kw[k] = _section(k, v)
-            else:
-                _check_value("", k, v)
-                kw[k] = v
-        if "debug_passes" in kw and kw["debug_passes"] is not None:
-            if isinstance(kw["debug_passes"], str):
-                kw["debug_passes"] = (kw["debug_passes"],)
-            kw["debug_passes"] = tuple(kw["debug_passes"])
-        if "canonicalize" in kw and not isinstance(kw["canonicalize"], bool):
-            raise OptionsError("llmaccel: option canonicalize must be True or False")
-        if "kv_store" not in options and kw.get("swa") is not None and kw.get("offload") is None:
-            kw["kv_store"] = KVStoreConfig()  # SWA's speed needs the in-place cache (README: kv_store)
-        cfg = LLMAccelConfig(**kw)
-    if cfg.debug_dir is None and os.environ.get("LLMACCEL_DEBUG"):
-        cfg = dataclasses.replace(cfg, debug_dir=os.environ["LLMACCEL_DEBUG"])
+        explicit_kv = "kv_store" in options
+    else:
+        raise OptionsError(f"llmaccel: options={options!r} ({type(options).__name__}) has the wrong type; "
+                           "expected a dict such as {\"swa\": {\"sparsity\": 0.8}} (or an LLMAccelConfig)")
+    _check_keys("options", options, LLMAccelConfig)
+    kw: dict[str, Any] = {k: _section(k, options.get(k)) for k in _SECTIONS}
+    if not explicit_kv and kw["swa"] is not None and kw["offload"] is None:
+        kw["kv_store"] = KVStoreConfig()  # SWA's speed needs the in-place cache (README: kv_store)
+    if options.get("debug_dir") is None and os.environ.get("LLMACCEL_DEBUG"):
+        options["debug_dir"] = os.environ["LLMACCEL_DEBUG"]
+    kw.update(_checked(LLMAccelConfig, "", options))
+    cfg = LLMAccelConfig(**kw)
     if (cfg.swa or cfg.offload or cfg.kv_store) and not cfg.canonicalize:
         raise OptionsError("llmaccel: swa, offload and kv_store need canonicalize=True (they rewrite "
                            "llmaccel::attention)")
@@ -269,8 +272,15 @@ def _validate_swa_offload(cfg: LLMAccelConfig) -> None:
             "offload.workers=1")
 
 
-def describe_options() -> list[tuple[str, str, str]]:
-    """(key, default, doc) rows for every option; used to keep the README table honest."""
+def _default_text(section: str, name: str, default) -> str:
+    text = f"`{default!r}`"
+    if section == "swa" and all(name in d for d in POLICY_DEFAULTS.values()):
+        text += " (" + ", ".join(f"{p}: {d[name]!r}" for p, d in POLICY_DEFAULTS.items()) + ")"
+    return text
+
+
+def describe_options() -> list[tuple[str, str, str, str]]:
+    """(key, expected type/range, default, doc) rows for every option; the README table."""
     import inspect
 
     rows = []
@@ -298,17 +308,20 @@ def describe_options() -> list[tuple[str, str, str]]:
     for f in fields(LLMAccelConfig):
         if f.name in _SECTIONS:
             for g in fields(_SECTIONS[f.name]):
-                rows.append((f"{f.name}.{g.name}", repr(g.default), doc_of(_SECTIONS[f.name], g.name)))
+                key = f"{f.name}.{g.name}"
+                rows.append((key, RULES[key].text, _default_text(f.name, g.name, g.default),
+                             doc_of(_SECTIONS[f.name], g.name)))
         else:
-            rows.append((f.name, repr(f.default), doc_of(LLMAccelConfig, f.name)))
+            rows.append((f.name, RULES[f.name].text, _default_text("", f.name, f.default),
+                         doc_of(LLMAccelConfig, f.name)))
     return rows
 
 
 def options_table() -> str:
     """The README's options table (markdown)."""
-    lines = ["| option | default | meaning |", "|---|---|---|"]
-    for key, default, doc in describe_options():
-        lines.append(f"| `{key}` | `{default}` | {doc.replace('``', '`')} |")
+    lines = ["| option | type / range | default | meaning |", "|---|---|---|---|"]
+    for key, kind, default, doc in describe_options():
+        lines.append(f"| `{key}` | {kind} | {default} | {doc.replace('``', '`')} |")
     return "\n".join(lines)
 
 

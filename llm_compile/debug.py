@@ -1,6 +1,9 @@
 """Per-graph debug dumps: every stage as readable Python, diffs, ``passes.json``, kernels, repro.
 
-Layout of ``<debug_dir>/<graph_id>/``::
+Each process writes into a fresh run folder, ``<debug_dir>/run_<YYYYmmdd-HHMMSS>_<pid>/`` (logged
+once when created; ``<debug_dir>/latest`` links to the newest), so a reused ``debug_dir`` never
+mixes the stage files of an earlier run, made with other options, with this one's.
+Layout of ``<debug_dir>/run_…/<graph_id>/``::
 
     00_dynamo.py                  the graph Dynamo captured (torch-level)
     01_aten.py                    after AOTAutograd: functionalized ATen, inference only
@@ -22,6 +25,8 @@ import io
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +37,39 @@ log = logging.getLogger(__name__)
 graph_code_log = getArtifactLogger(__name__, "graph_code")
 
 ALWAYS_DUMPED = ("dynamo", "aten")
+
+_runs: dict[tuple[str, int], Path] = {}
+_runs_lock = threading.Lock()
+
+
+def run_dir(root: str) -> Path:
+    """This process's run folder under ``root``: created (and logged) on first use, then reused."""
+    key = (os.path.abspath(root), os.getpid())
+    with _runs_lock:
+        d = _runs.get(key)
+        if d is None:
+            base = Path(root) / f"run_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
+            d, n = base, 0
+            while d.exists():
+                n += 1
+                d = base.with_name(f"{base.name}_{n}")
+            d.mkdir(parents=True)
+            _runs[key] = d
+            _link_latest(Path(root), d)
+            log.warning("llmaccel: debug dump of this run in %s", d.resolve())
+    return d
+
+
+def _link_latest(root: Path, d: Path) -> None:
+    """Point ``root/latest`` at ``d`` (a relative symlink, replaced atomically; skipped if impossible)."""
+    tmp = root / f".latest.{os.getpid()}"
+    try:
+        if tmp.is_symlink():
+            tmp.unlink()
+        tmp.symlink_to(d.name, target_is_directory=True)
+        os.replace(tmp, root / "latest")
+    except OSError as e:
+        log.debug("llmaccel: could not link %s/latest: %s", root, e)
 
 
 def _readable(gm: torch.fx.GraphModule) -> str:
@@ -44,7 +82,7 @@ class DebugDump:
     def __init__(self, root: str | None, graph_id: str, pass_filter: tuple[str, ...] | None = None):
         self.graph_id = graph_id
         self.pass_filter = pass_filter
-        self.dir = Path(root) / graph_id if root else None
+        self.dir = run_dir(root) / graph_id if root else None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
         self._index = 0

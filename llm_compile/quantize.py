@@ -37,6 +37,22 @@ def _qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def check_quant_args(bits, group_size, scale_dtype=torch.float32) -> None:
+    """Argument checks of :func:`quantize_weights` / :func:`quantize_tensor`: a ``TypeError`` or
+    ``ValueError`` naming the argument, before any tensor work (no ``ZeroDivisionError`` later)."""
+    for name, v in (("bits", bits), ("group_size", group_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"quantize_weights: {name}={v!r} ({type(v).__name__}) must be an int")
+    if bits not in (4, 8):
+        raise ValueError(f"quantize_weights: bits={bits!r} must be 4 or 8")
+    if group_size < 1:
+        raise ValueError(f"quantize_weights: group_size={group_size!r} must be a positive int that "
+                         "divides in_features (e.g. 32, 64, 128)")
+    if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
+        raise TypeError(f"quantize_weights: scale_dtype={scale_dtype!r} must be a floating torch.dtype "
+                        "(torch.float32 or torch.float16)")
+
+
 def pack_int4(q: Tensor) -> Tensor:
     """``int [N, K]`` in ``[-8, 7]`` (K even) -> ``uint8 [N, K/2]`` (low nibble = even k, offset 8)."""
     if q.shape[-1] % 2:
@@ -55,6 +71,7 @@ def unpack_int4(packed: Tensor) -> Tensor:
 def quantize_tensor(w: Tensor, bits: int = 4, group_size: int = 128,
                     scale_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Quantize a ``[N, K]`` weight; returns ``(qweight, scales)`` in the storage format above."""
+    check_quant_args(bits, group_size, scale_dtype)
     qmax = _qmax(bits)
     n, k = w.shape
     if group_size < 1 or k % group_size:
@@ -83,7 +100,7 @@ class QuantLinear(nn.Module):
                  group_size: int = 128, scale_dtype: torch.dtype = torch.float32, device=None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        _qmax(bits)
+        check_quant_args(bits, group_size, scale_dtype)
         if in_features % group_size:
             raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
         self.in_features, self.out_features = in_features, out_features
@@ -132,7 +149,9 @@ def quantize_weights(model: nn.Module, bits: int = 4, group_size: int = 128,
     ``group_size=128``; 64 fits every linear). Returns the model; ``model.llmaccel_quantized`` lists
     the replaced module names, ``model.llmaccel_skipped`` those left in float for that reason.
     """
-    _qmax(bits)
+    check_quant_args(bits, group_size, scale_dtype)
+    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+        raise TypeError(f"quantize_weights: skip={skip!r} must be a tuple of module names, e.g. ('lm_head',)")
     done, misfit = [], []
     for name, mod in list(model.named_modules()):
         if type(mod) is not nn.Linear:

@@ -42,6 +42,7 @@ import torch.fx
 from llm_compile.config import LLMAccelConfig
 from llm_compile.passes.attention_offload import STORED, move_kv_out
 from llm_compile.passes.base import PassContext, PassResult
+from llm_compile.passes.sliding_window import sliding_window_of, sliding_window_reason
 from llm_compile.runtime.context import register_handle
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,13 @@ def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext | Non
     from llm_compile.runtime.kv_store import get_store
 
     handle = store_handle(get_store(config.kv_store))
+    sliding = [(n, w) for n in gm.graph.nodes if n.op == "call_function"
+               and n.target in (torch.ops.llmaccel.attention.default, torch.ops.llmaccel.swa_attention.default)
+               and (w := sliding_window_of(n)) is not None]
+    if sliding:  # all or nothing: a rolling cache cannot live in the in-place store
+        skipped = [{"node": n.name, "reason": f"kv_store left off for this graph: {sliding_window_reason(w)}"}
+                   for n, w in sliding]
+        return PassResult(changed=False, skipped=skipped, stats={"sites": 0, "store_handle": handle})
     matched = move_kv_out(gm, STORED, lambda: handle, "kv_store", require_returned_cache=True)
     skipped = [] if matched else [{"reason": "no attention site whose K/V cache the graph returns "
                                              "(no cache kept, e.g. use_cache=False): nothing to store"}]

@@ -35,6 +35,7 @@ import torch.fx
 import llm_compile.ops.attention  # noqa: F401  (registers llmaccel::attention)
 import llm_compile.ops.swa  # noqa: F401  (registers llmaccel::swa_attention)
 from llm_compile.passes.base import PassContext, PassResult
+from llm_compile.passes.sliding_window import sliding_window_of, sliding_window_reason
 from llm_compile.runtime.context import register_handle
 from llm_compile.runtime.swa_state import describe_policy
 
@@ -88,6 +89,10 @@ def run(gm: torch.fx.GraphModule, config, ctx: PassContext | None = None) -> Pas
             args, extra = _attention_args(node)
         except ValueError as e:
             skipped.append({"node": node.name, "reason": str(e)})
+            continue
+        window = sliding_window_of(node)  # issue 13 item 10: a rolling cache, leave the site dense
+        if window is not None:
+            skipped.append({"site": args[8], "node": node.name, "reason": sliding_window_reason(window)})
             continue
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(swa, tuple(args) + (handle,), extra)

@@ -48,7 +48,7 @@ def test_failing_pass_rolls_back_and_is_reported(monkeypatch, tmp_path):
     x, w = torch.randn(4, 16), torch.randn(16, 8)
     out = torch.compile(_f, backend="llmaccel", options={"inner": "eager", "debug_dir": str(tmp_path)})(x, w)
     torch.testing.assert_close(out, _f(x, w))
-    rec = json.loads(next(tmp_path.glob("graph_*/passes.json")).read_text())[0]
+    rec = json.loads(next(tmp_path.glob("run_*/graph_*/passes.json")).read_text())[0]
     assert "unsupported site xyz" in rec["error"] and rec["changed"] is False
     assert "rolled back" in rec["skipped"][0]["reason"]
 
@@ -67,7 +67,7 @@ def test_debug_dump_layout(tmp_path):
     with torch.no_grad():
         m.forward = torch.compile(m.forward, backend="llmaccel", options={"inner": "eager", "debug_dir": str(tmp_path)})
         m.generate(torch.randint(0, 128, (1, 5)), max_new_tokens=3, do_sample=False)
-    graphs = sorted(tmp_path.glob("graph_*"))
+    graphs = sorted(tmp_path.glob("run_*/graph_*"))
     assert len(graphs) >= 2
     d = graphs[1]  # first decode graph
     names = {p.name for p in d.iterdir()}
@@ -87,7 +87,7 @@ def test_repro_runs(tmp_path):
     q = torch.randn(1, 2, 5, 8)
     f = lambda q, x, w: (torch.nn.functional.scaled_dot_product_attention(q, q, q), _f(x, w))  # noqa: E731
     torch.compile(f, backend="llmaccel", options={"inner": "eager", "debug_dir": str(tmp_path)})(q, x, w)
-    repro = next(tmp_path.glob("graph_*/repro.py"))
+    repro = next(tmp_path.glob("run_*/graph_*/repro.py"))
     assert "llmaccel.attention" in repro.read_text()
     r = subprocess.run([sys.executable, str(repro)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -97,7 +97,7 @@ def test_env_var_dump_and_pass_filter(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMACCEL_DEBUG", str(tmp_path))
     x, w = torch.randn(4, 16), torch.randn(16, 8)
     torch.compile(_f, backend="llmaccel", options={"inner": "eager", "debug_passes": ["anda_lowering"]})(x, w)
-    d = next(tmp_path.glob("graph_*"))
+    d = next(tmp_path.glob("run_*/graph_*"))
     names = {p.name for p in d.iterdir()}
     assert "00_dynamo.py" in names and "01_aten.py" in names
     assert "02_canonicalize_attention.py" not in names
@@ -122,13 +122,12 @@ def test_unsupported_mode_is_a_clear_error():
         torch.compile(lambda x: x + 1, backend="llmaccel", mode="max-autotune")(torch.ones(2))
 
 
-def test_grad_mode_warns_inference_only():
+def test_grad_mode_with_every_pass_off_keeps_autograd():
+    """Training with every pass off compiles a plain autograd graph (tests/test_training_mode.py
+    covers the refusal with passes on)."""
     lin = torch.nn.Linear(4, 4)
     f = torch.compile(lin, backend="llmaccel", options={"inner": "eager"})
-    import llm_compile.backend as b
-    b._warned_grad = False
     x = torch.randn(2, 4)
-    with pytest.warns(UserWarning, match="inference"):
-        out = f(x)
-    torch.testing.assert_close(out, lin(x).detach())
-    assert not out.requires_grad
+    out = f(x)
+    torch.testing.assert_close(out, lin(x))
+    assert out.requires_grad
