@@ -342,16 +342,18 @@ def kernel_source(spec: AndaKernelSpec) -> str:
 
 
 def cache_dir() -> str:
-    """The kernel cache directory, created user-only (0o700). A directory that others may write to
-    is refused: a file planted there would run as this user's code at the next import."""
+    """The kernel cache directory, user-only (0o700: created so, tightened if it is ours and
+    looser). One owned by another user is refused."""
     d = os.environ.get("LLMACCEL_KERNEL_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "llm_compile", "anda_kernels")
     os.makedirs(d, mode=0o700, exist_ok=True)
     st = os.stat(d)
-    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
-        raise RuntimeError(f"Anda kernel cache {d!r} is not owned by this user or is writable by others "
-                           f"(mode {oct(st.st_mode & 0o777)}): run `chmod 700 {d}` or point "
-                           f"LLMACCEL_KERNEL_CACHE to a private directory")
+    if hasattr(os, "getuid"):
+        if st.st_uid != os.getuid():
+            raise RuntimeError(f"Anda kernel cache {d!r} belongs to another user: point "
+                               f"LLMACCEL_KERNEL_CACHE to a directory of your own")
+        if st.st_mode & 0o077:
+            os.chmod(d, 0o700)
     return d
 
 
@@ -377,8 +379,8 @@ def kernel_path(spec: AndaKernelSpec) -> str:
 
 
 def _write_private(path: str, src: str) -> None:
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(src)
     os.replace(tmp, path)

@@ -139,9 +139,9 @@ def test_cache_file_is_verified_before_it_runs(tmp_path, monkeypatch):
     torch.testing.assert_close(anda_matmul(x, qw, s, b, 7, 8, 64, block_n=32),
                                anda_linear_reference(x, qw, s, b, 7, 8, 64), rtol=2e-5, atol=1e-4)
     assert fn is ak.load_kernel(spec)
-    os.chmod(tmp_path / "cache", 0o777)
-    with pytest.raises(RuntimeError, match="writable by others"):
-        ak.cache_dir()
+    os.chmod(tmp_path / "cache", 0o777)             # a loose cache dir of ours is tightened
+    ak.cache_dir()
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
 
 
 def test_source_is_specialised_and_cached():
