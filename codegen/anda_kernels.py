@@ -28,8 +28,12 @@ Every constant a kernel reads is a ``tl.constexpr`` parameter or a literal: the 
 (unlike the interpreter) rejects plain Python globals. ``tests/codegen/test_aot_compile.py``
 compiles every spec :func:`~llm_compile.codegen.anda_launch.plan` can produce for sm_80 and sm_90.
 
-INT4 weights are ``uint8 [N, K/2]``, low nibble = even k, offset 8 (see ``llm_compile.quantize``):
-the kernel reads byte ``k // 2`` and shifts by ``4 * (k % 2)``. Interpreter-safe: no bf16
+Weights (see ``llm_compile.quantize``): INT4 ``uint8 [N, K/2]``, low nibble = even k (the kernel
+reads byte ``k // 2`` and shifts by ``4 * (k % 2)``); INT8 ``[N, K]``. Symmetric (``asym=False``):
+INT4 nibble ``u = q + 8``, INT8 ``int8 q``, ``W = q * scale``. Asymmetric (``asym=True``, a ``mins``
+tensor shaped like ``scales``): unsigned ``u`` (INT4 nibble 0..15 without offset, INT8 ``uint8``),
+``W = u * scale + min``. The kernels always multiply signed ``w = u - off`` (off = 8 / 128, so
+the int8 dots apply) and add ``(min + off*scale) * sum(q)`` once per 64-group. Interpreter-safe: no bf16
 arithmetic, no inline asm, no libdevice; tiles are powers of two and ``tl.dot`` dims are >= 16.
 CPU tensors need triton imported with ``TRITON_INTERPRET=1`` (see :func:`interpreter_active`).
 """
@@ -90,6 +94,9 @@ class AndaKernelSpec:
     """Rows per program (``compress``/``gemm``; ``gemv`` uses 1)."""
     block_n: int = 64
     """Output columns per program (``gemm``/``gemv``)."""
+    asym: bool = False
+    """Asymmetric weights (``gemm``/``gemv``): unsigned integers ``u`` with a scale and a minimum
+    per group, ``W = u * scale + min``; the kernel adds ``min * sum(x_hat)`` per group."""
     mantissa_bits: int | None = field(default=None, compare=False)
     """Informational (the kernel takes M at run time): the M this spec was planned for, shown in
     :attr:`name`; specs that differ only here are equal and share one kernel."""
@@ -107,7 +114,7 @@ class AndaKernelSpec:
             raise ValueError("block sizes must be powers of two")
         if self.kind == "gemm" and (self.block_m < 16 or self.block_n < 16):
             raise ValueError("tl.dot needs block_m, block_n >= 16")
-        ignored = {"compress": dict(weight_bits=4, block_n=64), "gemv": dict(dot="i8", block_m=1),
+        ignored = {"compress": dict(weight_bits=4, block_n=64, asym=False), "gemv": dict(dot="i8", block_m=1),
                    "gemm": {}}[self.kind]
         for name, value in ignored.items():          # one spec (and one compile) per distinct kernel
             object.__setattr__(self, name, value)
@@ -121,9 +128,10 @@ class AndaKernelSpec:
         """Name of the generated kernel function (and cache file): what the source depends on."""
         if self.kind == "compress":
             return f"anda_compress_{self.q_dtype}_bm{self.block_m}"
+        w = f"w{self.weight_bits}" + ("_asym" if self.asym else "")
         if self.kind == "gemv":
-            return f"anda_gemv_w{self.weight_bits}_bn{self.block_n}"
-        return f"anda_gemm_{self.dot}_w{self.weight_bits}_bm{self.block_m}_bn{self.block_n}"
+            return f"anda_gemv_{w}_bn{self.block_n}"
+        return f"anda_gemm_{self.dot}_{w}_bm{self.block_m}_bn{self.block_n}"
 
     @property
     def name(self) -> str:
@@ -134,7 +142,7 @@ class AndaKernelSpec:
             return self.kernel_name
         if self.kind == "compress":
             return f"anda_compress_m{m}_bm{self.block_m}"
-        tail = f"_w{self.weight_bits}" + (f"_g{gs}" if gs else "")
+        tail = f"_w{self.weight_bits}" + ("_asym" if self.asym else "") + (f"_g{gs}" if gs else "")
         if self.kind == "gemv":
             return f"anda_gemv_m{m}{tail}_bn{self.block_n}"
         return f"anda_gemm_m{m}{tail}_bm{self.block_m}_bn{self.block_n}_{self.dot}"
@@ -194,10 +202,13 @@ def _weight_tile(spec: AndaKernelSpec, k_dim: str) -> str:
         kk, nn_, mask = "ks[:, None]", "ns[None, :]", "kmask[:, None] & nmask[None, :]"
     else:
         kk, nn_, mask = "ks[None, :]", "ns[:, None]", "nmask[:, None] & kmask[None, :]"
+    if spec.weight_bits == 8 and spec.asym:
+        return (f"w = tl.load(w_ptr + {nn_} * stride_wn + {kk}, mask={mask}, other=128).to(tl.int32) - 128"
+                f"   # uint8 u = w + 128")
     if spec.weight_bits == 8:
         return f"w = tl.load(w_ptr + {nn_} * stride_wn + {kk}, mask={mask}, other=0).to(tl.int32)"
     return (f"byte = tl.load(w_ptr + {nn_} * stride_wn + {kk} // 2, mask={mask}, other=0x88).to(tl.int32)\n"
-            f"w = ((byte >> (({kk} % 2) * 4)) & 0xF) - 8          # INT4: low nibble = even k, offset 8")
+            f"w = ((byte >> (({kk} % 2) * 4)) & 0xF) - 8          # INT4: low nibble = even k, u = w + 8")
 
 
 _COMPRESS = '''
@@ -221,7 +232,7 @@ def {name}(x_ptr, q_ptr, e_ptr, R, K, M, stride_xr, stride_qr, stride_er,
 _GEMM = '''
 
 @triton.jit(do_not_specialize=["M", "W_GROUP"])
-def {name}(q_ptr, e_ptr, w_ptr, s_ptr, b_ptr, out_ptr, R, N, K, G, M, W_GROUP,
+def {name}(q_ptr, e_ptr, w_ptr, s_ptr, mn_ptr, b_ptr, out_ptr, R, N, K, G, M, W_GROUP,
            stride_qr, stride_er, stride_wn, stride_sn, stride_or,
            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(R, BLOCK_M), cdiv(N, BLOCK_N)). out[R, N] = anda(q, e) @ (w * s)^T + bias."""
@@ -240,7 +251,7 @@ def {name}(q_ptr, e_ptr, w_ptr, s_ptr, b_ptr, out_ptr, R, N, K, G, M, W_GROUP,
 {weight}
         w_scale = tl.load(s_ptr + ns * stride_sn + (g * 64) // W_GROUP, mask=nmask, other=0.0).to(tl.float32)
 {dot}
-        acc += part * a_scale[:, None] * w_scale[None, :]
+{accumulate}
     if HAS_BIAS:
         acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_or + ns[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -263,7 +274,7 @@ _DOTS = {
 _GEMV = '''
 
 @triton.jit(do_not_specialize=["M", "W_GROUP"])
-def {name}(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, R, N, K, G, M, W_GROUP,
+def {name}(x_ptr, w_ptr, s_ptr, mn_ptr, b_ptr, out_ptr, R, N, K, G, M, W_GROUP,
            stride_xr, stride_wn, stride_sn, stride_or,
            HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (R, cdiv(N, BLOCK_N)). Converts the activation row inline, integer dot by multiply+sum."""
@@ -281,11 +292,30 @@ def {name}(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, R, N, K, G, M, W_GROUP,
 {weight}
         part = tl.sum(w * q, axis=1).to(tl.float32)                # exact int32 dot, [BLOCK_N]
         w_scale = tl.load(s_ptr + ns * stride_sn + (g * 64) // W_GROUP, mask=nmask, other=0.0).to(tl.float32)
-        acc += part * a_scale * w_scale
+{accumulate}
     if HAS_BIAS:
         acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_or + ns, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 '''
+
+
+_MIN = ("w_min = tl.load(mn_ptr + ns * stride_sn + (g * 64) // W_GROUP, mask=nmask, other=0.0).to(tl.float32)"
+        " + {off}.0 * w_scale   # W = (w + {off}) * s + min")
+
+
+def _accumulate(spec: AndaKernelSpec) -> str:
+    """Adds a 64-group's contribution; asymmetric: ``s * sum(q*w) + (min + off*s) * sum(q)``."""
+    if not spec.asym:
+        return ("acc += part * a_scale[:, None] * w_scale[None, :]" if spec.kind == "gemm"
+                else "acc += part * a_scale * w_scale")
+    off = 8 if spec.weight_bits == 4 else 128
+    if spec.kind == "gemm":
+        return (_MIN.format(off=off) + "\n"
+                "xsum = tl.sum(qa, axis=1).to(tl.float32)               # sum of the group's q, exact\n"
+                "acc += (part * w_scale[None, :] + xsum[:, None] * w_min[None, :]) * a_scale[:, None]")
+    return (_MIN.format(off=off) + "\n"
+            "xsum = tl.sum(q, axis=1).to(tl.float32)                # [1], exact\n"
+            "acc += (part * w_scale + xsum * w_min) * a_scale")
 
 
 def _indent(src: str, n: int = 8) -> str:
@@ -300,27 +330,30 @@ def kernel_source(spec: AndaKernelSpec) -> str:
         body = _CONVERT + _COMPRESS.format(name=spec.kernel_name, qt=spec.q_dtype)
         w_group = ""
     elif spec.kind == "gemm":
-        summary = (f"Anda x INT{spec.weight_bits} GEMM, tiles {spec.block_m}x{spec.block_n}x64, "
+        summary = (f"Anda x {'asymmetric ' if spec.asym else ''}INT{spec.weight_bits} GEMM, tiles {spec.block_m}x{spec.block_n}x64, "
                    f"dot={spec.dot} (mantissas stored as {spec.q_dtype}).")
         body = _SCALE + _GEMM.format(name=spec.kernel_name, weight=_indent(_weight_tile(spec, "rows")),
-                                     dot=_indent(_DOTS[spec.dot]))
+                                     dot=_indent(_DOTS[spec.dot]), accumulate=_indent(_accumulate(spec)))
     else:
-        summary = f"Anda x INT{spec.weight_bits} GEMV (inline conversion), BLOCK_N={spec.block_n}."
-        body = _CONVERT + _SCALE + _GEMV.format(name=spec.kernel_name, weight=_indent(_weight_tile(spec, "cols")))
+        summary = f"Anda x {'asymmetric ' if spec.asym else ''}INT{spec.weight_bits} GEMV (inline conversion), BLOCK_N={spec.block_n}."
+        body = _CONVERT + _SCALE + _GEMV.format(name=spec.kernel_name, weight=_indent(_weight_tile(spec, "cols")),
+                                                accumulate=_indent(_accumulate(spec)))
     return _HEADER.format(name=spec.kernel_name, summary=summary, w_group=w_group) + body
 
 
 def cache_dir() -> str:
-    """The kernel cache directory, created user-only (0o700). A directory that others may write to
-    is refused: a file planted there would run as this user's code at the next import."""
+    """The kernel cache directory, user-only (0o700: created so, tightened if it is ours and
+    looser). One owned by another user is refused."""
     d = os.environ.get("LLMACCEL_KERNEL_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "llm_compile", "anda_kernels")
     os.makedirs(d, mode=0o700, exist_ok=True)
     st = os.stat(d)
-    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
-        raise RuntimeError(f"Anda kernel cache {d!r} is not owned by this user or is writable by others "
-                           f"(mode {oct(st.st_mode & 0o777)}): run `chmod 700 {d}` or point "
-                           f"LLMACCEL_KERNEL_CACHE to a private directory")
+    if hasattr(os, "getuid"):
+        if st.st_uid != os.getuid():
+            raise RuntimeError(f"Anda kernel cache {d!r} belongs to another user: point "
+                               f"LLMACCEL_KERNEL_CACHE to a directory of your own")
+        if st.st_mode & 0o077:
+            os.chmod(d, 0o700)
     return d
 
 
@@ -346,8 +379,8 @@ def kernel_path(spec: AndaKernelSpec) -> str:
 
 
 def _write_private(path: str, src: str) -> None:
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(src)
     os.replace(tmp, path)

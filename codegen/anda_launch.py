@@ -34,14 +34,16 @@ def check_weight_group(w_group_size: int) -> int:
 
 
 def plan(rows: int, mantissa_bits: int, weight_bits: int, w_group_size: int, mode: str = "auto",
-         dot: str = "auto", block_m: int | None = None, block_n: int | None = None) -> list[AndaKernelSpec]:
-    """Kernel specs, in launch order, for an ``[rows, K] x [N, K]^T`` Anda matmul."""
+         dot: str = "auto", block_m: int | None = None, block_n: int | None = None,
+         asym: bool = False) -> list[AndaKernelSpec]:
+    """Kernel specs, in launch order, for an ``[rows, K] x [N, K]^T`` Anda matmul (``asym``:
+    asymmetric weights with per-group minimums)."""
     check_mantissa_bits(mantissa_bits)
     check_weight_group(w_group_size)
     if mode not in ("auto", "gemv", "gemm"):
         raise ValueError(f"mode {mode!r} not in ('auto', 'gemv', 'gemm')")
     if mode == "gemv" or (mode == "auto" and rows <= GEMV_MAX_ROWS):
-        return [AndaKernelSpec("gemv", weight_bits=weight_bits, block_n=block_n or 64,
+        return [AndaKernelSpec("gemv", weight_bits=weight_bits, block_n=block_n or 64, asym=asym,
                                mantissa_bits=mantissa_bits, w_group_size=w_group_size)]
     dot = default_dot(mantissa_bits) if dot == "auto" else dot
     if not dot_fits(dot, mantissa_bits):
@@ -49,7 +51,7 @@ def plan(rows: int, mantissa_bits: int, weight_bits: int, w_group_size: int, mod
     bm = block_m or min(64, max(16, _next_pow2(rows)))
     bn = block_n or 64
     return [AndaKernelSpec("compress", dot, block_m=bm, mantissa_bits=mantissa_bits),
-            AndaKernelSpec("gemm", dot, weight_bits, bm, bn, mantissa_bits=mantissa_bits,
+            AndaKernelSpec("gemm", dot, weight_bits, bm, bn, asym=asym, mantissa_bits=mantissa_bits,
                            w_group_size=w_group_size)]
 
 
@@ -73,16 +75,16 @@ def launch_signature(spec: AndaKernelSpec, x_dtype: torch.dtype, scale_dtype: to
         ptrs = dict(x_ptr=xt, q_ptr=_TRITON_TYPE[getattr(torch, spec.q_dtype)], e_ptr="u8")
         names = ["x_ptr", "q_ptr", "e_ptr", "R", "K", "M", "stride_xr", "stride_qr", "stride_er"]
         return {n: "*" + ptrs[n] if n in ptrs else "i32" for n in names}, dict(BLOCK_M=spec.block_m)
-    wt = "u8" if spec.weight_bits == 4 else "i8"
+    wt = "u8" if spec.weight_bits == 4 or spec.asym else "i8"
     bt = _TRITON_TYPE[bias_dtype] if bias_dtype is not None else st   # no bias: scales as dummy
     const = dict(HAS_BIAS=bias_dtype is not None, BLOCK_N=spec.block_n)
     if spec.kind == "gemv":
-        ptrs = dict(x_ptr=xt, w_ptr=wt, s_ptr=st, b_ptr=bt, out_ptr=xt)
-        names = ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "out_ptr", "R", "N", "K", "G", "M", "W_GROUP",
+        ptrs = dict(x_ptr=xt, w_ptr=wt, s_ptr=st, mn_ptr=st, b_ptr=bt, out_ptr=xt)
+        names = ["x_ptr", "w_ptr", "s_ptr", "mn_ptr", "b_ptr", "out_ptr", "R", "N", "K", "G", "M", "W_GROUP",
                  "stride_xr", "stride_wn", "stride_sn", "stride_or"]
     else:
         ptrs = dict(q_ptr=_TRITON_TYPE[getattr(torch, spec.q_dtype)], e_ptr="u8", w_ptr=wt, s_ptr=st,
-                    b_ptr=bt, out_ptr=xt)
+                    mn_ptr=st, b_ptr=bt, out_ptr=xt)   # symmetric: scales passed as the unused mins
         names = [*ptrs, "R", "N", "K", "G", "M", "W_GROUP", "stride_qr", "stride_er", "stride_wn",
                  "stride_sn", "stride_or"]
         const["BLOCK_M"] = spec.block_m
@@ -140,10 +142,26 @@ def anda_compress(x: Tensor, mantissa_bits: int, block_m: int = 16, dot: str | N
 
 def anda_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, mantissa_bits: int,
                 weight_bits: int, group_size: int, mode: str = "auto", dot: str = "auto",
-                block_m: int | None = None, block_n: int | None = None) -> Tensor:
-    """``anda(x) @ dequant(qweight, scales)^T + bias`` with the generated kernels; ``[..., N]`` in x.dtype."""
+                block_m: int | None = None, block_n: int | None = None, mins: Tensor | None = None) -> Tensor:
+    """``anda(x) @ dequant(qweight, scales[, mins])^T + bias`` with the generated kernels;
+    ``[..., N]`` in x.dtype.
+
+    ``mins=None`` (symmetric): INT4 ``uint8 [N, K/2]`` nibbles ``q + 8``, INT8 ``int8 [N, K]``,
+    ``W = q * scale``. ``mins`` ``[N, K/group]`` (dtype of ``scales``): unsigned weights, INT4
+    ``uint8 [N, K/2]`` nibbles ``u`` in 0..15 (low nibble = even k, no offset), INT8 ``uint8 [N, K]``,
+    ``W = u * scale + min``. ``group_size``: a multiple of 64 (others: the reference op).
+    """
     check_mantissa_bits(mantissa_bits)
     check_weight_group(group_size)
+    if weight_bits not in (4, 8):
+        raise ValueError(f"anda_matmul: weight_bits={weight_bits!r} not in (4, 8)")
+    want = torch.int8 if (weight_bits == 8 and mins is None) else torch.uint8
+    if qweight.dtype != want:
+        raise ValueError(f"anda_matmul: {'asymmetric' if mins is not None else 'symmetric'} INT{weight_bits} "
+                         f"weights are stored as {want}, got {qweight.dtype}")
+    if mins is not None and (mins.shape != scales.shape or mins.dtype != scales.dtype):
+        raise ValueError(f"anda_matmul: mins {tuple(mins.shape)} {mins.dtype} must match scales "
+                         f"{tuple(scales.shape)} {scales.dtype}")
     x2 = _as_rows(x)
     r, k = x2.shape
     n = qweight.shape[0]
@@ -152,9 +170,10 @@ def anda_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None,
         raise ValueError(f"anda_matmul: x K={k}, qweight {tuple(qweight.shape)} (INT{weight_bits}), "
                          f"scales {tuple(scales.shape)}, group {group_size} do not fit")
     qweight, scales = qweight.contiguous(), scales.contiguous()
+    mn = mins.contiguous() if mins is not None else scales      # unused by symmetric kernels
     out = torch.empty(r, n, dtype=x2.dtype, device=x.device)
     g = -(-k // GROUP)
-    specs = plan(r, mantissa_bits, weight_bits, group_size, mode, dot, block_m, block_n)
+    specs = plan(r, mantissa_bits, weight_bits, group_size, mode, dot, block_m, block_n, asym=mins is not None)
     b = bias if bias is not None else scales       # dummy pointer when HAS_BIAS=False
     if b.dtype == torch.bfloat16 and not b.is_cuda:
         b = b.float()                               # the interpreter has no bf16
@@ -168,14 +187,14 @@ def anda_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None,
     if specs[0].kind == "gemv":
         s = specs[0]
         _load(s, x)[(r, triton_cdiv(n, s.block_n))](
-            x2, qweight, scales, b, out, r, n, k, g, mantissa_bits, group_size, x2.stride(0),
+            x2, qweight, scales, mn, b, out, r, n, k, g, mantissa_bits, group_size, x2.stride(0),
             qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
             BLOCK_N=s.block_n)
     else:
         cs, gs = specs
         q, e = anda_compress(x2, mantissa_bits, cs.block_m, cs.dot)
         _load(gs, x)[(triton_cdiv(r, gs.block_m), triton_cdiv(n, gs.block_n))](
-            q, e, qweight, scales, b, out, r, n, k, g, mantissa_bits, group_size, q.stride(0),
+            q, e, qweight, scales, mn, b, out, r, n, k, g, mantissa_bits, group_size, q.stride(0),
             e.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
             BLOCK_M=gs.block_m, BLOCK_N=gs.block_n)
     return out.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -6,8 +6,8 @@ a subprocess with ``TRITON_INTERPRET=0`` (this process imported triton in interp
 ``python -m llm_compile.codegen.aot_check``.
 
 Coverage: the Anda kernel specs are collected from ``plan()`` itself over every mantissa width
-1..16, INT4/INT8, weight groups 64..512, decode and prefill row counts, every dot flavour that
-fits; every spec is compiled for both targets. The launch-time dimensions (activation dtype
+1..16, INT4/INT8, symmetric/asymmetric weights, weight groups 64..512, decode and prefill row
+counts, every dot flavour that fits; every spec is compiled for both targets. The launch-time dimensions (activation dtype
 fp16/bf16/fp32, scale dtype, bias or not, 16-aligned pointers/sizes or not) are combined so that
 every pair of values (with each other and with every spec field and target) is compiled at least
 once. ``LLMACCEL_AOT_TRITON_PATH=<dir>`` puts another Triton install first on the subprocess's path
@@ -97,10 +97,10 @@ def _cover(rows, dims):
 def anda_specs():
     """Every kernel spec ``plan()`` returns over the launchers' parameter space."""
     specs = set()
-    for m, bits, gs, rows in itertools.product(range(1, 17), (4, 8), GROUPS, ROWS):
+    for m, bits, gs, rows, asym in itertools.product(range(1, 17), (4, 8), GROUPS, ROWS, (False, True)):
         for dot in ("auto", *(d for d in DOTS if dot_fits(d, m))):
             for mode in ("auto", "gemv", "gemm"):
-                specs.update(plan(rows, m, bits, gs, mode=mode, dot=dot))
+                specs.update(plan(rows, m, bits, gs, mode=mode, dot=dot, asym=asym))
     return sorted(specs, key=lambda s: s.kernel_name)
 
 
@@ -128,8 +128,8 @@ def test_plan_space_is_what_the_test_compiles():
     specs = anda_specs()
     kinds = {k: [s for s in specs if s.kind == k] for k in ("compress", "gemv", "gemm")}
     assert {s.dot for s in kinds["gemm"]} == set(DOTS) and {s.block_m for s in kinds["gemm"]} == {16, 32, 64}
-    assert {s.weight_bits for s in kinds["gemv"]} == {4, 8}
-    assert len(kinds["gemm"]) == 3 * 2 * 3 and len(kinds["compress"]) == 3 * 3 and len(kinds["gemv"]) == 2
+    assert {(s.weight_bits, s.asym) for s in kinds["gemv"]} == {(4, False), (4, True), (8, False), (8, True)}
+    assert len(kinds["gemm"]) == 3 * 2 * 2 * 3 and len(kinds["compress"]) == 3 * 3 and len(kinds["gemv"]) == 4
 
 
 def test_anda_kernels_compile_for_sm80_and_sm90(tmp_path):
