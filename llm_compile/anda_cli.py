@@ -107,8 +107,8 @@ def anda_eager(model, widths, kernel: str = "reference"):
         mod = model.get_submodule(name)
 
         def fwd(x, mod=mod, m=w[kind]):
-            return torch.ops.llmaccel.anda_linear(x, mod.qweight, mod.scales, mod.bias, m, mod.bits,
-                                                  mod.group_size, kernel)
+            return torch.ops.llmaccel.anda_linear(x, mod.qweight, mod.scales, mod.mins, mod.bias, m,
+                                                  mod.bits, mod.group_size, kernel)
         mod.forward = fwd
         mods.append(mod)
     try:

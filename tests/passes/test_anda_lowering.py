@@ -103,7 +103,7 @@ def test_llama_structure(llama_graph):
     for node in new.graph.nodes:
         if node.target == ANDA:
             kind = anda_lowering.module_kind(ctx.placeholder_sources[node.args[1].name])
-            assert node.args[4:] == (bits[kind], 4, 64, "reference")
+            assert node.args[3] is None and node.args[5:] == (bits[kind], 4, 64, "reference")
     # the dequantization chains are gone: no bit ops left, only the lm_head (fp) mm remains
     assert count(new, torch.ops.aten.bitwise_and.Scalar) == 0
     assert count(new, torch.ops.aten.mm.default) == 1
@@ -182,7 +182,7 @@ def test_foreign_integer_weights_are_skipped():
     assert count(new, ANDA) == 0 and len(res.skipped) == 2
     reasons = sorted(s["reason"] for s in res.skipped)
     assert "non-elementwise ops" in reasons[0] and ("rev" in reasons[0] or "flip" in reasons[0])
-    assert "not QuantLinear's INT8 dequantization (group 64)" in reasons[1]
+    assert "not QuantLinear's symmetric INT8 dequantization (group 64)" in reasons[1]
 
 
 def test_bmm_form():
