@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from llm_compile.checkpoints.common import DEFAULT_SKIP, install_quant_linear
+from llm_compile.checkpoints.hf_model import empty_causal_lm, load_float_tensors
 from llm_compile.quantize import pack_uint4
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,14 @@ def _row_permutation(processor, name: str, n: int, kwargs) -> torch.Tensor | Non
     return None if np.array_equal(perm, np.arange(n)) else torch.from_numpy(perm)
 
 
+def _shape_of(model, name: str):
+    mod, _, leaf = name.rpartition(".")
+    t = getattr(model.get_submodule(mod) if mod else model, leaf, None)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"GGUF tensor maps to {name}, which {type(model).__name__} lacks")
+    return t.shape
+
+
 class _TopLevel:
     """``model`` seen without children: transformers' map then skips its per-submodule recursion
     (one tensor-name table per submodule, 40 s for a 30-layer model on a slow CPU)."""
@@ -102,8 +111,6 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     Sets ``model.llmaccel_quantized`` (linears imported as integers) and
     ``model.llmaccel_float_linears`` (linears left in float, with the reason)."""
     import gguf
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map, load_gguf_checkpoint)
@@ -113,17 +120,13 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     parsed = load_gguf_checkpoint(path, return_tensors=False)
     # what AutoConfig.from_pretrained(folder, gguf_file=fname) builds, without parsing the file twice
     config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))
-    with no_init_weights():    # every parameter is overwritten below (checked)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    model.tie_weights()        # tied heads share the embedding (GGUF stores it once)
+    model = empty_causal_lm(config, dtype)      # every parameter is filled below (checked)
     reader = gguf.GGUFReader(path)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
     name_map = _names(model, processor, reader, get_gguf_hf_weights_map)
     kwargs = {"tensor_key_mapping": name_map, "parsed_parameters": parsed}
 
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(dict(model.named_buffers()))
     quantized, float_linears, floats = [], {}, []
     for t in reader.tensors:
         hf = name_map.get(t.name)
@@ -148,21 +151,13 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                              group_size=32)
         quantized.append(mod_name)
     # after the swaps, so that biases land in the QuantLinear that replaced their linear
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {id(getattr(model.get_submodule(n), "qweight")) for n in quantized}
+    tensors = {}
     for t, hf in floats:
-        w = gguf.dequantize(t.data, t.tensor_type)
-        res = processor.process(weights=w, name=t.name, **kwargs)
-        target = params.get(hf)
-        if target is None:
-            raise ValueError(f"GGUF tensor {t.name} maps to {hf}, which {type(model).__name__} lacks")
-        val = torch.from_numpy(np.array(res.weights, copy=True)).reshape(target.shape)
-        with torch.no_grad():
-            target.copy_(val.to(target.dtype))
-        loaded.add(id(target))
-    missing = [n for n, p in model.named_parameters() if id(p) not in loaded]
-    if missing:
-        raise ValueError(f"GGUF file {fname} has no tensor for {missing[:5]} ({len(missing)} in all)")
+        res = processor.process(weights=gguf.dequantize(t.data, t.tensor_type), name=t.name, **kwargs)
+        shape = _shape_of(model, hf)
+        tensors[hf] = torch.from_numpy(np.array(res.weights, copy=True)).reshape(shape)
+    qids = {id(model.get_submodule(n).qweight) for n in quantized}
+    load_float_tensors(model, tensors, what=f"GGUF file {fname}", already=qids)
     model.llmaccel_quantized = quantized
     model.llmaccel_float_linears = float_linears
     model.llmaccel_source = {"format": "gguf", "file": fname}

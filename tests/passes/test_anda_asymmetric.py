@@ -12,7 +12,7 @@ from torch import nn  # noqa: E402
 from llm_compile.codegen import anda_format  # noqa: E402
 from llm_compile.codegen.anda_launch import anda_matmul  # noqa: E402
 from llm_compile.quantize import QuantLinear, quantize_weights  # noqa: E402
-from tests.passes.test_anda_lowering import ANDA, _lower, aten_graph, count, run_graph  # noqa: E402
+from anda_graph_helpers import ANDA, _lower, aten_graph, count, run_graph  # noqa: E402
 
 ASYM_KERNELS = "mins" in inspect.signature(anda_matmul).parameters
 
