@@ -16,10 +16,15 @@ Contract::
 
 ``kernel``: ``"triton"`` (generated kernels: GEMV for <= 4 rows, compress + GEMM otherwise;
 interpreted for CPU tensors, compiled for CUDA) or ``"reference"`` (pure torch: fake-quantize x,
-dequantize W, FP32 matmul). The reference raises ``ValueError`` on inf/NaN activations; the kernels
+dequantize W, FP32 matmul; the CPU path). The op's reference path keeps the dequantized FP32 weight
+on the ``qweight`` tensor itself (:func:`cached_dequantized_weight`: it dies with the weight and is
+recomputed when ``qweight``, ``scales`` or ``mins`` change in place), so decoding does not
+re-dequantize every weight every token; this costs 4 bytes per weight of memory. The reference raises ``ValueError`` on inf/NaN activations; the kernels
 cannot raise and return NaN in the affected rows instead.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
@@ -30,17 +35,43 @@ from llm_compile.quantize import dequantize_weight
 
 KERNELS = ("triton", "reference")
 
-__all__ = ["anda_linear", "anda_linear_reference", "KERNELS"]
+__all__ = ["anda_linear", "anda_linear_reference", "cached_dequantized_weight", "KERNELS"]
+
+
+_CACHE_ATTR = "_llmaccel_dequantized"
+
+
+def cached_dequantized_weight(qweight: Tensor, scales: Tensor, mins: Tensor | None, weight_bits: int,
+                              group_size: int) -> Tensor:
+    """``dequantize_weight(...)`` in FP32, cached as an attribute of ``qweight`` (owned by the
+    weight, no global table). Valid while the same ``scales``/``mins`` objects are passed and none
+    of the three tensors was modified in place (version counters); recomputed otherwise."""
+    try:
+        key = (qweight._version, scales._version, None if mins is None else mins._version,
+               weight_bits, group_size, qweight.device)
+    except RuntimeError:           # inference-mode tensors have no version counter: no cache
+        return dequantize_weight(qweight, scales, weight_bits, group_size, torch.float32, mins)
+    hit = getattr(qweight, _CACHE_ATTR, None)
+    if hit is not None and hit[0] == key and hit[1]() is scales and (
+            (mins is None and hit[2] is None) or (mins is not None and hit[2] is not None and hit[2]() is mins)):
+        return hit[3]
+    w = dequantize_weight(qweight, scales, weight_bits, group_size, torch.float32, mins)
+    setattr(qweight, _CACHE_ATTR, (key, weakref.ref(scales), None if mins is None else weakref.ref(mins), w))
+    return w
 
 
 def anda_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None,
                           mantissa_bits: int, weight_bits: int, group_size: int, *,
-                          mins: Tensor | None = None) -> Tensor:
+                          mins: Tensor | None = None, cache: bool = False) -> Tensor:
     """Pure-torch Anda FP-INT linear (FP32 math), the numerical reference of the kernels.
 
-    ``mins`` is keyword-only here (the positional order predates asymmetric weights)."""
+    ``mins`` is keyword-only here (the positional order predates asymmetric weights);
+    ``cache=True`` (what the op does) reuses :func:`cached_dequantized_weight`."""
     xq = anda_format.fake_quantize(x, mantissa_bits, dtype=torch.float32)
-    w = dequantize_weight(qweight, scales, weight_bits, group_size, torch.float32, mins)
+    if cache:
+        w = cached_dequantized_weight(qweight, scales, mins, weight_bits, group_size)
+    else:
+        w = dequantize_weight(qweight, scales, weight_bits, group_size, torch.float32, mins)
     out = xq @ w.t()
     if bias is not None:
         out = out + bias.to(torch.float32)
@@ -77,7 +108,7 @@ def anda_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None,
     if kernel == "reference" or group_size % anda_format.GROUP:
         # the kernels need weight groups that are whole 64-groups; others take the reference path
         return anda_linear_reference(x, qweight, scales, bias, mantissa_bits, weight_bits, group_size,
-                                     mins=mins)
+                                     mins=mins, cache=True)
     if mins is None:
         return anda_matmul(x, qweight, scales, bias, mantissa_bits, weight_bits, group_size)
     # asymmetric groups: the launcher's ``mins`` keyword (engineer A's kernels)
