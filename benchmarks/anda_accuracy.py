@@ -3,8 +3,9 @@
     python benchmarks/anda_accuracy.py --tuple "d=1%=anda_tuple_d1.json" --tuple "d=0.1%=anda_tuple_d01.json"
     python benchmarks/anda_accuracy.py --delta 0.01 0.001      # runs the searches first (cached)
 
-Rows: FP32 (the model as loaded), W4A16 (``quantize_weights`` INT4, group 64, eager, float
-activations), uniform Anda widths ``M`` (``--uniform``, default 4..8, every module kind) and the
+Rows: FP32 (the model as loaded: the GGUF file dequantized to float), W4A16 (eager, float
+activations; ``--weights gguf``, the default: the GGUF file's own Q4_1 integers, so W4A16 equals
+FP32; ``--weights requant``: ``quantize_weights`` symmetric INT4, group 64, the old baseline), uniform Anda widths ``M`` (``--uniform``, default 4..8, every module kind) and the
 searched tuples (``--tuple NAME=PATH`` files written by ``python -m llm_compile.anda_search``, or
 ``--delta`` to search here with the same calibration settings and cache). Every Anda row is the
 model compiled with ``backend="llmaccel"``, ``options={"anda": {"mantissa_bits": ..., "kernel":
@@ -32,8 +33,9 @@ import time
 
 import torch
 
-from llm_compile.anda_cli import (DEFAULT_CONTEXT, DEFAULT_GROUP, DEFAULT_TOKENS, MODEL_NAME,
-                                  EvalCache, Evaluator, model_macs, relative_bops, run_search)
+from llm_compile.anda_cli import (DEFAULT_CONTEXT, DEFAULT_GROUP, DEFAULT_TOKENS, MODEL_NAME, WEIGHTS,
+                                  EvalCache, Evaluator, load_w4_model, model_macs, relative_bops,
+                                  run_search, weights_setting)
 from llm_compile.config import ANDA_MODULE_KINDS
 
 
@@ -47,7 +49,8 @@ def _row(name, widths, ppl, ref, macs, last, n_quant):
 
 def markdown(rows, args) -> str:
     out = [f"SmolLM2-135M-Instruct, evaluation split (Luke, John), {args.tokens} tokens, context "
-           f"{args.context}; INT4 weights, group {args.group_size}; Anda rows compiled with "
+           f"{args.context}; INT4 weights: "
+           f"{'GGUF Q4_1 (lossless)' if args.weights == 'gguf' else f're-quantized, group {args.group_size}'}; Anda rows compiled with "
            f"backend=\"llmaccel\" (kernel \"reference\").", "",
            "| config | M (qkv, o, gate_up, down) | eval ppl | vs W4A16 | BOPs / W4A16 | linears lowered |",
            "|---|---|---|---|---|---|"]
@@ -70,7 +73,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokens", type=int, default=2048, help="evaluation-split tokens")
     ap.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     ap.add_argument("--calib-tokens", type=int, default=DEFAULT_TOKENS, help="search: calibration tokens")
-    ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP)
+    ap.add_argument("--weights", choices=WEIGHTS, default="gguf",
+                    help="W4A16 baseline: GGUF Q4_1 integers (default) or 'requant' (symmetric RTN)")
+    ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="requant: INT4 group")
     ap.add_argument("--cache", default="anda_search_cache.json")
     ap.add_argument("--out", default="anda_accuracy.json")
     args = ap.parse_args(argv)
@@ -78,17 +83,18 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     from llm_compile.eval.data import load_tokens
     from llm_compile.eval.model import load_smollm2
-    from llm_compile.quantize import quantize_weights
 
     model, tok = load_smollm2()
     ids = load_tokens(tok, "evaluation", args.tokens)
     cache = EvalCache(args.cache or None)
-    setting = {"model": MODEL_NAME, "weights": f"int4-g{args.group_size}", "split": "evaluation"}
+    setting = {"model": MODEL_NAME, "weights": weights_setting(args.weights, args.group_size),
+               "split": "evaluation"}
     fp32 = Evaluator(model, ids, context=args.context, cache=cache,
                      setting=dict(setting, weights="fp32"))
     ppl_fp32 = fp32.reference()                      # the unquantized model, eager
     fp32_last = fp32.last
-    quantize_weights(model, bits=4, group_size=args.group_size)
+    fp32.close()
+    model, _ = load_w4_model(args.weights, 4, args.group_size)
     n_quant = len(model.llmaccel_quantized)
     macs = model_macs(model)
 
@@ -127,7 +133,8 @@ def main(argv=None) -> dict:
     table = markdown(rows, args)
     print(table)
     result = {"model": MODEL_NAME, "split": "evaluation", "tokens": args.tokens, "context": args.context,
-              "weight_bits": 4, "group_size": args.group_size, "macs_per_token": macs,
+              "weight_bits": 4, "weights": args.weights,
+              "group_size": 32 if args.weights == "gguf" else args.group_size, "macs_per_token": macs,
               "searches": searches, "rows": rows, "markdown": table,
               "seconds": round(time.perf_counter() - t_start, 1),
               "machine": {"platform": platform.platform(), "torch": torch.__version__,

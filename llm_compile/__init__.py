@@ -5,7 +5,8 @@ package (an entry point registers the backend); importing it is harmless.
 """
 from llm_compile.config import LLMAccelConfig, OptionsError, parse_options
 
-__all__ = ["LLMAccelConfig", "OptionsError", "parse_options", "llmaccel", "quantize_weights"]
+__all__ = ["LLMAccelConfig", "OptionsError", "parse_options", "llmaccel", "quantize_weights",
+           "load_quantized", "save_quantized"]
 
 
 def __getattr__(name):
@@ -17,4 +18,8 @@ def __getattr__(name):
         from llm_compile.quantize import quantize_weights
 
         return quantize_weights
+    if name in ("load_quantized", "save_quantized"):
+        import llm_compile.checkpoints as checkpoints
+
+        return getattr(checkpoints, name)
     raise AttributeError(name)

@@ -3,9 +3,11 @@
     python -m llm_compile.anda_search --delta 0.01 --out anda_tuple.json
     python -m llm_compile.anda_search --delta 0.001 --out anda_tuple_0.1.json   # reuses the cache
 
-Steps: load SmolLM2-135M-Instruct (offline, :func:`llm_compile.eval.model.load_smollm2`), quantize
-every linear but ``lm_head`` to INT4 (:func:`llm_compile.quantize.quantize_weights`; group 64 by
-default, because SmolLM2's hidden size 576 is not a multiple of 128), measure the W4A16 reference
+Steps: load SmolLM2-135M-Instruct with INT4 weights in every linear but ``lm_head``: by default the
+shipped GGUF file's own Q4_1 integers (``--weights gguf``, :func:`llm_compile.load_quantized`:
+the W4A16 reference *is* the GGUF model), or the float model re-quantized with symmetric RTN
+(``--weights requant``, :func:`llm_compile.quantize.quantize_weights`, group 64 by default because
+SmolLM2's hidden size 576 is not a multiple of 128); measure the W4A16 reference
 perplexity (the quantized model, eager, float activations) on the *calibration* split, run
 :func:`llm_compile.anda_search.adaptive_precision_search` at ``--delta`` and write the chosen tuple as
 ``{"mantissa_bits": {...}}``, which ``options={"anda": json.load(f)}`` accepts as is.
@@ -56,18 +58,35 @@ DEFAULT_TOKENS, DEFAULT_CONTEXT, DEFAULT_GROUP = 512, 512, 64
 CACHE_VERSION = 1
 MODES = ("compile", "recompile", "eager")
 
-__all__ = ["load_quantized", "linear_kinds", "anda_options", "anda_eager", "EvalCache", "Evaluator",
+__all__ = ["load_w4_model", "WEIGHTS", "weights_setting", "linear_kinds", "anda_options", "anda_eager", "EvalCache", "Evaluator",
            "model_macs", "relative_bops", "lowered_count", "run_search", "main"]
 
 
-def load_quantized(bits: int = 4, group_size: int = DEFAULT_GROUP):
-    """``(model, tokenizer)``: SmolLM2-135M-Instruct with INT``bits`` weights (all linears but lm_head)."""
-    from llm_compile.eval.model import load_smollm2
+WEIGHTS = ("gguf", "requant")
+"""W4A16 baselines: ``gguf`` = the shipped Q4_1 file's own integers (lossless, asymmetric, group 32:
+the GGUF model itself); ``requant`` = the float model re-quantized with symmetric RTN (the old one)."""
+
+
+def weights_setting(weights: str, group_size: int) -> str:
+    """The cache-key name of a W4A16 baseline."""
+    return "gguf-q4_1" if weights == "gguf" else f"int4-g{group_size}"
+
+
+def load_w4_model(weights: str = "gguf", bits: int = 4, group_size: int = DEFAULT_GROUP):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct with INT4 weights in every linear but lm_head,
+    either the GGUF file's own (``weights="gguf"``, via :func:`llm_compile.load_quantized`) or the
+    float model re-quantized (``"requant"``: symmetric RTN, ``bits``, ``group_size``)."""
+    from llm_compile.eval.model import GGUF_FILE, gguf_folder, load_smollm2
     from llm_compile.quantize import quantize_weights
 
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r} not in {WEIGHTS}")
     model, tok = load_smollm2()
-    quantize_weights(model, bits=bits, group_size=group_size)
-    return model, tok
+    if weights == "requant":
+        return quantize_weights(model, bits=bits, group_size=group_size), tok
+    from llm_compile.checkpoints import load_quantized
+
+    return load_quantized(os.path.join(gguf_folder(), GGUF_FILE)), tok
 
 
 def linear_kinds(model) -> dict[str, str]:
@@ -107,8 +126,8 @@ def anda_eager(model, widths, kernel: str = "reference"):
         mod = model.get_submodule(name)
 
         def fwd(x, mod=mod, m=w[kind]):
-            return torch.ops.llmaccel.anda_linear(x, mod.qweight, mod.scales, mod.bias, m, mod.bits,
-                                                  mod.group_size, kernel)
+            return torch.ops.llmaccel.anda_linear(x, mod.qweight, mod.scales, mod.mins, mod.bias, m,
+                                                  mod.bits, mod.group_size, kernel)
         mod.forward = fwd
         mods.append(mod)
     try:
@@ -308,7 +327,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
     ap.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="perplexity window")
     ap.add_argument("--stride", type=int, default=None, help="window stride (default: context)")
-    ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="INT4 weight group")
+    ap.add_argument("--weights", choices=WEIGHTS, default="gguf",
+                    help="W4A16 baseline: the GGUF file's own Q4_1 integers (default) or 'requant' "
+                         "(float model re-quantized, symmetric RTN, --group-size)")
+    ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="INT4 weight group (requant)")
     ap.add_argument("--start", type=int, default=11, help="start width for every kind")
     ap.add_argument("--min-bits", type=int, default=1)
     ap.add_argument("--max-evals", type=int, default=32)
@@ -327,9 +349,10 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     from llm_compile.eval.data import load_tokens
 
-    model, tok = load_quantized(4, args.group_size)
+    model, tok = load_w4_model(args.weights, 4, args.group_size)
     ids = load_tokens(tok, "calibration", args.tokens)
-    setting = {"model": MODEL_NAME, "weights": f"int4-g{args.group_size}", "split": "calibration"}
+    setting = {"model": MODEL_NAME, "weights": weights_setting(args.weights, args.group_size),
+               "split": "calibration"}
     ev = Evaluator(model, ids, context=args.context, stride=args.stride, mode=args.evaluator,
                    cache=EvalCache(args.cache or None), setting=setting, progress=False)
     macs = model_macs(model)

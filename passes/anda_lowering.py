@@ -2,9 +2,11 @@
 
 An FP-INT matmul is an ``mm``/``addmm``/``bmm`` whose weight operand is computed, only through
 elementwise, view and concatenation ops, from an integer-dtype graph input (``QuantLinear.qweight``)
-and one float graph input (``QuantLinear.scales``); see :mod:`llm_compile.quantize`. The weight
-sub-graph is checked numerically once per distinct shape (it is run on random packed weights and
-compared with :func:`llm_compile.quantize.dequantize_weight`), so any other integer scheme or a
+and one float graph input (``QuantLinear.scales``), or two for asymmetric groups (``scales`` and
+``mins``, ``u * scale + min``; which is which is found numerically); see :mod:`llm_compile.quantize`.
+The weight bits come from the activations' K (asymmetric INT4 and INT8 are both ``uint8``). The
+weight sub-graph is checked numerically once per distinct shape (it is run on random packed weights
+and compared with :func:`llm_compile.quantize.dequantize_weight`), so any other integer scheme or a
 transposed/permuted use is reported in ``skipped`` instead of being rewritten wrongly. The mantissa
 width comes from ``config.anda.bits_for(kind)``, the module kind (``qkv``, ``o``, ``gate_up``,
 ``down``) from the Dynamo source of ``qweight`` (``ctx.placeholder_sources``).
@@ -21,7 +23,10 @@ Before (INT4 ``q_proj``, group 64; view/permute of the dequantized weight, then 
 After (the dequantization chain is dead and removed)::
 
     view_4 = aten.view(x, [8, 128])
-    anda_linear = llmaccel.anda_linear(view_4, qweight, scales, None, 7, 4, 64, 'triton')
+    anda_linear = llmaccel.anda_linear(view_4, qweight, scales, None, None, 7, 4, 64, 'triton')
+
+Asymmetric groups add ``add(mul_5, unsqueeze(mins, -1))`` before the view; the op then gets
+``mins`` in place of the first ``None``.
     view_5 = aten.view(anda_linear, [1, 8, 128])
 """
 from __future__ import annotations
@@ -157,14 +162,16 @@ def _run_chain(gm, chain, env) -> torch.Tensor:
 _VERIFIED: dict[tuple, bool] = {}
 
 
-def _verify(gm, chain, leaves, qw, sc, weight, bits: int, gs: int) -> bool:
+def _verify(gm, chain, leaves, qw, sc, mn, weight, bits: int, gs: int) -> bool:
     """Run the weight sub-graph on random packed weights; it must equal QuantLinear's dequantization
-    (transposed to ``[K, N]``, broadcast for ``bmm``). Cached per op sequence and shapes."""
+    (symmetric when ``mn`` is None, else asymmetric with ``mn`` the minima; transposed to ``[K, N]``,
+    broadcast for ``bmm``). Cached per op sequence, shapes and roles of the inputs."""
     ids = {n: f"%{i}" for i, n in enumerate(leaves + chain)}
     canon = lambda a: str(torch.fx.node.map_arg(a, ids.__getitem__))  # noqa: E731
     key = (tuple((str(n.target), canon(n.args), canon(n.kwargs)) for n in chain),
            tuple((str(_val(leaf).dtype), tuple(_val(leaf).shape)) if _val(leaf) is not None else leaf.name
-                 for leaf in leaves), leaves.index(qw), leaves.index(sc), bits, gs)
+                 for leaf in leaves), leaves.index(qw), leaves.index(sc),
+           None if mn is None else leaves.index(mn), bits, gs)
     if key in _VERIFIED:
         return _VERIFIED[key]
     ok = False
@@ -179,8 +186,11 @@ def _verify(gm, chain, leaves, qw, sc, weight, bits: int, gs: int) -> bool:
                     env[leaf] = getattr(gm, leaf.target)
                 else:
                     env[leaf] = _random_like(_val(leaf), gen)
+            if mn is not None:   # minima of either sign, distinct from the scales
+                env[mn] = env[mn] - 1.0
             got = _run_chain(gm, chain, env)
-            expect = dequantize_weight(env[qw], env[sc], bits, gs, got.dtype).t()
+            expect = dequantize_weight(env[qw], env[sc], bits, gs, got.dtype,
+                                       None if mn is None else env[mn]).t()
             want_shape = tuple(int(s) for s in _val(weight).shape)
             ok = tuple(got.shape) == want_shape and torch.allclose(
                 got.to(torch.float32), expect.expand(want_shape).to(torch.float32), rtol=1e-2, atol=1e-3)
@@ -217,20 +227,30 @@ def _site(gm, node: torch.fx.Node, config: LLMAccelConfig, ctx: PassContext, ker
     if not ints or not chain:
         return None
     floats = [n for n in leaves if n not in ints and n.op == "placeholder"]
-    if len(ints) != 1 or len(floats) != 1 or any(n.op != "placeholder" and _val(n) is not None
-                                                 and _val(n).numel() > 1 for n in leaves):
-        return None, "weight derives from integer inputs but not from one (qweight, scales) pair"
-    qw, sc = ints[0], floats[0]
-    qv, sv = _val(qw), _val(sc)
-    if qv.dim() != 2 or sv.dim() != 2 or qv.dtype not in (torch.uint8, torch.int8):
-        return None, f"qweight {qv.dtype}{tuple(qv.shape)} / scales {tuple(sv.shape)} are not QuantLinear's"
-    bits = 4 if qv.dtype == torch.uint8 else 8
-    n_out, k = int(qv.shape[0]), int(qv.shape[1]) * (2 if bits == 4 else 1)
-    if int(sv.shape[0]) != n_out or int(sv.shape[1]) == 0 or k % int(sv.shape[1]):
-        return None, f"scales {tuple(sv.shape)} do not fit qweight {tuple(qv.shape)}"
-    gs = k // int(sv.shape[1])
-    if not _verify(gm, chain, leaves, qw, sc, weight, bits, gs):
-        return None, f"weight sub-graph is not QuantLinear's INT{bits} dequantization (group {gs})"
+    if len(ints) != 1 or len(floats) not in (1, 2) or any(n.op != "placeholder" and _val(n) is not None
+                                                          and _val(n).numel() > 1 for n in leaves):
+        return None, "weight derives from integer inputs but not from one (qweight, scales[, mins]) set"
+    qw = ints[0]
+    qv, fvals = _val(qw), [_val(f) for f in floats]
+    xv = _val(node.args[xi]) if isinstance(node.args[xi], torch.fx.Node) else None
+    if qv.dim() != 2 or any(v.dim() != 2 for v in fvals) or qv.dtype not in (torch.uint8, torch.int8) \
+            or xv is None:
+        return None, (f"qweight {qv.dtype}{tuple(qv.shape)} / scales {[tuple(v.shape) for v in fvals]} "
+                      "are not QuantLinear's")
+    n_out, k = int(qv.shape[0]), int(xv.shape[-1])
+    # asymmetric INT8 and INT4 are both uint8: the activations' K tells them apart
+    bits = 8 if int(qv.shape[1]) == k else 4 if 2 * int(qv.shape[1]) == k else None
+    if bits is None or any(tuple(int(d) for d in v.shape) != tuple(int(d) for d in fvals[0].shape)
+                           for v in fvals) or int(fvals[0].shape[0]) != n_out \
+            or int(fvals[0].shape[1]) == 0 or k % int(fvals[0].shape[1]):
+        return None, f"scales {[tuple(v.shape) for v in fvals]} do not fit qweight {tuple(qv.shape)}, K={k}"
+    gs = k // int(fvals[0].shape[1])
+    roles = [(floats[0], None)] if len(floats) == 1 else [(floats[0], floats[1]), (floats[1], floats[0])]
+    found = [(a, b) for a, b in roles if _verify(gm, chain, leaves, qw, a, b, weight, bits, gs)]
+    if not found:
+        form = "symmetric" if len(floats) == 1 else "asymmetric"
+        return None, f"weight sub-graph is not QuantLinear's {form} INT{bits} dequantization (group {gs})"
+    sc, mn = found[0]
     if node.target == aten.addmm.default:
         bias = node.args[0]
         bv = _val(bias) if isinstance(bias, torch.fx.Node) else None
@@ -244,9 +264,10 @@ def _site(gm, node: torch.fx.Node, config: LLMAccelConfig, ctx: PassContext, ker
     if kind is None:
         return None, f"unknown module kind for {source or qw.name!r}"
     m_bits = config.anda.bits_for(kind)
-    args = (node.args[xi], qw, sc, bias, m_bits, bits, gs, kernel)
+    args = (node.args[xi], qw, sc, mn, bias, m_bits, bits, gs, kernel)
     info = {"node": node.name, "form": str(node.target.overloadpacket.__name__), "kind": kind,
             "mantissa_bits": m_bits, "weight_bits": bits, "group_size": gs, "N": n_out, "K": k,
+            "symmetric": mn is None,
             "source": source, "kernel": kernel}
     return args, info
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from llm_compile.quantize import (QuantLinear, dequantize_weight, pack_int4, quantize_tensor,
-                                  quantize_weights, unpack_int4)
+from llm_compile.quantize import (QuantLinear, dequantize_weight, pack_int4, pack_uint4, quantize_tensor,
+                                  quantize_tensor_asymmetric, quantize_weights, unpack_int4, unpack_uint4)
 
 
 def test_int4_pack_layout_and_roundtrip():
@@ -81,3 +81,40 @@ def test_fp16_scales_and_dtype_follow_input():
     assert ql.scales.dtype == torch.float16
     out = ql(torch.randn(2, 128, dtype=torch.float64).float())
     assert out.dtype == torch.float32
+
+
+def test_uint4_pack_layout_no_offset():
+    u = torch.tensor([[0, 15, 3, 1]], dtype=torch.uint8)
+    assert pack_uint4(u).tolist() == [[0xF0, 0x13]]
+    r = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_uint4(pack_uint4(r)), r)
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 32), (4, 128), (8, 64), (8, 32)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_asymmetric_reconstruction_error_bound(bits, gs, scale_dtype):
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) + 0.3
+    qw, s, mn = quantize_tensor_asymmetric(w, bits, gs, scale_dtype)
+    assert qw.dtype == torch.uint8 and s.dtype == mn.dtype == scale_dtype
+    assert qw.shape == ((48, 128) if bits == 4 else (48, 256)) and s.shape == mn.shape == (48, 256 // gs)
+    w_hat = dequantize_weight(qw, s, bits, gs, mins=mn)
+    s32 = s.float().repeat_interleave(gs, dim=1)
+    slack = 0 if scale_dtype == torch.float32 else 2e-3          # fp16 min/scale rounding at the ends
+    assert ((w - w_hat).abs() <= s32 / 2 * (1 + 1e-5) + 1e-6 + slack).all()
+    if scale_dtype == torch.float32:   # the group minimum is exact, the maximum within rounding
+        assert torch.allclose(w_hat.reshape(48, -1, gs).amin(-1), w.reshape(48, -1, gs).amin(-1), atol=1e-6)
+    # constant groups: scale 0, u 0, W = min exactly
+    c = torch.full((2, 64), 0.25)
+    qc, sc, mc = quantize_tensor_asymmetric(c, bits, 64)
+    assert torch.equal(dequantize_weight(qc, sc, bits, 64, mins=mc), c)
+
+
+def test_quantize_weights_asymmetric_state_dict():
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(128, 64))
+    quantize_weights(model, bits=4, group_size=32, symmetric=False)
+    assert isinstance(model.a, QuantLinear) and not model.a.symmetric and model.a.group_size == 32
+    assert set(model.a.state_dict()) == {"qweight", "scales", "mins", "bias"}
+    with pytest.raises(TypeError, match="symmetric"):
+        quantize_weights(nn.Sequential(nn.Linear(64, 8)), symmetric="no")

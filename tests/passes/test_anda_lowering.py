@@ -9,55 +9,10 @@ from collections import Counter  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func  # noqa: E402
 
-from llm_compile.config import parse_options  # noqa: E402
+from anda_graph_helpers import ANDA, _lower, aten_graph, count, run_graph  # noqa: E402
 from llm_compile.passes import anda_lowering  # noqa: E402
-from llm_compile.passes.base import PassContext  # noqa: E402
-from llm_compile.passes.cleanup import cleanup  # noqa: E402
 from llm_compile.quantize import QuantLinear, quantize_weights  # noqa: E402
-
-ANDA = torch.ops.llmaccel.anda_linear.default
-
-
-def aten_graph(fn, *args):
-    """What the backend does up to the passes: Dynamo -> AOTAutograd (inference, Inductor decomps).
-    Returns ``(aten_gm, ctx)`` for the first graph; ``ctx.example_inputs`` are replaced by the real
-    Dynamo inputs (same order as the ATen placeholders here: no parameters are lifted)."""
-    from torch._inductor.decomposition import select_decomp_table
-
-    out = {}
-
-    def backend(gm, example_inputs):
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-
-        def fw(agm, ainputs):
-            anames = [n.name for n in agm.graph.nodes if n.op == "placeholder"]
-            out.setdefault("gm", agm)
-            out.setdefault("ctx", PassContext("graph_000", list(ainputs), dict(zip(anames, names))))
-            out.setdefault("real", list(example_inputs))         # Dynamo's inputs are real tensors
-            return make_boxed_func(agm.forward)
-
-        return aot_module_simplified(gm, example_inputs, fw_compiler=fw, decompositions=select_decomp_table())
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(fn, backend=backend, dynamic=False)(*args)
-    ctx = out["ctx"]
-    assert len(out["real"]) == len(ctx.example_inputs)
-    assert all(not isinstance(t, torch._subclasses.FakeTensor) for t in out["real"])
-    ctx.example_inputs = out["real"]
-    return out["gm"], ctx
-
-
-def run_graph(gm, ctx):
-    with torch.no_grad():
-        res = gm(*ctx.example_inputs)
-    return res[0] if isinstance(res, (tuple, list)) else res
-
-
-def count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
 
 
 def _llama(bits=4, group=64, layers=2):
@@ -84,14 +39,6 @@ def llama_graph():
     return model, gm, ctx, eager
 
 
-def _lower(gm, ctx, **anda):
-    gm = torch.fx.GraphModule(gm, gm.graph.__deepcopy__())          # keep the fixture graph intact
-    ctx = PassContext(ctx.graph_id, ctx.example_inputs, ctx.placeholder_sources)
-    res = anda_lowering.run(gm, parse_options({"anda": anda}), ctx)
-    cleanup(gm)
-    return gm, ctx, res
-
-
 def test_llama_structure(llama_graph):
     model, gm, ctx, _ = llama_graph
     n_quant = len(model.llmaccel_quantized)
@@ -103,7 +50,7 @@ def test_llama_structure(llama_graph):
     for node in new.graph.nodes:
         if node.target == ANDA:
             kind = anda_lowering.module_kind(ctx.placeholder_sources[node.args[1].name])
-            assert node.args[4:] == (bits[kind], 4, 64, "reference")
+            assert node.args[3] is None and node.args[5:] == (bits[kind], 4, 64, "reference")
     # the dequantization chains are gone: no bit ops left, only the lm_head (fp) mm remains
     assert count(new, torch.ops.aten.bitwise_and.Scalar) == 0
     assert count(new, torch.ops.aten.mm.default) == 1
@@ -182,7 +129,7 @@ def test_foreign_integer_weights_are_skipped():
     assert count(new, ANDA) == 0 and len(res.skipped) == 2
     reasons = sorted(s["reason"] for s in res.skipped)
     assert "non-elementwise ops" in reasons[0] and ("rev" in reasons[0] or "flip" in reasons[0])
-    assert "not QuantLinear's INT8 dequantization (group 64)" in reasons[1]
+    assert "not QuantLinear's symmetric INT8 dequantization (group 64)" in reasons[1]
 
 
 def test_bmm_form():

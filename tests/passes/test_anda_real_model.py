@@ -16,9 +16,9 @@ PROMPT = "In the beginning God created the heavens and the earth. The earth was"
 
 @pytest.fixture(scope="module")
 def smollm2_w4():
-    from llm_compile.anda_cli import load_quantized
+    from llm_compile.anda_cli import load_w4_model
 
-    model, tok = load_quantized(bits=4, group_size=64)
+    model, tok = load_w4_model("requant", bits=4, group_size=64)
     assert len(model.llmaccel_quantized) == N_LINEARS and not model.llmaccel_skipped
     return model, tok
 
