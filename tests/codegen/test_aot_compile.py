@@ -164,8 +164,8 @@ def _swa_jobs():
     jobs = []
     fp = dict(MP="*fp32", LP="*fp32", ACC="*fp32", W="*fp32")
     part_rows = [dict(cc=cc, BLOCK_T=bt) for cc in TARGETS for bt in (16, 32, 64)]
-    dims = dict(dtype=("fp16", "bf16", "fp32"), D=(64, 80, 128), PER_HEAD_IDX=(False, True), BLOCK_G=(16, 32),
-                aligned=(False, True))
+    dims = dict(dtype=("fp16", "bf16", "fp32"), D=(64, 80, 128), PER_HEAD_IDX=(False, True),
+                BLOCK_G=(16, 32, 128), aligned=(False, True))
     for i, ch in _cover(part_rows, dims):
         row = part_rows[i]
         dt = "*" + ch["dtype"]
@@ -175,8 +175,8 @@ def _swa_jobs():
                      BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_DV=max(16, 1 << (d - 1).bit_length()))
         jobs.append(dict(label=f"swa_partial sm_{row['cc']} {ch} {row}", cc=row["cc"], fn="_swa_partial_kernel",
                          signature=sig, constexprs=const, aligned=ch["aligned"]))
-    fin_rows = [dict(cc=cc, BLOCK_S=bs) for cc in TARGETS for bs in (2, 64)]
-    dims = dict(dtype=("fp16", "bf16", "fp32"), BLOCK_T=(16, 32, 64), BLOCK_G=(16, 32), DV=(64, 80, 128))
+    fin_rows = [dict(cc=cc, BLOCK_S=bs) for cc in TARGETS for bs in (2, 64, 512)]
+    dims = dict(dtype=("fp16", "bf16", "fp32"), BLOCK_T=(16, 32, 64), BLOCK_G=(16, 32, 128), DV=(64, 80, 128))
     for i, ch in _cover(fin_rows, dims):
         row = fin_rows[i]
         bdv = max(16, 1 << (ch["DV"] - 1).bit_length())
