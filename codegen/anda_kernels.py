@@ -39,12 +39,12 @@ CPU tensors need triton imported with ``TRITON_INTERPRET=1`` (see :func:`interpr
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import sys
 import textwrap
 import threading
 from dataclasses import dataclass, field, fields
+
+from llm_compile.codegen.source_cache import import_source, private_dir, source_path
 
 GROUP = 64
 KINDS = ("compress", "gemm", "gemv")
@@ -342,19 +342,10 @@ def kernel_source(spec: AndaKernelSpec) -> str:
 
 
 def cache_dir() -> str:
-    """The kernel cache directory, user-only (0o700: created so, tightened if it is ours and
-    looser). One owned by another user is refused."""
-    d = os.environ.get("LLMACCEL_KERNEL_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "llm_compile", "anda_kernels")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    st = os.stat(d)
-    if hasattr(os, "getuid"):
-        if st.st_uid != os.getuid():
-            raise RuntimeError(f"Anda kernel cache {d!r} belongs to another user: point "
-                               f"LLMACCEL_KERNEL_CACHE to a directory of your own")
-        if st.st_mode & 0o077:
-            os.chmod(d, 0o700)
-    return d
+    """The kernel cache directory, user-only (see :mod:`llm_compile.codegen.source_cache`)."""
+    return private_dir(os.environ.get("LLMACCEL_KERNEL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "llm_compile", "anda_kernels"), "Anda kernel cache",
+        "LLMACCEL_KERNEL_CACHE")
 
 
 _LOCK = threading.Lock()
@@ -370,54 +361,18 @@ def interpreter_active() -> bool:
     return isinstance(tl.standard.sum, InterpretedFunction)
 
 
-def _digest(src: str) -> str:
-    return hashlib.sha256(src.encode()).hexdigest()[:12]
-
-
 def kernel_path(spec: AndaKernelSpec) -> str:
-    return os.path.join(cache_dir(), f"{spec.kernel_name}_{_digest(kernel_source(spec))}.py")
-
-
-def _write_private(path: str, src: str) -> None:
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(src)
-    os.replace(tmp, path)
+    return source_path(cache_dir(), spec.kernel_name, kernel_source(spec))
 
 
 def load_kernel(spec: AndaKernelSpec):
-    """The ``@triton.jit`` kernel for ``spec``: source written to the cache dir and imported.
-
-    A file already at the cache path runs only if its content hashes to the digest in its name
-    (that is, it is the generated source); otherwise it is rewritten. The module is executed from
-    the verified text, which is also what Triton reads back as the kernel source (``linecache``),
-    so the file is read once.
-    """
-    import importlib.util
-    import linecache
-
+    """The ``@triton.jit`` kernel for ``spec``: source saved in the cache dir and imported from
+    the verified text (a cached file whose content does not match its name is rewritten, never run)."""
     fn = _LOADED.get(spec)
     if fn is not None:
         return fn
     with _LOCK:
-        if spec in _LOADED:
-            return _LOADED[spec]
-        src = kernel_source(spec)
-        path = kernel_path(spec)
-        try:
-            with open(path) as f:
-                on_disk = f.read()
-        except FileNotFoundError:
-            on_disk = None
-        if on_disk is None or _digest(on_disk) != _digest(src):      # the digest in its name
-            _write_private(path, src)
-        mod_name = f"llmaccel_anda_kernels.{os.path.basename(path)[:-3]}"
-        linecache.cache[path] = (len(src), None, src.splitlines(True), path)   # inspect reads this
-        mspec = importlib.util.spec_from_loader(mod_name, loader=None, origin=path)
-        mod = importlib.util.module_from_spec(mspec)
-        mod.__file__ = path
-        sys.modules[mod_name] = mod            # triton resolves globals through the module
-        exec(compile(src, path, "exec"), mod.__dict__)
-        fn = _LOADED[spec] = getattr(mod, spec.kernel_name)
-        return fn
+        if spec not in _LOADED:
+            mod = import_source(cache_dir(), spec.kernel_name, kernel_source(spec), "llmaccel_anda_kernels")
+            _LOADED[spec] = getattr(mod, spec.kernel_name)
+        return _LOADED[spec]
