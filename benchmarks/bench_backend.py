@@ -31,7 +31,7 @@ import time
 
 CONFIGS: dict[str, tuple[str | None, dict | None]] = {
     "eager": (None, None),
-    "inductor": ("inductor", None),
+    "inductor": ("inductor", {}),
     "llmaccel-off": ("llmaccel", {}),
     "kv_store": ("llmaccel", {"kv_store": True}),
     "swa-0.8": ("llmaccel", {"swa": {"sparsity": 0.8}}),
@@ -192,7 +192,7 @@ def table(result: dict) -> str:
         return f"{r[key] / base[key]:.2f}x"
 
     for r in result["rows"]:
-        label = r["config"] if r["options"] is None else f"{r['config']} `{json.dumps(r['options'])}`"
+        label = r["config"] if r["backend"] != "llmaccel" else f"{r['config']} `{json.dumps(r['options'])}`"
         lines.append(f"| {label} | {st(r['decode_tok_s'])} | {ratio(r, 'decode_tok_s')} | "
                      f"{st(r['prefill_tok_s'], '{:.1f}')} | {ratio(r, 'prefill_tok_s')} | "
                      f"{comp(r, 'compile_cold_s')} | {comp(r, 'compile_warm_s')} | "

@@ -49,8 +49,9 @@ records as in ``passes.json``; ``"cache": "hit"`` when Inductor served the graph
 the records were read back). Handy to count graphs (recompiles) and sites without a debug dump."""
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-"""``torch.compile(mode=...)`` values handed to Inductor (``inner="inductor"``). Inductor's
-``"lite"`` mode is refused: it skips the post-grad passes our pipeline runs in."""
+"""``torch.compile(mode=...)`` (or ``options={"mode": ...}``, since torch.compile refuses both at
+once) values handed to Inductor (``inner="inductor"``). Inductor's ``"lite"`` mode is refused: it
+skips the post-grad passes our pipeline runs in."""
 
 _STATEFUL_PASSES = ("swa", "kv_store", "offload")
 """Passes whose ops keep per-sequence state in Python objects between calls: CUDA graphs (which
@@ -73,13 +74,9 @@ def passes_enabled(config: LLMAccelConfig) -> bool:
 
 def inductor_config_patches(mode: str | None, config: LLMAccelConfig) -> dict:
     """Inductor config for ``mode`` (as ``backend="inductor"`` would use); a clear error otherwise."""
-    mode = mode or "default"
-    if mode not in MODES:
-        raise OptionsError(f"llmaccel: mode={mode!r} is not supported; use one of {list(MODES)} "
-                           "(or leave mode unset)")
     from torch._inductor import list_mode_options
 
-    patches = dict(list_mode_options(mode))
+    patches = dict(list_mode_options(mode or "default"))
     stateful = [p for p in _STATEFUL_PASSES if getattr(config, p) is not None]
     if patches.get("triton.cudagraphs") and stateful:
         log.warning("llmaccel: mode=%r: CUDA graphs are off for graphs with %s (their ops keep "
@@ -119,7 +116,6 @@ class EagerInner:
 
     def compile(self, gm, example_inputs, pipeline: _Pipeline, mode: str | None):
         if mode not in (None, "default"):
-            inductor_config_patches(mode, pipeline.config)  # unknown modes: the same clear error
             log.warning("llmaccel: mode=%r has no effect with inner='eager' (nothing is compiled)", mode)
 
         def fw_compiler(aten_gm: torch.fx.GraphModule, aten_inputs):
@@ -179,6 +175,12 @@ def _warn_if_grad(example_inputs) -> None:
 def llmaccel(gm: torch.fx.GraphModule, example_inputs, *, options=None, mode=None):
     """Dynamo backend entry: ``torch.compile(fn, backend="llmaccel", options={...}, mode=...)``."""
     config = parse_options(options)
+    if mode is not None and config.mode is not None and mode != config.mode:
+        raise OptionsError(f"llmaccel: mode={mode!r} and options['mode']={config.mode!r} disagree; give one")
+    mode = mode or config.mode
+    if mode is not None and mode not in MODES:
+        raise OptionsError(f"llmaccel: mode={mode!r} is not supported; use one of {list(MODES)} "
+                           "(or leave mode unset)")
     inner = INNER_COMPILERS[config.inner]
     graph_id = _next_graph_id()
     dump = DebugDump(config.debug_dir, graph_id, config.debug_passes)

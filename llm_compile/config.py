@@ -107,7 +107,11 @@ class LLMAccelConfig:
     canonicalize: bool = True
     """Rewrite attention sites to ``llmaccel::attention`` (needed by swa/offload)."""
     inner: str = "inductor"
-    """What compiles the rewritten graph: ``"inductor"`` (``compile_fx_inner``) or ``"eager"``."""
+    """What compiles the rewritten graph: ``"inductor"`` (Inductor's ``compile_fx``, our passes in its post-grad hook) or ``"eager"``."""
+    # --- issue 17 (engineer F): Inductor mode as an option -------------------------------------
+    mode: str | None = None
+    """Inductor mode (`"reduce-overhead"`, `"max-autotune"`, ...), as `torch.compile(mode=...)`, which torch.compile does not allow together with `options=`."""
+    # --- end issue 17 ------------------------------------------------------------------------------
     debug_dir: str | None = None
     """Write a per-graph debug dump here (also ``LLMACCEL_DEBUG``)."""
     debug_passes: tuple[str, ...] | None = None
@@ -122,6 +126,7 @@ _CHOICES = {
     ("anda", "kernel"): ("triton", "reference"),
     ("offload", "transport"): ("auto", "gloo", "nccl"),
     ("", "inner"): ("inductor", "eager"),
+    ("", "mode"): (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),  # issue 17
 }
 
 
