@@ -47,6 +47,10 @@ class SWAConfig:
     kernel: str = "auto"
     """``"torch"`` (gather + SDPA), ``"triton"`` (fused gather/attend/score kernel), ``"auto"``
     (Triton on GPU, torch on CPU)."""
+    # --- issue 17 (engineer F): never slower than dense at short context ----------------------
+    min_context: int = 1024
+    """Decode steps whose cache holds fewer tokens run dense (exact; scores kept only for the last window before it): below it SWA saves less than its bookkeeping costs (benchmarks/RESULTS.md, short context). 0 = sparse whenever the budget is below the context."""
+    # --- end issue 17 ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,8 @@ def _validate_swa(c: SWAConfig) -> None:
         raise OptionsError("llmaccel: swa.score_window must be a positive int or None")
     if c.sink_tokens < 0 or c.bucket < 1:
         raise OptionsError("llmaccel: swa.sink_tokens must be >= 0 and swa.bucket >= 1")
+    if isinstance(c.min_context, bool) or not isinstance(c.min_context, int) or c.min_context < 0:  # issue 17
+        raise OptionsError(f"llmaccel: swa.min_context={c.min_context!r} must be an int >= 0")
 
 
 def _validate_anda(c: AndaConfig) -> None:

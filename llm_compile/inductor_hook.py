@@ -17,8 +17,8 @@ buffers) would miss the re-inplacing and no-op removal that run after the pre ho
 Caching: :meth:`PipelinePass.uuid` hashes the parsed config and the source of the pipeline
 (passes, ops, runtime, codegen, config), so Inductor's FX graph cache (and the AOTAutograd cache on
 top of it) stays valid and is keyed by what changes our output. It returns ``None`` (no caching)
-when a graph would bake in process state (attention offload bakes a worker-pool handle) or when a
-debug dump is asked for (a cache hit would skip the pipeline, hence the dump). On a cache hit the
+when a graph would bake in process state (SWA, the KV store and offload bake runtime handles, see
+:data:`PROCESS_STATE_SECTIONS`) or when a debug dump is asked for (a cache hit would skip the pipeline, hence the dump). On a cache hit the
 pipeline does not run; its records (``COMPILED``) are then read back from a small JSON store
 written when the graph was first compiled (:class:`RecordStore`).
 """
@@ -70,8 +70,16 @@ def config_key(config: LLMAccelConfig) -> str:
     return repr(dataclasses.replace(config, debug_dir=None, debug_passes=None))
 
 
+PROCESS_STATE_SECTIONS = ("swa", "kv_store", "offload")
+"""Passes that bake a runtime handle (``llm_compile.runtime.context.register_handle``: an SWA
+config, the KV store, a worker pool) into the graph as an int. Handles are numbered in the order a
+process registers them, so a graph served from Inductor's on-disk cache to another process would
+call into the wrong object, or none: such graphs are never cached."""
+
+
 def cacheable(config: LLMAccelConfig) -> bool:
-    return config.offload is None and config.debug_dir is None
+    """Whether Inductor may cache graphs compiled under ``config`` (see ``uuid``)."""
+    return config.debug_dir is None and all(getattr(config, s) is None for s in PROCESS_STATE_SECTIONS)
 
 
 class PipelinePass(CustomGraphPass):
