@@ -48,8 +48,8 @@ class SWAConfig:
     """``"torch"`` (gather + SDPA), ``"triton"`` (fused gather/attend/score kernel), ``"auto"``
     (Triton on GPU, torch on CPU)."""
     # --- issue 17 (engineer F): never slower than dense at short context ----------------------
-    min_context: int = 1024
-    """Decode steps whose cache holds fewer tokens run dense (exact; scores kept only for the last window before it): below it SWA saves less than its bookkeeping costs (benchmarks/RESULTS.md, short context). 0 = sparse whenever the budget is below the context."""
+    min_context: int = 0
+    """Decode steps whose cache holds fewer tokens run dense (exact, no score bookkeeping except for the last window before it). 0 = off: sparse whenever the budget is below the context. Short prompts: set it (e.g. 1024, README: SWA at short context)."""
     # --- end issue 17 ------------------------------------------------------------------------------
 
 
