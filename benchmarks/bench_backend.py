@@ -123,6 +123,8 @@ def run(args) -> dict:
     if unknown:
         raise SystemExit(f"bench_backend: unknown configs {unknown}; choose from {list(known)}")
     root = args.cache_root or tempfile.mkdtemp(prefix="llmaccel_bench_")
+    # a config whose cache folder is already filled (--cache-root of an earlier run) compiles warm
+    warm_from_start = {n for n in names if os.path.isdir(os.path.join(root, n)) and os.listdir(os.path.join(root, n))}
     workers, compile_cold = {}, {}
     try:
         if args.parallel_compile:  # all compile at once (a busy machine: wall time of the slowest)
@@ -143,9 +145,9 @@ def run(args) -> dict:
     finally:
         for w in workers.values():
             w.close()
-    compile_warm = {}
+    compile_warm = {n: compile_cold.pop(n) for n in warm_from_start}
     if not args.no_warm:
-        compiled = [n for n in names if known[n][0] is not None]
+        compiled = [n for n in names if known[n][0] is not None and n not in compile_warm]
         pending = {n: Worker(n, args, os.path.join(root, n)) for n in compiled} if args.parallel_compile else {}
         for name in compiled:
             w = pending.get(name) or Worker(name, args, os.path.join(root, name))

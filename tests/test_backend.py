@@ -278,3 +278,17 @@ def test_hf_generate_compile_config_with_llmaccel():
                 out = m.generate(ids, **gen, compile_config=cc)
             assert out.tolist() == ref.tolist()
             assert rec, "generate did not compile with llmaccel"
+
+
+def test_failing_pass_rolls_back_inside_inductor(monkeypatch):
+    """The manager's rollback replaces the graph object; inside Inductor's post-grad hook the
+    restored nodes must land in the graph Inductor holds (else it would lower the damaged one)."""
+    spec = pipeline.PassSpec("canonicalize_attention", "canonicalize_attention", lambda c: True)
+    monkeypatch.setattr(pipeline.PassSpec, "load", lambda self: _boom)
+    monkeypatch.setattr("llm_compile.passes.manager.PIPELINE", [spec])
+    monkeypatch.setattr("llm_compile.backend.PIPELINE", [spec])
+    x, w = torch.randn(4, 16), torch.randn(16, 8)
+    with record_compiles() as rec:
+        out = torch.compile(_f, backend="llmaccel", options={"debug_dir": None})(x, w)
+    torch.testing.assert_close(out, _f(x, w))
+    assert "unsupported site xyz" in rec[0]["passes"][0]["error"] and rec[0]["inner"] == "inductor"
