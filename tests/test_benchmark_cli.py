@@ -107,3 +107,29 @@ def test_gpu_check_import_shim_maps_the_package_dirs(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert str(ROOT / "passes" / "pipeline.py") in r.stdout and "llm_compile.backend:llmaccel" in r.stdout
+
+
+def test_bench_backend_args_and_table(capsys):
+    m = _load("bench_backend")
+    with pytest.raises(SystemExit):
+        m.parse_args(["--configs", "eager,turbo"])
+    assert "unknown configs ['turbo']" in capsys.readouterr().err
+    args = m.parse_args(["--configs", "eager,inductor,llmaccel-off", "--repeats", "3"])
+    assert m.CONFIGS["inductor"] == ("inductor", {}) and m.CONFIGS["llmaccel-off"] == ("llmaccel", {})
+
+    def row(name, dec, pre, cold, warm):
+        backend, opts = m.CONFIGS[name]
+        base_dec, base_pre = [10.0, 12.0, 11.0], [100.0, 90.0, 95.0]
+        r = {"config": name, "backend": backend, "options": opts, "compile_cold_s": cold, "compile_warm_s": warm,
+             "decode_tok_s": m._stats(dec), "prefill_tok_s": m._stats(pre)}
+        r["decode_tok_s_vs_inductor"] = m._stats([a / b for a, b in zip(dec, base_dec)])
+        r["prefill_tok_s_vs_inductor"] = m._stats([a / b for a, b in zip(pre, base_pre)])
+        return r
+
+    result = {"args": vars(args), "rows": [row("eager", [5.0, 6.0, 5.5], [50.0, 45.0, 47.0], None, None),
+                                           row("inductor", [10.0, 12.0, 11.0], [100.0, 90.0, 95.0], 40.0, 20.0),
+                                           row("llmaccel-off", [9.9, 12.0, 11.55], [100.0, 90.0, 95.0], 44.0, 22.0)]}
+    text = m.table(result)
+    assert "| llmaccel-off `{}` | 11.55 [9.90-12.00] | 1.00 [0.99-1.05]x |" in text
+    assert "| 44.0 | 22.0 | 1.10x | 1.10x |" in text
+    assert "| eager | 5.50 [5.00-6.00] | 0.50 [0.50-0.50]x |" in text
