@@ -57,11 +57,15 @@ def _worker(args) -> None:
     model, tok = load_smollm2()
     ids = load_tokens(tok, "evaluation", args.prompt)
 
+    last = {}
+
     def gen(n):
         with torch.no_grad():
             t = time.perf_counter()
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return time.perf_counter() - t
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            dt = time.perf_counter() - t
+        last["tokens"] = out[0, ids.shape[1]:].tolist()
+        return dt
 
     if backend is not None:
         compile_model(model, options, backend=backend)
@@ -73,7 +77,7 @@ def _worker(args) -> None:
         prefill = gen(1)
         full = gen(args.tokens + 1)
         _say({"prefill_s": prefill, "full_s": full, "prefill_tok_s": args.prompt / prefill,
-              "decode_tok_s": args.tokens / max(full - prefill, 1e-9)})
+              "decode_tok_s": args.tokens / max(full - prefill, 1e-9), "tokens": last["tokens"]})
 
 
 def _say(obj) -> None:
@@ -165,6 +169,11 @@ def run(args) -> dict:
                "prefill_tok_s": _stats([x["prefill_tok_s"] for x in s]),
                "compile_cold_s": compile_cold.get(name) if known[name][0] else None,
                "compile_warm_s": compile_warm.get(name)}
+        ref = samples.get("eager")
+        if ref is not None:  # greedy tokens equal to eager's (a passes-off config must match all)
+            row["tokens_equal_eager"] = min(
+                next((i for i, (a, b) in enumerate(zip(x["tokens"], ref[0]["tokens"])) if a != b), len(x["tokens"]))
+                for x in s)
         if base is not None:
             for key in ("decode_tok_s", "prefill_tok_s"):
                 row[f"{key}_vs_{BASELINE}"] = _stats([a[key] / b[key] for a, b in zip(s, base)])
@@ -180,8 +189,8 @@ def table(result: dict) -> str:
              f"{platform.processor() or platform.machine()}",
              "",
              f"| config | decode tok/s | vs {BASELINE} | prefill tok/s | vs {BASELINE} | compile cold (s) | "
-             f"warm (s) | cold vs {BASELINE} | warm vs {BASELINE} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"warm (s) | cold vs {BASELINE} | warm vs {BASELINE} | tokens = eager |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = {r["config"]: r for r in result["rows"]}
     base = rows.get(BASELINE)
 
@@ -204,7 +213,8 @@ def table(result: dict) -> str:
         lines.append(f"| {label} | {st(r['decode_tok_s'])} | {ratio(r, 'decode_tok_s')} | "
                      f"{st(r['prefill_tok_s'], '{:.1f}')} | {ratio(r, 'prefill_tok_s')} | "
                      f"{comp(r, 'compile_cold_s')} | {comp(r, 'compile_warm_s')} | "
-                     f"{comp_ratio(r, 'compile_cold_s')} | {comp_ratio(r, 'compile_warm_s')} |")
+                     f"{comp_ratio(r, 'compile_cold_s')} | {comp_ratio(r, 'compile_warm_s')} | "
+                     f"{r.get('tokens_equal_eager', '-')}/{a['tokens'] + 1} |")
     return "\n".join(lines)
 
 

@@ -131,5 +131,5 @@ def test_bench_backend_args_and_table(capsys):
                                            row("llmaccel-off", [9.9, 12.0, 11.55], [100.0, 90.0, 95.0], 44.0, 22.0)]}
     text = m.table(result)
     assert "| llmaccel-off `{}` | 11.55 [9.90-12.00] | 1.00 [0.99-1.05]x |" in text
-    assert "| 44.0 | 22.0 | 1.10x | 1.10x |" in text
+    assert "| 44.0 | 22.0 | 1.10x | 1.10x | -/33 |" in text
     assert "| eager | 5.50 [5.00-6.00] | 0.50 [0.50-0.50]x |" in text
