@@ -54,8 +54,19 @@ def _worker(args) -> None:
     from llm_compile.eval.model import compile_model, load_smollm2
 
     backend, options = {**CONFIGS, **EXTRA_CONFIGS}[args.worker]
-    model, tok = load_smollm2()
-    ids = load_tokens(tok, "evaluation", args.prompt)
+    if args.layers:  # a quick proxy: random weights, SmolLM2's shapes, fewer layers
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(
+            hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers, num_attention_heads=9,
+            num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+            rope_theta=100000.0, tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    else:
+        model, tok = load_smollm2()
+        ids = load_tokens(tok, "evaluation", args.prompt)
 
     last = {}
 
@@ -90,7 +101,7 @@ class Worker:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, OMP_NUM_THREADS=str(args.threads),
                    TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(args.threads),
-               "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
+               "--prompt", str(args.prompt), "--tokens", str(args.tokens), "--layers", str(args.layers)]
         self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -183,7 +194,8 @@ def run(args) -> dict:
 
 def table(result: dict) -> str:
     a = result["args"]
-    lines = [f"SmolLM2-135M-Instruct, {a['prompt']}-token prompt, {a['tokens']} greedy new tokens, batch 1, "
+    model = "SmolLM2-135M-Instruct" if not a.get("layers") else f"SmolLM2 shapes, random weights, {a['layers']} layers"
+    lines = [f"{model}, {a['prompt']}-token prompt, {a['tokens']} greedy new tokens, batch 1, "
              f"{a['threads']} thread(s), {a['repeats']} interleaved repeats (median, [min-max]), "
              f"{'compiled in parallel, ' if a.get('parallel_compile') else ''}"
              f"{platform.processor() or platform.machine()}",
@@ -224,6 +236,9 @@ def parse_args(argv=None):
     ap.add_argument("--tokens", type=int, default=32, help="timed greedy new tokens")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per config (>= 3 for a spread)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=0,
+                    help="0: the real SmolLM2-135M; N: a random-weight model of its shapes with N layers "
+                         "(a quick proxy on a busy machine)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma list of {list(CONFIGS) + list(EXTRA_CONFIGS)}")
     ap.add_argument("--no-warm", action="store_true", help="skip the warm-compile processes")
