@@ -51,35 +51,46 @@ def _top_ops(prof, steps: int, n: int = 6) -> list[dict]:
             for e in ev]
 
 
-def _decode_run(model, ids, steps: int, warmup: int, options: dict, profile: int = 0) -> dict:
+def _decode_run(model, ids, steps: int, warmup: int, options: dict | None, profile: int = 0,
+                backend: str = "llmaccel", hf_cache: str = "dynamic") -> dict:
     """Prefill + ``steps`` greedy decode steps through a compiled forward; per-step times; with
-    ``profile`` > 0, that many more steps under ``torch.profiler`` (top ops per step)."""
-    from transformers import DynamicCache
+    ``profile`` > 0, that many more steps under ``torch.profiler`` (top ops per step).
+    ``backend="inductor"`` (stock, ``options`` unused) with ``hf_cache`` ``"dynamic"``
+    (``DynamicCache``) or ``"static"`` (``StaticCache`` sized for the run) is the baseline a user
+    would pick instead of llmaccel."""
+    from transformers import DynamicCache, StaticCache
 
     from llm_compile.runtime.kv_store import release_all
 
     torch._dynamo.reset()
     swa.reset_states()
     release_all()
-    fwd = torch.compile(model.forward, backend="llmaccel", options=options)
+    kw = {"options": options} if backend == "llmaccel" else {}
+    fwd = torch.compile(model.forward, backend=backend, **kw)
     times = []
+    L = ids.shape[1]
     with torch.no_grad():
-        cache = DynamicCache()
+        if hf_cache == "static":
+            cache = StaticCache(config=model.config, max_cache_len=L + steps + warmup + profile + 1)
+        else:
+            cache = DynamicCache()
         t0 = time.perf_counter()
-        out = fwd(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = fwd(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(L))
         prefill_s = time.perf_counter() - t0
         tok = out.logits[:, -1:].argmax(-1)
         for i in range(steps + warmup):
             t0 = time.perf_counter()
-            out = fwd(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = fwd(input_ids=tok, past_key_values=cache, use_cache=True,
+                      cache_position=torch.tensor([L + i]))
             tok = out.logits[:, -1:].argmax(-1)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         top = None
         if profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                for _ in range(profile):
-                    tok = fwd(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                for j in range(profile):
+                    tok = fwd(input_ids=tok, past_key_values=cache, use_cache=True,
+                              cache_position=torch.tensor([L + steps + warmup + j])).logits[:, -1:].argmax(-1)
             top = _top_ops(prof, profile)
     med = sorted(times)[len(times) // 2]
     states = [swa.STATES.get(s, instance=i) for (i, s) in list(swa.STATES._states)]
@@ -112,6 +123,10 @@ def cpu_bench(args) -> dict:
         runs[f"swa_{cache}"] = _decode_run(
             model, ids, args.steps, args.warmup,
             dict(base, swa={"sparsity": args.sparsity, "bucket": args.bucket}), args.profile)
+    if not args.no_stock:  # what a user would pick instead: stock Inductor, HF's caches
+        for name, hf in STOCK.items():
+            runs[name] = _decode_run(model, ids, args.steps, args.warmup, None, args.profile,
+                                     backend="inductor", hf_cache=hf)
     n = runs[f"swa_{caches[0]}"]["final_n"]
     b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket))
     row_bytes = 2 * cfg.num_key_value_heads * 64 * 4 * args.batch * args.layers  # K+V, fp32
@@ -133,6 +148,60 @@ def cpu_bench(args) -> dict:
     return res
 
 
+STOCK = {"inductor_dynamic": "dynamic", "inductor_static": "static"}
+"""Stock ``backend="inductor"`` rows: HF ``DynamicCache`` and HF ``StaticCache``."""
+
+
+def short_bench(args) -> dict:
+    """Short prompts (``--short-contexts``, batch ``--short-batch``): per context, decode ms/step of
+    llmaccel dense (``{}``), SWA (``--sparsity``, kv_store on), SWA with ``swa.min_context`` =
+    ``--min-context`` (dense below it), and stock ``backend="inductor"`` with HF's DynamicCache and
+    StaticCache — all in this run, interleaved over ``--short-repeats`` repeats (median)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = smollm2_config(args.layers)
+    model = LlamaForCausalLM(cfg).eval()
+    swa_opts = {"sparsity": args.sparsity, "bucket": args.bucket}
+    configs = {"llmaccel_dense": ("llmaccel", {"inner": args.inner}, "dynamic"),
+               "swa": ("llmaccel", {"inner": args.inner, "swa": dict(swa_opts)}, "dynamic"),
+               f"swa_min{args.min_context}": ("llmaccel", {"inner": args.inner,
+                                                           "swa": dict(swa_opts, min_context=args.min_context)},
+                                              "dynamic")}
+    if not args.no_stock:
+        configs.update({name: ("inductor", None, cache) for name, cache in STOCK.items()})
+    rows = []
+    for ctx in args.short_contexts:
+        ids = torch.randint(0, cfg.vocab_size, (args.short_batch, ctx), generator=torch.Generator().manual_seed(ctx))
+        ms = {name: [] for name in configs}
+        for _ in range(args.short_repeats):
+            for name, (backend, opts, cache) in configs.items():
+                r = _decode_run(model, ids, args.steps, args.warmup, opts, 0, backend=backend, hf_cache=cache)
+                ms[name].append(r["step_ms_median"])
+        row = {"context": ctx, "batch": args.short_batch,
+               "ms_per_step": {n: sorted(v)[len(v) // 2] for n, v in ms.items()},
+               "spread": {n: [min(v), max(v)] for n, v in ms.items()}}
+        rows.append(row)
+        print(f"context {ctx:5d}: " + ", ".join(f"{n} {t:.1f} ms" for n, t in row["ms_per_step"].items()), flush=True)
+    return {"layers": args.layers, "threads": torch.get_num_threads(), "inner": args.inner,
+            "steps": args.steps, "repeats": args.short_repeats, "rows": rows}
+
+
+def print_short(s: dict) -> None:
+    names = list(s["rows"][0]["ms_per_step"])
+    print(f"\nShort prompts: decode ms/step (median of {s['repeats']} interleaved repeats of the "
+          f"median of {s['steps']} steps), SmolLM2 shapes x{s['layers']} layers, {s['threads']} threads, "
+          f"llmaccel inner={s['inner']}")
+    print("| context | " + " | ".join(names) + " | swa vs dense | swa+min_context vs dense |")
+    print("|---:|" + "---:|" * (len(names) + 2))
+    for r in s["rows"]:
+        t = r["ms_per_step"]
+        mc = [n for n in names if n.startswith("swa_min")][0]
+        print(f"| {r['context']} | " + " | ".join(f"{t[n]:.1f} [{r['spread'][n][0]:.1f}-{r['spread'][n][1]:.1f}]"
+                                                 for n in names)
+              + f" | {t['llmaccel_dense'] / t['swa']:.2f}x | {t['llmaccel_dense'] / t[mc]:.2f}x |")
+
+
 def print_cpu(c: dict) -> None:
     print(f"\nCPU decode, SmolLM2 shapes x{c['layers']} layers, batch {c['batch']}, context "
           f"{c['context']} -> {c['final_n']} ({c['threads']} threads, inner={c['inner']})")
@@ -141,9 +210,14 @@ def print_cpu(c: dict) -> None:
     print(f"{'attention':10}{'KV cache':10}{'ms/step':>10}{'tokens/s':>10}{'KV MB read':>12}{'KV MB written':>15}")
     for name, r in c["runs"].items():
         att, cache = name.split("_")
-        read = rd["dense"] if att == "dense" else rd["swa_padded"]
+        read = rd["swa_padded"] if att == "swa" else rd["dense"]
+        written = wr[{"dynamic": "hf", "static": "store"}.get(cache, cache)]  # StaticCache: index_copy of the new row
         print(f"{att:10}{cache:10}{r['step_ms_median']:10.1f}{r['tokens_per_s']:10.2f}"
-              f"{read / 1e6:12.1f}{wr[cache] / 1e6:15.2f}")
+              f"{read / 1e6:12.1f}{written / 1e6:15.2f}")
+    for name in STOCK:
+        if name in c["runs"] and "swa_store" in c["runs"]:
+            print(f"speedup SWA + store vs stock {name}: "
+                  f"{c['runs'][name]['step_ms_median'] / c['runs']['swa_store']['step_ms_median']:.2f}x")
     for cache, sp in c["speedup"].items():
         print(f"speedup SWA vs dense, both with the {cache} cache: {sp:.2f}x")
     if "speedup_swa_store_vs_dense_hf" in c:
@@ -240,6 +314,12 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", type=int, default=0,
                    help="profile this many extra decode steps per config and print the top ops")
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU model benchmark")
+    p.add_argument("--short-contexts", type=lambda x: [int(v) for v in x.split(",")], default=None,
+                   help="also run the short-prompt rows at these contexts, e.g. 64,128,256,512")
+    p.add_argument("--short-batch", type=int, default=1)
+    p.add_argument("--short-repeats", type=int, default=3)
+    p.add_argument("--min-context", type=int, default=1024, help="swa.min_context of the short rows")
+    p.add_argument("--no-stock", action="store_true", help="skip the stock backend='inductor' rows")
     p.add_argument("--json", default="bench_swa.json")
     p.add_argument("--png", default=None, help="bar chart of the step times (needs matplotlib)")
     args = p.parse_args(argv)
@@ -250,6 +330,8 @@ def main(argv=None) -> dict:
     print(f"CPU one attention site, decode, context {o['context']}, batch {o['batch']}: dense "
           f"{o['dense_ms']:.2f} ms, SWA {o['swa_ms']:.2f} ms ({o['speedup']:.2f}x; {o['budget']}); "
           f"KV MB read {o['kv_bytes']['dense'] / 1e6:.1f} -> {o['kv_bytes']['swa_padded'] / 1e6:.1f}")
+    if args.short_contexts:
+        print_short(res.setdefault("short", short_bench(args)))
     if not args.no_cpu:
         print_cpu(res.setdefault("cpu", cpu_bench(args)))
     if torch.cuda.is_available():

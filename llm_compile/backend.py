@@ -1,10 +1,18 @@
 """The ``"llmaccel"`` torch.compile backend.
 
-Flow for every graph Dynamo captures::
+Flow for every graph Dynamo captures, by ``options["inner"]``::
 
-    Dynamo FX graph --AOTAutograd (inference, Inductor decompositions)--> functionalized ATen graph
-      --> ordered pass pipeline (llm_compile.passes.pipeline.PIPELINE)
-      --> Inductor ``compile_fx_inner``  (or the graph as is, with options={"inner": "eager"})
+    "inductor" (default): Dynamo FX graph --> torch._inductor.compile_fx.compile_fx  (Inductor's own
+        entry: pre-grad passes, AOTAutograd with its decompositions, joint-graph passes, FX graph
+        cache, mode=) --> post-grad: our pass pipeline as post_grad_custom_pre_pass
+        (llm_compile.inductor_hook) --> Inductor's post-grad passes, lowering, codegen.
+        With every pass off there is no hook: exactly ``backend="inductor"``.
+    "eager": Dynamo FX graph --AOTAutograd (inference, Inductor's decompositions)--> functionalized
+        ATen graph --> the pass pipeline --> the graph runs as is (fast to compile; unit tests).
+
+Both paths run the same ordered pipeline (llm_compile.passes.pipeline.PIPELINE) on the same kind of
+graph (functionalized ATen after Inductor's decompositions), write the same debug dump stages and
+append one record per compiled graph to :data:`COMPILED`.
 
 It is registered through the ``torch_dynamo_backends`` entry point, so
 ``torch.compile(fn, backend="llmaccel")`` works without importing ``llm_compile`` first.
@@ -20,10 +28,12 @@ import torch
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
 import llm_compile.ops  # noqa: F401  (registers llmaccel:: ops)
-from llm_compile.config import OptionsError, parse_options
+from llm_compile.config import LLMAccelConfig, OptionsError, parse_options
 from llm_compile.debug import DebugDump
+from llm_compile.inductor_hook import PipelinePass, RecordStore
 from llm_compile.passes.base import PassContext
 from llm_compile.passes.manager import run_pipeline
+from llm_compile.passes.pipeline import PIPELINE
 from llm_compile.runtime.context import instance_key_from_args, running
 
 log = logging.getLogger(__name__)
@@ -32,8 +42,18 @@ _graph_ids = itertools.count()
 _graph_lock = threading.Lock()
 
 COMPILED: deque[dict] = deque(maxlen=256)
-"""The most recent compiled graphs of this process: ``{"graph_id", "passes"}`` (pass records as in
-``passes.json``). Handy to count graphs (recompiles) and sites without a debug dump."""
+"""The most recent compiled graphs of this process: ``{"graph_id", "passes", "inner"}`` (pass
+records as in ``passes.json``; ``"cache": "hit"`` when Inductor served the graph from its cache and
+the records were read back). Handy to count graphs (recompiles) and sites without a debug dump."""
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``torch.compile(mode=...)`` (or ``options={"mode": ...}``, since torch.compile refuses both at
+once) values handed to Inductor (``inner="inductor"``). Inductor's ``"lite"`` mode is refused: it
+skips the post-grad passes our pipeline runs in."""
+
+_STATEFUL_PASSES = ("swa", "kv_store", "offload")
+"""Passes whose ops keep per-sequence state in Python objects between calls: CUDA graphs (which
+replay recorded kernels without running Python) would silently skip that bookkeeping."""
 
 
 def _next_graph_id() -> str:
@@ -45,45 +65,124 @@ def _placeholder_names(gm: torch.fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def _inner_compile(gm: torch.fx.GraphModule, example_inputs, inner: str):
-    if inner == "eager":
-        return make_boxed_func(gm.forward)
-    from torch._inductor.compile_fx import compile_fx_inner
+def passes_enabled(config: LLMAccelConfig) -> bool:
+    """Whether any pipeline pass runs under ``config`` (else the backend is plain Inductor)."""
+    return any(spec.enabled(config) for spec in PIPELINE)
 
-    return compile_fx_inner(gm, example_inputs, is_inference=True)
+
+def inductor_config_patches(mode: str | None, config: LLMAccelConfig) -> dict:
+    """Inductor config for ``mode`` (as ``backend="inductor"`` would use); a clear error otherwise."""
+    from torch._inductor import list_mode_options
+
+    patches = dict(list_mode_options(mode or "default"))
+    stateful = [p for p in _STATEFUL_PASSES if getattr(config, p) is not None]
+    if patches.get("triton.cudagraphs") and stateful:
+        log.warning("llmaccel: mode=%r: CUDA graphs are off for graphs with %s (their ops keep "
+                    "per-sequence state in Python, which a graph replay would skip)", mode, stateful)
+        patches["triton.cudagraphs"] = False
+    return patches
+
+
+class _Pipeline:
+    """Runs the pass pipeline on one ATen graph of one compiled graph: dump stages, records,
+    repro, phantom-read check. Shared by both inner compilers."""
+
+    def __init__(self, config: LLMAccelConfig, graph_id: str, dump: DebugDump, dynamo_names: list[str],
+                 inner: str):
+        self.config, self.graph_id, self.dump = config, graph_id, dump
+        self.dynamo_names, self.inner = dynamo_names, inner
+
+    def __call__(self, aten_gm: torch.fx.GraphModule, aten_inputs=None) -> list[dict]:
+        if aten_inputs is None:  # inside Inductor: the graph's fake values
+            aten_inputs = [n.meta.get("val") for n in aten_gm.graph.nodes if n.op == "placeholder"]
+        aten_names = _placeholder_names(aten_gm)
+        names = self.dynamo_names
+        sources = dict(zip(aten_names, names)) if len(aten_names) == len(names) else {}
+        ctx = PassContext(graph_id=self.graph_id, example_inputs=list(aten_inputs), placeholder_sources=sources)
+        self.dump.stage("aten", aten_gm)
+        records = run_pipeline(aten_gm, self.config, ctx, self.dump)
+        COMPILED.append({"graph_id": self.graph_id, "passes": records, "inner": self.inner})
+        self.dump.repro(aten_gm, aten_inputs)
+        _refuse_phantom_reads(aten_gm, self.graph_id)
+        return records
+
+
+class EagerInner:
+    """``inner="eager"``: AOTAutograd (inference, Inductor's decompositions), pipeline, run as is."""
+
+    name = "eager"
+
+    def compile(self, gm, example_inputs, pipeline: _Pipeline, mode: str | None):
+        if mode not in (None, "default"):
+            log.warning("llmaccel: mode=%r has no effect with inner='eager' (nothing is compiled)", mode)
+
+        def fw_compiler(aten_gm: torch.fx.GraphModule, aten_inputs):
+            pipeline(aten_gm, aten_inputs)
+            return make_boxed_func(aten_gm.forward)
+
+        with torch.no_grad():
+            return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
+                                         inference_compiler=fw_compiler, decompositions=_decompositions())
+
+
+class InductorInner:
+    """``inner="inductor"``: Inductor's ``compile_fx`` with the pipeline as its post-grad pre-pass."""
+
+    name = "inductor"
+
+    def __init__(self, records: RecordStore | None = None):
+        self._records = records
+
+    def compile(self, gm, example_inputs, pipeline: _Pipeline, mode: str | None):
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = inductor_config_patches(mode, pipeline.config)
+        if not passes_enabled(pipeline.config) and not pipeline.dump.enabled:  # exactly stock Inductor
+            COMPILED.append({"graph_id": pipeline.graph_id, "passes": [], "inner": self.name})
+            with torch.no_grad():
+                return compile_fx(gm, example_inputs, config_patches=patches)
+        hook = PipelinePass(pipeline.config, pipeline)
+        patches["post_grad_custom_pre_pass"] = hook
+        uuid = hook.uuid()
+        store = self._records or RecordStore()
+        key = store.key(uuid, gm, example_inputs) if uuid is not None else None
+        with torch.no_grad():
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        if hook.records is not None:
+            if key is not None:
+                store.save(key, hook.records)
+        else:  # Inductor served the graph from its cache: the pipeline did not run
+            saved = store.load(key) if key is not None else None
+            COMPILED.append({"graph_id": pipeline.graph_id, "passes": saved or [], "inner": self.name,
+                             "cache": "hit" if saved is not None else "hit, records unknown"})
+        return compiled
+
+
+INNER_COMPILERS = {"eager": EagerInner(), "inductor": InductorInner()}
 
 
 def llmaccel(gm: torch.fx.GraphModule, example_inputs, *, options=None, mode=None):
-    """Dynamo backend entry: ``torch.compile(fn, backend="llmaccel", options={...})``."""
-    if mode not in (None, "default"):
-        raise OptionsError(f"llmaccel: mode={mode!r} is not supported; configure it with options={{...}}")
+    """Dynamo backend entry: ``torch.compile(fn, backend="llmaccel", options={...}, mode=...)``."""
     config = parse_options(options)
+    if mode is not None and config.mode is not None and mode != config.mode:
+        raise OptionsError(f"llmaccel: mode={mode!r} and options['mode']={config.mode!r} disagree; give one")
+    mode = mode or config.mode
+    if mode is not None and mode not in MODES:
+        raise OptionsError(f"llmaccel: mode={mode!r} is not supported; use one of {list(MODES)} "
+                           "(or leave mode unset)")
+    inner = INNER_COMPILERS[config.inner]
     graph_id = _next_graph_id()
     dump = DebugDump(config.debug_dir, graph_id, config.debug_passes)
     dump.stage("dynamo", gm)
-    dynamo_names = _placeholder_names(gm)
-    fallback_instance = id(gm)
-
-    def fw_compiler(aten_gm: torch.fx.GraphModule, aten_inputs):
-        aten_names = _placeholder_names(aten_gm)
-        sources = dict(zip(aten_names, dynamo_names)) if len(aten_names) == len(dynamo_names) else {}
-        ctx = PassContext(graph_id=graph_id, example_inputs=list(aten_inputs), placeholder_sources=sources)
-        dump.stage("aten", aten_gm)
-        records = run_pipeline(aten_gm, config, ctx, dump)
-        COMPILED.append({"graph_id": graph_id, "passes": records})
-        dump.repro(aten_gm, aten_inputs)
-        _refuse_phantom_reads(aten_gm, graph_id)
-        return _inner_compile(aten_gm, aten_inputs, config.inner)
-
+    pipeline = _Pipeline(config, graph_id, dump, _placeholder_names(gm), inner.name)
     # --- training mode (issue 13, item 9): refused with passes on; plain autograd with all off ---
     if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs):
         return _training_graph(gm, example_inputs, config, graph_id)
     # --- end training mode ---
-    with torch.no_grad():
-        compiled = aot_module_simplified(
-            gm, example_inputs, fw_compiler=fw_compiler, inference_compiler=fw_compiler,
-            decompositions=_decompositions(),
-        )
+    compiled = inner.compile(gm, example_inputs, pipeline, mode)
+    if not passes_enabled(config):
+        return compiled  # no pass, no per-call wrapper: nothing of ours runs at call time
+    fallback_instance = id(gm)
 
     def run(*args):
         with running(instance_key_from_args(args, fallback_instance)):

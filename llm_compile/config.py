@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 
@@ -58,6 +58,10 @@ class SWAConfig:
     kernel: str = "auto"
     """``"torch"`` (gather + SDPA), ``"triton"`` (fused gather/attend/score kernel), ``"auto"``
     (Triton on GPU, torch on CPU)."""
+    # --- issue 17 (engineer F): never slower than dense at short context ----------------------
+    min_context: int = 0
+    """Decode steps whose cache holds fewer tokens run dense (exact, no score bookkeeping except for the last window before it). 0 = off: sparse whenever the budget is below the context. Short prompts: set it (e.g. 1024, README: SWA at short context)."""
+    # --- end issue 17 ------------------------------------------------------------------------------
 
     def __post_init__(self):
         if self.sink_tokens is None:  # the policy's published form (POLICY_DEFAULTS)
@@ -123,7 +127,11 @@ class LLMAccelConfig:
     canonicalize: bool = True
     """Rewrite attention sites to ``llmaccel::attention`` (needed by swa/offload)."""
     inner: str = "inductor"
-    """What compiles the rewritten graph: ``"inductor"`` (``compile_fx_inner``) or ``"eager"``."""
+    """What compiles the rewritten graph: ``"inductor"`` (Inductor's ``compile_fx``, our passes in its post-grad hook) or ``"eager"``."""
+    # --- issue 17 (engineer F): Inductor mode as an option -------------------------------------
+    mode: str | None = None
+    """Inductor mode (`"reduce-overhead"`, `"max-autotune"`, ...), as `torch.compile(mode=...)`, which torch.compile does not allow together with `options=`."""
+    # --- end issue 17 ------------------------------------------------------------------------------
     debug_dir: str | None = None
     """Write a per-graph debug dump here (also ``LLMACCEL_DEBUG``)."""
     debug_passes: tuple[str, ...] | None = None
@@ -154,6 +162,9 @@ def _mantissa_bits(value):
     return dict(value) if isinstance(value, Mapping) else value
 
 
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``mode=`` values handed to Inductor (``torch.compile(mode=...)`` or ``options={"mode": ...}``)."""
+
 RULES: dict[str, Rule] = {
     "swa.sparsity": Rule.float_(0, 1, hi_open=True),
     "swa.recent_fraction": Rule.float_(0, 1),
@@ -163,6 +174,7 @@ RULES: dict[str, Rule] = {
     "swa.policy": Rule.choice(*POLICY_DEFAULTS),
     "swa.bucket": Rule.int_(lo=1),
     "swa.kernel": Rule.choice("auto", "torch", "triton"),
+    "swa.min_context": Rule.int_(lo=0),
     "anda.mantissa_bits": Rule("an int in [1, 16], or a dict of such ints over qkv, o, gate_up, down",
                                lambda v: is_int(v) or (isinstance(v, Mapping)
                                                         and all(is_int(b) for b in v.values())),
@@ -178,6 +190,8 @@ RULES: dict[str, Rule] = {
     "kv_store.growth": Rule.float_(lo=1, lo_open=True),
     "canonicalize": Rule.bool_(),
     "inner": Rule.choice("inductor", "eager"),
+    "mode": replace(Rule.choice(*INDUCTOR_MODES), optional=True,
+                    text=Rule.choice(*INDUCTOR_MODES).text + " or None"),
     "debug_dir": Rule.path(),
     "debug_passes": Rule.names(STAGE_NAMES),
 }

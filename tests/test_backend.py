@@ -8,6 +8,9 @@ import torch
 
 import llm_compile.passes.pipeline as pipeline
 from helpers import record_compiles, sites
+from llm_compile.backend import COMPILED, llmaccel
+from llm_compile.config import parse_options
+from llm_compile.inductor_hook import PipelinePass
 from model_zoo import build
 
 
@@ -117,9 +120,16 @@ torch.compile(lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x
     assert "llmaccel_graph_000_canonicalize_attention" in trace and "llmaccel_graph_000_passes" in trace
 
 
-def test_unsupported_mode_is_a_clear_error():
+def test_unknown_mode_is_a_clear_error():
+    with pytest.raises(Exception, match="mode='turbo' is not supported; use one of"):
+        torch.compile(lambda x: x + 1, backend="llmaccel", mode="turbo")(torch.ones(2))
+    with pytest.raises(Exception, match="'lite' is not supported"):  # it skips our post-grad hook
+        torch.compile(lambda x: x + 1, backend="llmaccel", mode="lite")(torch.ones(2))
     with pytest.raises(Exception, match="mode"):
-        torch.compile(lambda x: x + 1, backend="llmaccel", mode="max-autotune")(torch.ones(2))
+        parse_options({"mode": "fast"})
+    with pytest.raises(Exception, match="disagree"):
+        llmaccel(torch.fx.symbolic_trace(lambda x: x + 1), [torch.ones(2)], mode="max-autotune",
+                 options={"mode": "reduce-overhead"})
 
 
 def test_grad_mode_with_every_pass_off_keeps_autograd():
@@ -131,3 +141,153 @@ def test_grad_mode_with_every_pass_off_keeps_autograd():
     out = f(x)
     torch.testing.assert_close(out, lin(x))
     assert out.requires_grad
+
+
+class _SpyCompileFx:
+    """Stands in for Inductor's ``compile_fx``: records its config patches, compiles nothing."""
+
+    def __init__(self):
+        self.patches = []
+
+    def __call__(self, gm, example_inputs, config_patches=None, **kw):
+        self.patches.append(dict(config_patches or {}))
+        return self.compiled
+
+    @staticmethod
+    def compiled(*args):
+        return "stock"
+
+
+@pytest.fixture
+def spy_compile_fx(monkeypatch):
+    spy = _SpyCompileFx()
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", spy)
+    return spy
+
+
+def _traced():
+    return torch.fx.symbolic_trace(lambda x, w: _f(x, w)), [torch.randn(4, 16), torch.randn(16, 8)]
+
+
+def test_passes_off_is_stock_inductor_without_hook_or_wrapper(spy_compile_fx):
+    gm, inputs = _traced()
+    compiled = llmaccel(gm, inputs, options={"canonicalize": False})
+    assert compiled is _SpyCompileFx.compiled  # Inductor's callable itself: no per-call wrapper
+    assert spy_compile_fx.patches == [{}]  # no post_grad hook, no config change
+    assert COMPILED[-1]["passes"] == [] and COMPILED[-1]["inner"] == "inductor"
+
+
+def test_passes_on_run_inside_inductor_as_post_grad_pre_pass(spy_compile_fx):
+    gm, inputs = _traced()
+    llmaccel(gm, inputs, options={})
+    hook = spy_compile_fx.patches[0]["post_grad_custom_pre_pass"]
+    assert isinstance(hook, PipelinePass)
+    assert isinstance(hook.uuid(), str)
+
+
+def test_pipeline_uuid_keys_the_config_and_refuses_caching_process_state():
+    def uuid(opts):
+        return PipelinePass(parse_options(opts), None).uuid()
+
+    assert uuid({}) == uuid({}) == uuid({"canonicalize": True})
+    assert len({uuid({}), uuid({"canonicalize": True, "inner": "inductor", "anda": {"mantissa_bits": 6}}),
+                uuid({"anda": {"mantissa_bits": 7}})}) == 3
+    # graphs that bake a runtime handle (numbered per process) must never come from the disk cache
+    for opts in ({"offload": {"workers": 1}}, {"swa": {"sparsity": 0.8}}, {"kv_store": True}):
+        assert uuid(opts) is None, opts
+    assert uuid({"debug_dir": "/tmp/x"}) is None  # a cache hit would skip the dump
+
+
+@pytest.mark.parametrize("mode, key, value", [("reduce-overhead", "triton.cudagraphs", True),
+                                              ("max-autotune", "max_autotune", True),
+                                              ("default", "max_autotune", None)])
+def test_modes_are_handed_to_inductor(spy_compile_fx, mode, key, value):
+    gm, inputs = _traced()
+    llmaccel(gm, inputs, options={"canonicalize": False}, mode=mode)
+    llmaccel(gm, inputs, options={"canonicalize": False, "mode": mode})  # the same through options=
+    assert spy_compile_fx.patches[0].get(key) == value and spy_compile_fx.patches[0] == spy_compile_fx.patches[1]
+
+
+def test_cuda_graphs_off_for_stateful_passes(spy_compile_fx):
+    gm, inputs = _traced()
+    llmaccel(gm, inputs, options={"swa": {"sparsity": 0.8}}, mode="reduce-overhead")
+    assert spy_compile_fx.patches[0]["triton.cudagraphs"] is False
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_modes_compile_and_run_on_cpu(mode):
+    f = lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x) * 2  # noqa: E731
+    x = torch.randn(1, 2, 6, 8)
+    with record_compiles() as rec:
+        out = torch.compile(f, backend="llmaccel", mode=mode)(x)
+    torch.testing.assert_close(out, f(x))
+    assert rec[0]["inner"] == "inductor" and sites(rec[0]) == 1
+
+
+def test_inductor_cache_hit_restores_pass_records(tmp_path, monkeypatch):
+    """A second compile of the same graph is served by Inductor's caches (the pipeline does not
+    run); COMPILED still reports its sites, read back from the record store."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    f = lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum(-1)  # noqa: E731
+    q = torch.randn(1, 2, 5, 8)
+    recs = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        with record_compiles() as rec:
+            torch.testing.assert_close(torch.compile(f, backend="llmaccel")(q), f(q))
+        recs += rec
+    assert "cache" not in recs[0] and recs[1]["cache"] == "hit"
+    assert sites(recs[0]) == sites(recs[1]) == 1
+    assert recs[1]["passes"][0]["matched"] == recs[0]["passes"][0]["matched"]
+
+
+def test_inductor_debug_dump_layout(tmp_path):
+    m = build("llama", "eager", layers=2)  # eager attention: canonicalised in the post-grad graph too
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        ref = m(ids).logits
+        with record_compiles() as rec:
+            out = torch.compile(m.forward, backend="llmaccel", options={"debug_dir": str(tmp_path)})(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert rec[0]["inner"] == "inductor" and sites(rec[0]) == 2
+    d = next(tmp_path.glob("run_*/graph_*"))
+    names = {p.name for p in d.iterdir()}
+    assert {"00_dynamo.py", "01_aten.py", "02_canonicalize_attention.py", "02_canonicalize_attention.diff",
+            "passes.json", "repro.py"} <= names
+    assert "llmaccel.attention" in (d / "repro.py").read_text()
+
+
+def test_hf_generate_compile_config_with_llmaccel():
+    """transformers' generate(compile_config=...) calls torch.compile(backend=, mode=, options=);
+    its default mode is "reduce-overhead", and torch.compile refuses mode= with options=, so
+    options go with mode=None (and an Inductor mode, if any, inside options)."""
+    from transformers import CompileConfig
+
+    m = build("llama", "sdpa", layers=1)
+    ids = torch.randint(0, 128, (1, 5))
+    gen = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        ref = m.generate(ids, **gen, disable_compile=True)
+        for cc in (CompileConfig(backend="llmaccel"),  # mode="reduce-overhead", HF's default
+                   CompileConfig(backend="llmaccel", mode=None,
+                                 options={"mode": "max-autotune-no-cudagraphs", "inner": "eager"})):
+            cc._compile_all_devices = True  # HF compiles on CPU only when asked
+            torch._dynamo.reset()
+            with record_compiles() as rec:
+                out = m.generate(ids, **gen, compile_config=cc)
+            assert out.tolist() == ref.tolist()
+            assert rec, "generate did not compile with llmaccel"
+
+
+def test_failing_pass_rolls_back_inside_inductor(monkeypatch):
+    """The manager's rollback replaces the graph object; inside Inductor's post-grad hook the
+    restored nodes must land in the graph Inductor holds (else it would lower the damaged one)."""
+    spec = pipeline.PassSpec("canonicalize_attention", "canonicalize_attention", lambda c: True)
+    monkeypatch.setattr(pipeline.PassSpec, "load", lambda self: _boom)
+    monkeypatch.setattr("llm_compile.passes.manager.PIPELINE", [spec])
+    monkeypatch.setattr("llm_compile.backend.PIPELINE", [spec])
+    x, w = torch.randn(4, 16), torch.randn(16, 8)
+    with record_compiles() as rec:
+        out = torch.compile(_f, backend="llmaccel", options={"debug_dir": None})(x, w)
+    torch.testing.assert_close(out, _f(x, w))
+    assert "unsupported site xyz" in rec[0]["passes"][0]["error"] and rec[0]["inner"] == "inductor"

@@ -40,3 +40,96 @@ def test_swa_accuracy_unknown_only_fails_before_loading_the_model(capsys):
     with pytest.raises(SystemExit):
         m.main(["--only", "dense,alisa@0.7", "--sparsities", "0.8"])
     assert "unknown configs ['alisa@0.7']" in capsys.readouterr().err
+
+
+def test_gpu_check_without_gpu_exits_0_and_says_so(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: gpu_check.sh would run the whole check")
+    env = dict(os.environ, OUT=str(tmp_path / "gpu"), PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "no CUDA GPU" in r.stdout
+    assert '"gpu": false' in (tmp_path / "gpu" / "summary.json").read_text()
+
+
+def test_gpu_summary_tables(tmp_path):
+    import json
+
+    (tmp_path / "steps.jsonl").write_text(
+        '{"step": "tests", "rc": 0, "seconds": 40, "timeout_s": 180}\n'
+        '{"step": "anda", "rc": 124, "seconds": 120, "timeout_s": 120}\n'
+        '{"step": "offload", "rc": -1, "seconds": 0, "timeout_s": 0, "note": "needs 2 GPUs"}\n')
+    (tmp_path / "tests.xml").write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/>'
+                                        '</testsuites>')
+    (tmp_path / "swa.json").write_text(json.dumps({"gpu": {
+        "context": 32768, "batch": 4, "dtype": "fp16", "budget": "b", "dense_sdpa_ms": 2.0, "swa_triton_ms": 0.5,
+        "swa_torch_gather_ms": 1.0, "select_topk_ms": 0.1, "max_abs_err_triton_vs_torch": 1e-3}}))
+    (tmp_path / "anda.json").write_text(json.dumps({"results": [{
+        "rows": 1, "N": 4096, "K": 4096, "times_ms": {"float16_matmul": 0.02, "anda_m7_w4": 0.01,
+                                                      "aten_int4pack_mm": None},
+        "errors": {"anda_m7_w4": 1e-4}}]}))
+    _load("gpu_summary").main([str(tmp_path), "--device", "1 x H200", "--total-s", "300"])
+    md = (tmp_path / "summary.md").read_text()
+    assert "| anda | 124 | 120 | timed out |" in md and "| offload | -1 | 0 | needs 2 GPUs |" in md
+    assert "5 run, 1 failed" in md and "| SWA Triton kernel | 0.5000 | 4.00x |" in md
+    assert "| 1 | 4096 | 4096 | 0.020 | 0.010 (2.00x) | n/a | 1.0e-04 |" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["tests"]["failures"] == 1
+
+
+def test_gpu_check_import_shim_maps_the_package_dirs(tmp_path):
+    """Where llm_compile is not installed and pip cannot install it, gpu_check.sh's shim makes
+    llm_compile.passes / llm_compile.codegen (package-dir mapped) and backend="llmaccel" resolve.
+    Uses the venv's base interpreter (torch, but no llm_compile) as the GPU machine's python."""
+    import os
+    import subprocess
+    import sys
+
+    base = getattr(sys, "_base_executable", None)
+    probe = "import torch, importlib.util as u; import sys; sys.exit(0 if u.find_spec('llm_compile') is None else 1)"
+    if not base or base == sys.executable or subprocess.run([base, "-c", probe], cwd=tmp_path).returncode:
+        pytest.skip("needs a base interpreter with torch and without llm_compile")
+    env = dict(os.environ, OUT=str(tmp_path / "gpu"), PYTHON=base, GPU_CHECK_NO_PIP="1")
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--setup-only"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "import shim" in r.stdout, r.stdout + r.stderr
+    pythonpath = r.stdout.split("PYTHONPATH=")[1].strip()
+    code = ("import importlib.metadata as m, llm_compile.passes.pipeline as p, llm_compile.codegen as c; "
+            "print(p.__file__, c.__file__); "
+            "print([e.value for e in m.entry_points(group='torch_dynamo_backends') if e.name == 'llmaccel'])")
+    r = subprocess.run([base, "-c", code], env=dict(os.environ, PYTHONPATH=pythonpath), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert str(ROOT / "passes" / "pipeline.py") in r.stdout and "llm_compile.backend:llmaccel" in r.stdout
+
+
+def test_bench_backend_args_and_table(capsys):
+    m = _load("bench_backend")
+    with pytest.raises(SystemExit):
+        m.parse_args(["--configs", "eager,turbo"])
+    assert "unknown configs ['turbo']" in capsys.readouterr().err
+    args = m.parse_args(["--configs", "eager,inductor,llmaccel-off", "--repeats", "3"])
+    assert m.CONFIGS["inductor"] == ("inductor", {}) and m.CONFIGS["llmaccel-off"] == ("llmaccel", {})
+
+    def row(name, dec, pre, cold, warm):
+        backend, opts = m.CONFIGS[name]
+        base_dec, base_pre = [10.0, 12.0, 11.0], [100.0, 90.0, 95.0]
+        r = {"config": name, "backend": backend, "options": opts, "compile_cold_s": cold, "compile_warm_s": warm,
+             "decode_tok_s": m._stats(dec), "prefill_tok_s": m._stats(pre)}
+        r["decode_tok_s_vs_inductor"] = m._stats([a / b for a, b in zip(dec, base_dec)])
+        r["prefill_tok_s_vs_inductor"] = m._stats([a / b for a, b in zip(pre, base_pre)])
+        return r
+
+    result = {"args": vars(args), "rows": [row("eager", [5.0, 6.0, 5.5], [50.0, 45.0, 47.0], None, None),
+                                           row("inductor", [10.0, 12.0, 11.0], [100.0, 90.0, 95.0], 40.0, 20.0),
+                                           row("llmaccel-off", [9.9, 12.0, 11.55], [100.0, 90.0, 95.0], 44.0, 22.0)]}
+    text = m.table(result)
+    assert "| llmaccel-off `{}` | 11.55 [9.90-12.00] | 1.00 [0.99-1.05]x |" in text
+    assert "| 44.0 | 22.0 | 1.10x | 1.10x | -/33 |" in text
+    assert "| eager | 5.50 [5.00-6.00] | 0.50 [0.50-0.50]x |" in text

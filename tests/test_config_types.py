@@ -26,6 +26,7 @@ CASES = {
     "swa.policy": (None, "random"),
     "swa.bucket": (2.5, 0),
     "swa.kernel": (True, "cuda"),
+    "swa.min_context": (512.0, -1),
     "anda.mantissa_bits": (7.0, 17),
     "anda.group_size": (64.0, 32),
     "anda.kernel": (0, "cutlass"),
@@ -38,6 +39,7 @@ CASES = {
     "kv_store.growth": ("1.5", 1.0),
     "canonicalize": (1, NO_RANGE),
     "inner": (["eager"], "tvm"),
+    "mode": (1, "turbo"),
     "debug_dir": (5, ""),
     "debug_passes": (5, ["nonexistent"]),
 }

@@ -205,12 +205,13 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
     b = compute_budget(n, cfg)
     state.trim(b.window)
     triton_path = _use_triton(cfg, q)
-    if kn is not None and (b.dense or triton_path):
+    dense = b.dense or n < cfg.min_context  # issue 17: short context runs dense (swa.min_context)
+    if kn is not None and (dense or triton_path):
         kc, vc = full_kv(kn, vn, kc, vc)
         kn = vn = None
-    if b.dense:
+    if dense:
         out = dense_attention(q, kc, vc, attn_mask, scale, False)
-        if _needs_scores(cfg):
+        if _needs_scores(cfg) and _scores_wanted(n, cfg):
             bias = _mask_bias(attn_mask, B, 1, n)
             w = query_weights(q, kc, bias, scale, 0, False)[:, :, 0]
             idx = torch.arange(n, device=q.device).expand(B, state.groups, n)
@@ -229,6 +230,18 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
     else:
         state.steps += 1
     return out.unsqueeze(2)
+
+
+def _scores_wanted(n: int, cfg) -> bool:
+    """Issue 17 (``swa.min_context``): a dense step below ``min_context`` records its weights only
+    if a later sparse step's score window can still reach it. ALISA's window at a step with ``n``
+    tokens covers the steps after ``n - W(n)``, and ``n - W(n)`` never decreases, so the steps
+    from ``min_context - W(min_context)`` on are all any sparse step sums: the scores at the switch
+    are those of SWA having kept them all along. Other policies (``h2o``: whole history) keep all."""
+    if cfg.policy != "alisa" or n >= cfg.min_context:
+        return True
+    w = compute_budget(cfg.min_context, cfg).window
+    return w is None or n >= cfg.min_context - w - 1
 
 
 def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: float, cfg, *,
