@@ -177,10 +177,16 @@ def _validate_anda(c: AndaConfig) -> None:
 
 
 def _validate_offload(c: OffloadConfig) -> None:
-    if c.workers < 1:
-        raise OptionsError(f"llmaccel: offload.workers={c.workers} must be >= 1")
-    if c.timeout_s <= 0:
-        raise OptionsError("llmaccel: offload.timeout_s must be > 0")
+    # -- offload option types (engineer C; kept in one block) --
+    if isinstance(c.workers, bool) or not isinstance(c.workers, int) or c.workers < 1:
+        raise OptionsError(f"llmaccel: offload.workers={c.workers!r} must be an int >= 1")
+    if isinstance(c.timeout_s, bool) or not isinstance(c.timeout_s, (int, float)) or not c.timeout_s > 0:
+        raise OptionsError(f"llmaccel: offload.timeout_s={c.timeout_s!r} must be a number > 0 (seconds)")
+    if not isinstance(c.overlap, bool):
+        raise OptionsError(f"llmaccel: offload.overlap={c.overlap!r} must be True or False")
+    if c.init_method is not None and (not isinstance(c.init_method, str) or "://" not in c.init_method):
+        raise OptionsError(f"llmaccel: offload.init_method={c.init_method!r} must be None (local workers) or "
+                           "a torch.distributed init method such as 'tcp://HOST:PORT'")
 
 
 def _validate_kv_store(c: KVStoreConfig) -> None:

@@ -3,7 +3,9 @@
 A pass that raises leaves the graph exactly as it was before it ran (the graph is copied first and
 restored); the exception is logged and recorded in ``passes.json``, and compilation goes on: every
 pass here only ever replaces a computation by an equivalent or approximate one, so leaving a site
-unrewritten is always correct.
+unrewritten is always correct. Except when the user asked for what the pass does and it cannot
+apply: the pass raises :class:`~llm_compile.passes.base.RequestedPassError`, which fails the
+compilation with its message instead (offload: the KV cache must not silently stay local).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from collections import Counter
 import torch.fx
 
 from llm_compile.config import LLMAccelConfig
-from llm_compile.passes.base import PassContext, PassResult
+from llm_compile.passes.base import PassContext, PassResult, RequestedPassError
 from llm_compile.passes.cleanup import cleanup
 from llm_compile.passes.pipeline import PIPELINE
 
@@ -50,6 +52,8 @@ def run_pipeline(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassCont
             if not isinstance(result, PassResult):
                 raise TypeError(f"pass {spec.name} returned {type(result).__name__}, not PassResult")
             cleanup(gm)
+        except RequestedPassError:
+            raise
         except Exception as e:  # a pass must never break compilation: roll back and report
             gm.graph = saved
             gm.recompile()

@@ -12,7 +12,7 @@ from llm_compile.ops.attention import dense_attention
 from llm_compile.ops.offload import is_phantom
 from llm_compile.passes import attention_offload
 from llm_compile.passes.base import PassContext
-from llm_compile.runtime.offload_pool import get_pool
+from llm_compile.runtime.offload import get_pool
 
 OPTIONS = {"offload": {"workers": 2, "timeout_s": 30}, "inner": "eager"}
 

@@ -15,7 +15,7 @@ import torch
 from helpers import pass_record, record_compiles
 from llm_compile.config import parse_options
 from llm_compile.ops.offload import is_phantom
-from llm_compile.runtime.offload_pool import get_pool, shutdown_pools
+from llm_compile.runtime.offload import get_pool, shutdown_pools
 
 pytestmark = pytest.mark.real_model
 
