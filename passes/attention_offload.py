@@ -29,7 +29,16 @@ After::
     return (kv_phantom, kv_phantom_1, ..., logits)
 
 At prefill (no cache) the returned cache is ``k``/``v`` themselves; they become
-``kv_phantom(None, k)``. ``arg_past_k`` is the previous step's phantom: the op reads only its length
+``kv_phantom(None, k, seq)``, where ``seq = llmaccel.offload_sequence(q, 7)`` (first in the graph,
+also passed to every prefill site) allocates the sequence whose KV the workers keep: the phantoms
+carry it (and own it: the workers free the KV when the cache is collected), and a decode graph
+reads it back from its phantom inputs. Prefill, after::
+
+    offload_sequence = llmaccel.offload_sequence.default(q, 7)
+    offload_attention = llmaccel.offload_attention.default(q, k, v, None, None, None, 0.25, True, 0, 7, 0,
+                                                           offload_sequence)
+    kv_phantom = llmaccel.kv_phantom.default(None, k, offload_sequence)
+ ``arg_past_k`` is the previous step's phantom: the op reads only its length
 (checked against the workers' cache: a mismatch, e.g. a cropped cache, is a clear error).
 
 The cut. Each ``offload_attention`` call is the boundary between compute partitions: Inductor
