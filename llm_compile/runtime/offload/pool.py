@@ -260,12 +260,17 @@ class AttentionWorkerPool:
                 raise TimeoutError("deadline passed")
             work.wait(datetime.timedelta(seconds=remaining))
         except Exception as e:
+            timed_out = time.monotonic() >= deadline - 0.05
+            if self._procs and not timed_out:  # a broken connection: give the watcher (which
+                settle = time.monotonic() + 1.0  # reaps the dead process) time to say who died
+                while self.broken is None and time.monotonic() < settle:
+                    time.sleep(0.02)
             if self.broken is not None:
                 raise RuntimeError(self.broken_message()) from e
             proc = self._procs[rank - 1] if rank - 1 < len(self._procs) else None
             if proc is not None and (proc.join(0.2) or not proc.is_alive()):
                 state = f"died (pid {proc.pid}, exit code {proc.exitcode})"
-            elif time.monotonic() >= deadline - 0.05:
+            elif timed_out:
                 state = f"did not answer within {self.timeout_s:.1f}s"
             else:
                 state = "connection failed"
