@@ -75,6 +75,7 @@ runs without overlap and ``stats["overlap"]`` says why (a warning too).
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.fx
@@ -312,6 +313,13 @@ def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> P
             f"apply to {getattr(ctx, 'graph_id', 'the graph')}: {type(e).__name__}: {e}") from e
 
 
+def _warn_no_site(graph_id: str) -> None:
+    log.info("llmaccel: offload found no attention site in %s", graph_id)
+    warnings.warn("llmaccel: offload was requested but a graph has a softmax and no attention site it "
+                  "can offload (none was canonicalised; see passes.json): if it is attention, its KV "
+                  "cache stays local")  # a constant message: Python shows it once
+
+
 def _run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> PassResult:
     cfg = config.offload
     box = {}
@@ -330,7 +338,11 @@ def _run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> 
 
     matched = move_kv_out(gm, OFFLOAD, make_handle, "offload")
     if not matched:
-        return PassResult(changed=False, stats={"sites": 0})
+        if any(n.op == "call_function" and n.target in (aten._softmax.default, aten.softmax.int)
+               for n in gm.graph.nodes):  # a softmax but no site: likely attention left local
+            _warn_no_site(getattr(ctx, "graph_id", "a graph"))
+        return PassResult(changed=False, stats={"sites": 0},
+                          skipped=[{"reason": "no canonical attention site: nothing to offload"}])
     pool = box["pool"]
     _thread_sequence(gm, pool_handle(pool))
     stats = {"sites": len(matched), "workers": pool.n_workers, "pool_handle": pool_handle(pool),

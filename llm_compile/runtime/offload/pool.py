@@ -238,8 +238,9 @@ class AttentionWorkerPool:
 
     def broken_message(self) -> str:
         return (f"llmaccel offload: the attention worker pool is broken ({self.broken}); all its workers "
-                "were stopped and the KV cache they held is lost. Create a new pool (a model compiled "
-                "with offload starts one at its next prefill: run the sequence again from the prompt)")
+                "were stopped and the KV cache they held is lost. Start the sequence again from its "
+                "prompt: a model compiled with offload starts fresh workers at its next prefill "
+                "(using AttentionWorkerPool directly: create a new pool)")
 
     def _fail(self, msg: str, cause: BaseException | None = None):
         first = self.broken is None
