@@ -259,3 +259,15 @@ def test_missing_main_guard_is_explained(tmp_path):
     assert proc.returncode != 0 and "STARTED" not in proc.stdout
     assert "exited with code 1 during start-up" in proc.stderr
     assert 'if __name__ == "__main__":' in proc.stderr
+
+
+@pytest.mark.parametrize("bad,key", [({"workers": 1.5}, "offload.workers"), ({"workers": "2"}, "offload.workers"),
+                                     ({"workers": True}, "offload.workers"), ({"init_method": 5}, "offload.init_method"),
+                                     ({"init_method": "10.0.0.1"}, "offload.init_method"),
+                                     ({"timeout_s": "5"}, "offload.timeout_s"), ({"timeout_s": 0}, "offload.timeout_s"),
+                                     ({"overlap": "yes"}, "offload.overlap")])
+def test_bad_offload_option_values_are_refused_when_parsed(bad, key):
+    from llm_compile.config import OptionsError, parse_options
+
+    with pytest.raises(OptionsError, match=key.replace(".", r"\.")):
+        parse_options({"offload": bad})
