@@ -48,7 +48,7 @@ import time
 import torch
 
 from llm_compile.ops.attention import dense_attention
-from llm_compile.runtime.offload_pool import AttentionWorkerPool
+from llm_compile.runtime.offload import AttentionWorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def bench_overlap_model(tokens: int, batch: int, ctx: int = 256) -> list[dict]:
     ``hidden = (offload - overlap) / (offload - local)``: the share of the offload cost (transport
     + remote attention) that the ping-pong hides."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from llm_compile.runtime.offload_pool import shutdown_pools
+    from llm_compile.runtime.offload import shutdown_pools
 
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=2, vocab_size=2048)
@@ -272,7 +272,7 @@ def bench_overlap_model(tokens: int, batch: int, ctx: int = 256) -> list[dict]:
 def bench_smollm2(tokens: int) -> list[dict]:
     """Per-token greedy decode latency of the real SmolLM2-135M, local vs offload (inner eager)."""
     from llm_compile.eval.model import load_smollm2
-    from llm_compile.runtime.offload_pool import shutdown_pools
+    from llm_compile.runtime.offload import shutdown_pools
 
     model, tok = load_smollm2()
     ids = tok("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt")["input_ids"]
@@ -362,7 +362,7 @@ def main(argv=None) -> None:
                 p.shutdown()
     if a.model:
         rows += bench_model(a.tokens)
-        from llm_compile.runtime.offload_pool import shutdown_pools
+        from llm_compile.runtime.offload import shutdown_pools
 
         shutdown_pools()
     if a.smollm2:

@@ -37,4 +37,9 @@ class PassResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+class RequestedPassError(RuntimeError):
+    """A pass the user asked for cannot apply to this graph (e.g. offload: the KV placement was
+    asked for). The manager does not roll it back: compilation fails with this message."""
+
+
 PassFn = Callable[..., PassResult]

@@ -10,6 +10,10 @@ sites it should have rewritten warns once per reason per process (:class:`PassNo
 e.g. ``swa`` on attention that cannot be canonicalised (Gemma2's soft-capping), or ``anda`` on a
 model without quantized weights ("call llm_compile.quantize_weights first"). A graph with no
 attention (or no matmul) at all warns nothing: there was nothing to rewrite.
+
+A pass the user asked for whose work cannot apply raises
+:class:`~llm_compile.passes.base.RequestedPassError`, which fails the compilation with its message
+instead of a rollback (offload: the KV cache must not silently stay local).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from collections import Counter
 import torch.fx
 
 from llm_compile.config import LLMAccelConfig
-from llm_compile.passes.base import PassContext, PassResult
+from llm_compile.passes.base import PassContext, PassResult, RequestedPassError
 from llm_compile.passes.cleanup import cleanup
 from llm_compile.passes.pipeline import PIPELINE
 
@@ -130,6 +134,8 @@ def run_pipeline(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassCont
             if not isinstance(result, PassResult):
                 raise TypeError(f"pass {spec.name} returned {type(result).__name__}, not PassResult")
             cleanup(gm)
+        except RequestedPassError:
+            raise
         except Exception as e:  # a pass must never break compilation: roll back and report
             gm.graph = saved
             gm.recompile()

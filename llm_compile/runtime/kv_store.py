@@ -8,8 +8,8 @@ with ``reserve`` free slots after the prompt, grown by ``growth`` when full, so 
 one row per sequence instead of copying the whole cache (``torch.cat``) as ``DynamicCache`` does.
 
 Attention then runs over views of the buffers through the site's mode: dense
-(:class:`~llm_compile.runtime.offload_modes.DenseMode`, exactly ``llmaccel::attention``) or sparse
-window attention (:class:`~llm_compile.runtime.offload_modes.SWAMode`, whose token scores live
+(:class:`~llm_compile.runtime.offload.modes.DenseMode`, exactly ``llmaccel::attention``) or sparse
+window attention (:class:`~llm_compile.runtime.offload.modes.SWAMode`, whose token scores live
 next to the KV, in ``SiteKV.state``, and are registered in
 :data:`llm_compile.runtime.swa.STATES` too, so ``swa.get_state(site)`` finds them)::
 
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from llm_compile.runtime.context import on_instance_gone
 from llm_compile.runtime.kv_buffer import SiteKV
-from llm_compile.runtime.offload_modes import AttentionMode, DenseMode, SWAMode
+from llm_compile.runtime.offload.modes import AttentionMode, DenseMode, SWAMode
 
 
 class LocalKVStore:

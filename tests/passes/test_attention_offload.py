@@ -12,7 +12,8 @@ from llm_compile.ops.attention import dense_attention
 from llm_compile.ops.offload import is_phantom
 from llm_compile.passes import attention_offload
 from llm_compile.passes.base import PassContext
-from llm_compile.runtime.offload_pool import get_pool
+from llm_compile.runtime.offload import get_pool
+from llm_compile.runtime.offload.sequences import sequence_of, sequence_phantom
 
 OPTIONS = {"offload": {"workers": 2, "timeout_s": 30}, "inner": "eager"}
 
@@ -48,11 +49,18 @@ def test_pass_structure_and_numerics_on_a_decode_graph():
     assert targets.count(torch.ops.llmaccel.offload_attention.default) == 1
     assert targets.count(torch.ops.llmaccel.kv_phantom.default) == 2
     pool = get_pool(parse_options(OPTIONS).offload)
-    pool.prefill(0, 4, pk, pv)  # instance 0: outside a compiled graph
+    seq = pool.new_sequence()  # what a prefill graph's llmaccel::offload_sequence makes
+    pool.prefill(seq.seq_id, 4, pk, pv)
+    owner = torch.ops.llmaccel.offload_sequence(q, attention_offload.pool_handle(pool))
+    assert sequence_of(owner) is not None and sequence_of(owner) != seq.seq_id
     phantom = torch.ops.llmaccel.kv_phantom
+    seq_t = sequence_phantom(seq, pk)
     with pytest.raises(RuntimeError, match="got a real KV cache"):  # only the previous phantom is valid
         gm(q, kn, vn, pk, pv)
-    out, k, v = gm(q, kn, vn, phantom(None, pk), phantom(None, pv))
+    with pytest.raises(RuntimeError, match="names no offload sequence"):  # a phantom of no sequence
+        gm(q, kn, vn, phantom(None, pk), phantom(None, pv))
+    out, k, v = gm(q, kn, vn, phantom(None, pk, seq_t), phantom(None, pv, seq_t))
+    assert sequence_of(k) == sequence_of(v) == seq.seq_id  # the new phantoms name the same sequence
     expect = dense_attention(q, torch.cat([pk, kn], -2), torch.cat([pv, vn], -2), None, 0.5, False) * 2
     torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
     assert k.shape == (1, 2, 6, 8) and is_phantom(k) and is_phantom(v)
@@ -61,7 +69,7 @@ def test_pass_structure_and_numerics_on_a_decode_graph():
     assert subs == ["submod_1", "submod_2"]  # nothing computes before the attention here
     assert [n.target for n in split.submod_1.graph.nodes if n.op == "call_function"] == \
         [torch.ops.llmaccel.offload_attention.default]
-    pool.release(0)
+    pool.release(seq.seq_id)
 
 
 def _llama():

@@ -10,8 +10,8 @@ from helpers import pass_record, record_compiles
 from llm_compile.config import parse_options
 from llm_compile.ops.offload import is_phantom
 from llm_compile.runtime.context import lookup_handle
-from llm_compile.runtime.offload_overlap import HALF_KEY
-from llm_compile.runtime.offload_pool import get_pool
+from llm_compile.runtime.offload.overlap import HALF_KEY
+from llm_compile.runtime.offload import get_pool
 
 OPTIONS = {"offload": {"workers": 2, "timeout_s": 30, "overlap": True}, "inner": "eager"}
 NEW = 5

@@ -15,7 +15,8 @@ import torch
 from helpers import pass_record, record_compiles
 from llm_compile.config import parse_options
 from llm_compile.ops.offload import is_phantom
-from llm_compile.runtime.offload_pool import get_pool, shutdown_pools
+from llm_compile.runtime.offload import get_pool, shutdown_pools
+from llm_compile.runtime.offload.sequences import sequence_of
 
 pytestmark = pytest.mark.real_model
 
@@ -53,9 +54,10 @@ def test_smollm2_offload_same_tokens_kv_only_in_workers(smollm2, inner):
     n = ids.shape[1] + NEW - 1
     cache = out.past_key_values
     assert cache.get_seq_length() == n and len(cache.layers) == LAYERS
-    for layer in cache.layers:  # no KV on the compute side: 4-byte phantoms of the right shape
+    for layer in cache.layers:  # no KV on the compute side: 16-byte phantoms (the sequence id)
         assert layer.keys.shape == (1, KV_HEADS, n, HEAD_DIM) and is_phantom(layer.keys)
-        assert is_phantom(layer.values) and layer.keys.untyped_storage().nbytes() == 4
+        assert is_phantom(layer.values) and layer.keys.untyped_storage().nbytes() == 16
+        assert sequence_of(layer.keys) == sequence_of(cache.layers[0].values) is not None
     per_head = LAYERS * 1 * n * HEAD_DIM * 2 * 4  # layers * batch * tokens * D * (k, v) * fp32
     pool = get_pool(parse_options(opts).offload)
     assert pool.kv_bytes() == [2 * per_head, 1 * per_head]  # 3 KV heads over 2 workers: 2 + 1

@@ -7,7 +7,7 @@ import torch
 
 from llm_compile.config import OptionsError, parse_options
 from llm_compile.ops.offload import is_phantom
-from llm_compile.runtime.offload_pool import get_pool
+from llm_compile.runtime.offload import get_pool
 
 from model_zoo import build
 from helpers import pass_record, record_compiles

@@ -12,7 +12,7 @@ from llm_compile.ops.offload import is_phantom
 from llm_compile.runtime import swa
 from llm_compile.runtime.kv_buffer import SiteKV
 from llm_compile.runtime.kv_store import get_store, release_all, release_model
-from llm_compile.runtime.offload_modes import DenseMode
+from llm_compile.runtime.offload.modes import DenseMode
 
 STORED = "llmaccel.stored_attention.default"
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 from llm_compile.ops.attention import dense_attention
-from llm_compile.runtime.offload_pool import AttentionWorkerPool
+from llm_compile.runtime.offload import AttentionWorkerPool
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,9 +44,9 @@ def _wait_gone(pids, timeout_s: float) -> bool:
 def test_connect_to_workers_started_with_the_module_entry():
     port = _free_port()
     init = f"tcp://127.0.0.1:{port}"
-    # what `torchrun --nproc-per-node=2 -m llm_compile.runtime.offload_workers --rank-offset 1 ...`
+    # what `torchrun --nproc-per-node=2 -m llm_compile.runtime.offload --rank-offset 1 ...`
     # does on another machine: RANK/WORLD_SIZE from the environment, ranks shifted past rank 0
-    procs = [subprocess.Popen([sys.executable, "-m", "llm_compile.runtime.offload_workers",
+    procs = [subprocess.Popen([sys.executable, "-m", "llm_compile.runtime.offload",
                                "--init-method", init, "--rank-offset", "1", "--backend", "gloo",
                                "--timeout-s", "60", "--threads", "1"],
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"})
@@ -73,7 +73,7 @@ def test_connect_to_workers_started_with_the_module_entry():
 
 _SCRIPT = textwrap.dedent("""
     import sys, time
-    from llm_compile.runtime.offload_pool import AttentionWorkerPool
+    from llm_compile.runtime.offload import AttentionWorkerPool
     if __name__ == "__main__":
         pool = AttentionWorkerPool.spawn(2, timeout_s=20)
         print(" ".join(map(str, pool.worker_pids())), flush=True)

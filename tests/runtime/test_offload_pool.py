@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from llm_compile.ops.attention import dense_attention
-from llm_compile.runtime.offload_modes import CallableMode, SWAMode
-from llm_compile.runtime.offload_pool import AttentionWorkerPool
-from llm_compile.runtime.offload_protocol import split_heads
+from llm_compile.runtime.offload.modes import CallableMode, SWAMode
+from llm_compile.runtime.offload import AttentionWorkerPool
+from llm_compile.runtime.offload.protocol import split_heads
 
 TIMEOUT_S = 30.0
 B, HQ, HKV, D = 2, 6, 3, 8  # GQA 2; 3 KV heads split unevenly over 2 workers
@@ -123,7 +123,7 @@ def test_prefill_on_workers_async_overlap_and_callable_mode(pools):
     pool = pools(2)
     L, scale = 6, 0.25
     q, k, v = _rand(B, HQ, L, D, seed=1), _rand(B, HKV, L, D, seed=2), _rand(B, HKV, L, D, seed=3)
-    mode = CallableMode("llm_compile.runtime.offload_modes:dense_step")
+    mode = CallableMode("llm_compile.runtime.offload.modes:dense_step")
     out = pool.prefill(5, 0, k, v, q=q, scale=scale, is_causal=True, mode=mode)
     torch.testing.assert_close(out, dense_attention(q, k, v, None, scale, True), atol=1e-5, rtol=1e-5)
     pool.prefill(5, 1, k, v)
@@ -192,17 +192,14 @@ def test_hung_worker_times_out(pools):
     pool.prefill(1, 0, _rand(1, HKV, 3, D, seed=1), _rand(1, HKV, 3, D, seed=2))
     pid = pool.worker_pids()[0]
     os.kill(pid, signal.SIGSTOP)  # alive but not answering
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(RuntimeError, match="rank 1 did not answer within 2.0s"):
-            pool.decode(1, 0, _rand(1, HQ, 1, D, seed=3), _rand(1, HKV, 1, D, seed=4), _rand(1, HKV, 1, D, seed=5), 0.3)
-        assert time.monotonic() - t0 < 2.0 + 1.5
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 did not answer within 2.0s"):
+        pool.decode(1, 0, _rand(1, HQ, 1, D, seed=3), _rand(1, HKV, 1, D, seed=4), _rand(1, HKV, 1, D, seed=5), 0.3)
+    assert time.monotonic() - t0 < 2.0 + 3.0  # including stopping the workers
+    assert _gone(pid)  # stopped at the fault, before any shutdown()
     with pytest.raises(RuntimeError, match="broken"):
         pool.kv_bytes()
     pool.shutdown()
-    assert _gone(pid)
 
 
 def test_killed_worker_mid_decode_raises_fast_and_leaves_no_children(pools):
@@ -218,6 +215,7 @@ def test_killed_worker_mid_decode_raises_fast_and_leaves_no_children(pools):
     assert time.monotonic() - t0 < TIMEOUT_S / 2
     with pytest.raises(RuntimeError, match="broken"):
         pool.decode(1, 0, _rand(B, HQ, 1, D, seed=3), _rand(B, HKV, 1, D, seed=4), _rand(B, HKV, 1, D, seed=5), 0.3)
+    assert _gone(other)  # the first fault stopped every worker
     t0 = time.monotonic()
     pool.shutdown()
     assert time.monotonic() - t0 < 5.0

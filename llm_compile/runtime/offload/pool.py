@@ -1,33 +1,42 @@
 """The compute side (rank 0) of attention offload: :class:`AttentionWorkerPool`.
 
 The pool splits every site's KV heads across its workers (:func:`~llm_compile.runtime.
-offload_protocol.split_heads`: contiguous ranges, the first ``Hkv % N`` workers one head more) and
+offload.protocol.split_heads`: contiguous ranges, the first ``Hkv % N`` workers one head more) and
 sends each worker its query heads and KV heads; it keeps no KV itself::
 
     pool = AttentionWorkerPool.spawn(2, timeout_s=30)        # local CPU workers, gloo on 127.0.0.1
-    pool.prefill(inst, site, k, v)                           # prompt K/V [B, Hkv, L, D] -> workers
-    out = pool.decode(inst, site, q, k_new, v_new, scale)    # [B, Hq, 1, D]; k_new/v_new appended
+    pool.prefill(seq, site, k, v)                            # prompt K/V [B, Hkv, L, D] -> workers
+    out = pool.decode(seq, site, q, k_new, v_new, scale)     # [B, Hq, 1, D]; k_new/v_new appended
     fut = pool.decode_async(...); ...; out = fut.wait()      # overlap with other work
+    pool.release(seq)                                        # free that sequence's KV everywhere
     pool.kv_bytes()                                          # KV bytes held, per worker
     pool.shutdown()
+
+``seq`` is a sequence id (int64; see :class:`~llm_compile.runtime.offload.shared.SequenceHandle`
+for ids that free themselves), ``site`` an attention site (layer).
 
 ``prefill`` without ``q`` only ships the K/V (the caller ran the prompt's attention locally) and
 returns at once; the workers' acknowledgements are collected by the next ``wait`` (or ``sync()``),
 where a worker error surfaces. With ``q`` the workers run the prompt attention too (needed by modes
 that keep state from it, e.g. SWA) and the output is returned.
 
-Failures: a worker that died (its connection breaks: detected at once) or does not answer within
-``timeout_s`` raises ``RuntimeError`` naming the worker; the pool is then *broken* (every later
-call raises) and ``shutdown`` (also run by ``atexit`` / garbage collection through
-``weakref.finalize``) reaps the worker processes. An error *inside* a worker (bad shapes, a decode
-without prefill) is reported as ``RuntimeError`` too but leaves the pool usable.
+Failures: a worker that died (a watcher thread sees its process exit) or does not answer within
+``timeout_s`` raises ``RuntimeError`` naming the worker; the pool is then *broken*: every other
+worker is stopped at once (no process is left behind), every later call raises and says how to
+recover (a new pool; a compiled model starts one at its next prefill, see
+:mod:`~llm_compile.runtime.offload.shared`). ``shutdown`` (also run by ``atexit`` / garbage
+collection through ``weakref.finalize``) reaps the worker processes. An error *inside* a worker
+(bad shapes, a decode without prefill) is reported as ``RuntimeError`` too but leaves the pool
+usable.
+
+Local pools rendezvous through a ``FileStore`` in a private temporary folder (no listening
+socket; the folder is removed once every worker has joined) and bind gloo to 127.0.0.1.
 """
 from __future__ import annotations
 
 import datetime
 import logging
 import os
-import pickle
 import threading
 import time
 import weakref
@@ -37,83 +46,34 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
-from llm_compile.runtime import offload_protocol as P
-from llm_compile.runtime.offload_lifecycle import (  # noqa: F401  (get_pool/shutdown_pools re-exported)
-    Resources, connect_watching, finalize_pool, get_pool, shutdown_pools,
+from llm_compile.runtime.offload import protocol as P
+from llm_compile.runtime.offload.future import OffloadFuture
+from llm_compile.runtime.offload.lifecycle import (
+    Resources, close_at_exit, connect_watching, finalize_pool, private_dir, startup_timeout,
 )
-from llm_compile.runtime.offload_modes import AttentionMode
-from llm_compile.runtime.offload_workers import _spawn_entry, make_group
+from llm_compile.runtime.offload.modes import AttentionMode
+from llm_compile.runtime.offload.workers import LOOPBACK, _spawn_entry, local_store, make_group
 
 log = logging.getLogger(__name__)
-
-
-class OffloadFuture:
-    """An attention request in flight; :meth:`wait` returns the output (``None`` for a store-only
-    prefill). Holds the send buffers until completion. Replies are consumed strictly in issue
-    order: waiting on a future first collects every earlier one (keeping their results)."""
-
-    def __init__(self, pool: "AttentionWorkerPool", parts: list, out_shape, dtype, device, what: str) -> None:
-        self._pool, self._parts, self._what = pool, parts, what
-        self._out_shape, self._dtype, self._device = out_shape, dtype, device
-        self._result: Tensor | None = None
-        self._error: str | None = None
-        self._done = False
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def nbytes_held(self) -> int:
-        return 0 if self._done else sum(b.numel() for part in self._parts for b in part["keep"])
-
-    def wait(self) -> Tensor | None:
-        self._pool._collect_until(self)
-        if self._error is not None:
-            raise RuntimeError(f"llmaccel offload: {self._what} failed on {self._error}")
-        return self._result
-
-    def _collect(self) -> None:
-        """Receive every worker's reply (transport failures raise and break the pool)."""
-        pool = self._pool
-        deadline = time.monotonic() + pool.timeout_s
-        out = None
-        if self._out_shape is not None:
-            out = torch.empty(self._out_shape, dtype=self._dtype, device=self._device)
-        errors = []
-        for part in self._parts:  # every reply is consumed, even after an error, to stay in sync
-            pool._wait(part["recv"], part["rank"], deadline, self._what)
-            for w in part["sends"]:
-                pool._wait(w, part["rank"], deadline, self._what)
-            status, _, _, _, msg = P.read_status(part["reply"])
-            if status != P.STATUS_OK:
-                errors.append(msg)
-            elif out is not None:
-                qs, qe = part["q_heads"]
-                shape = (self._out_shape[0], qe - qs, *self._out_shape[2:])
-                chunk = part["reply"][P.STATUS_BYTES:].view(self._dtype).reshape(shape)
-                out[:, qs:qe].copy_(chunk)
-        self._parts, self._done = [], True
-        if errors:
-            self._error = "; ".join(errors)
-        else:
-            self._result = out
 
 
 class AttentionWorkerPool:
     """Rank 0 of an attention-offload group. Create with :meth:`spawn` or :meth:`connect`."""
 
     def __init__(self, pg, world_size: int, backend: str, device: torch.device, timeout_s: float,
-                 procs: list | None = None, store=None, mode: AttentionMode | None = None) -> None:
+                 procs: list | None = None, store=None, mode: AttentionMode | None = None,
+                 store_dir: str | None = None) -> None:
         self._pg, self.world_size, self.backend = pg, world_size, backend
         self.device, self.timeout_s = torch.device(device), float(timeout_s)
         self.n_workers = world_size - 1
         self._procs = list(procs or [])
-        self._res = Resources(pg, store, self._procs)
-        self._finalizer = weakref.finalize(self, finalize_pool, self._res, pg, self.n_workers, 2.0, str(self.device))
-        self._seq = 0
+        self._res = Resources(pg, store, self._procs, store_dir)
+        self._finalizer = weakref.finalize(self, finalize_pool, self._res, pg, self.n_workers, 5.0, str(self.device))
+        close_at_exit(self._finalizer)
+        self._res.watch()
+        self._msg = 0
         self._lock = threading.Lock()
         self._inflight: list[OffloadFuture] = []
-        self._broken: str | None = None
         self._closed = False
         self.max_inflight_bytes = 64 << 20
         """Request bytes held for unanswered requests before the pool waits for the oldest."""
@@ -125,24 +85,34 @@ class AttentionWorkerPool:
     def spawn(cls, n_workers: int, timeout_s: float = 60.0, *, mode: AttentionMode | None = None,
               threads_per_worker: int = 1, startup_timeout_s: float | None = None) -> "AttentionWorkerPool":
         """Start ``n_workers`` local CPU worker processes (``torch.multiprocessing``, start method
-        "spawn"), gloo on 127.0.0.1 with a free port chosen by the rendezvous store."""
-        if n_workers < 1:
-            raise ValueError("llmaccel offload: n_workers must be >= 1")
-        startup = float(startup_timeout_s or max(timeout_s, 120.0))
+        "spawn"), gloo on 127.0.0.1, rendezvous through a ``FileStore`` in a private folder.
+        Start-up may take ``startup_timeout_s`` (default :func:`~llm_compile.runtime.offload.
+        lifecycle.startup_timeout` of ``timeout_s``)."""
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+            raise ValueError(f"llmaccel offload: n_workers must be an int >= 1, got {n_workers!r}")
+        startup = float(startup_timeout_s or startup_timeout(timeout_s))
         world = n_workers + 1
-        store = dist.TCPStore("127.0.0.1", 0, world, True, timeout=datetime.timedelta(seconds=startup),
-                              wait_for_workers=False)
+        store_dir = private_dir()
+        path = os.path.join(store_dir, "rendezvous")
+        store = local_store(path, world, startup)
         ctx = torch.multiprocessing.get_context("spawn")
         procs = [ctx.Process(target=_spawn_entry, name=f"llmaccel-attn-worker-{r}", daemon=True,
-                             args=("127.0.0.1", store.port, r, world, "gloo", startup, threads_per_worker,
+                             args=(path, r, world, "gloo", startup, threads_per_worker,
                                    logging.getLogger().getEffectiveLevel(), os.getpid()))
                  for r in range(1, world)]
         t0 = time.monotonic()
-        for p in procs:
-            p.start()
-        pg = connect_watching(lambda: make_group("gloo", store, 0, world, startup), procs, startup)
-        pool = cls(pg, world, "gloo", torch.device("cpu"), timeout_s, procs, store, mode)
+        try:
+            for p in procs:
+                p.start()
+            pg = connect_watching(lambda: make_group("gloo", store, 0, world, startup, LOOPBACK), procs,
+                                  startup, store, f"(offload.timeout_s={timeout_s:g} x {startup / timeout_s:g})")
+        except BaseException:
+            Resources(None, None, procs, store_dir).kill_all()
+            Resources(None, None, [], store_dir).drop_store()
+            raise
+        pool = cls(pg, world, "gloo", torch.device("cpu"), timeout_s, procs, store, mode, store_dir)
         pool.ping()  # every worker has finished its rendezvous (gloo mesh complete) and serves
+        pool._res.drop_store()  # nobody needs the rendezvous any more
         log.info("spawned %d attention workers (pids %s) in %.1fs", n_workers, [p.pid for p in procs],
                  time.monotonic() - t0)
         return pool
@@ -151,9 +121,10 @@ class AttentionWorkerPool:
     def connect(cls, init_method: str, world_size: int, timeout_s: float = 60.0, *,
                 backend: str = "auto", mode: AttentionMode | None = None,
                 startup_timeout_s: float | None = None) -> "AttentionWorkerPool":
-        """Join, as rank 0, workers started elsewhere (``python -m llm_compile.runtime.offload_workers``
-        under ``torchrun``); blocks until all ``world_size - 1`` workers have joined."""
-        startup = float(startup_timeout_s or max(timeout_s, 300.0))
+        """Join, as rank 0, workers started elsewhere (``python -m llm_compile.runtime.offload.workers``
+        under ``torchrun``); blocks until all ``world_size - 1`` workers have joined. The
+        ``init_method`` rendezvous and the connections are not authenticated: trusted networks only."""
+        startup = float(startup_timeout_s or max(startup_timeout(timeout_s), 300.0))
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
@@ -163,30 +134,30 @@ class AttentionWorkerPool:
         return cls(pg, world_size, backend, device, timeout_s, None, store, mode)
 
     # -- public API ---------------------------------------------------------------------------
-    def prefill(self, instance: int, site: int, k: Tensor, v: Tensor, q: Tensor | None = None,
+    def prefill(self, seq_id: int, site: int, k: Tensor, v: Tensor, q: Tensor | None = None,
                 scale: float | None = None, attn_mask: Tensor | None = None, is_causal: bool = False,
                 mode: AttentionMode | None = None) -> Tensor | None:
-        """Reset (instance, site) and store the prompt K/V ``[B, Hkv, L, D]`` on the workers. With
+        """Reset (seq_id, site) and store the prompt K/V ``[B, Hkv, L, D]`` on the workers. With
         ``q``, the workers also attend and the output is returned; without, returns ``None`` at once."""
         if mode is not None:
-            self.set_mode(mode, instance, site)
+            self.set_mode(mode, seq_id, site)
         if q is not None:
-            return self._attend(instance, site, q, k, v, scale, attn_mask, is_causal, True, -1, "prefill").wait()
-        self._attend(instance, site, None, k, v, 0.0, None, False, True, -1, "prefill")
+            return self._attend(seq_id, site, q, k, v, scale, attn_mask, is_causal, True, -1, "prefill").wait()
+        self._attend(seq_id, site, None, k, v, 0.0, None, False, True, -1, "prefill")
         return None
 
-    def decode_async(self, instance: int, site: int, q: Tensor, k_new: Tensor, v_new: Tensor, scale: float,
+    def decode_async(self, seq_id: int, site: int, q: Tensor, k_new: Tensor, v_new: Tensor, scale: float,
                      attn_mask: Tensor | None = None, is_causal: bool = False,
                      cached_len: int | None = None) -> OffloadFuture:
-        """Send one decode step of (instance, site); ``wait()`` on the result gives ``[B, Hq, Lq, Dv]``."""
-        return self._attend(instance, site, q, k_new, v_new, scale, attn_mask, is_causal, False,
+        """Send one decode step of (seq_id, site); ``wait()`` on the result gives ``[B, Hq, Lq, Dv]``."""
+        return self._attend(seq_id, site, q, k_new, v_new, scale, attn_mask, is_causal, False,
                             -1 if cached_len is None else int(cached_len), "decode")
 
-    def decode(self, instance: int, site: int, q: Tensor, k_new: Tensor, v_new: Tensor, scale: float,
+    def decode(self, seq_id: int, site: int, q: Tensor, k_new: Tensor, v_new: Tensor, scale: float,
                attn_mask: Tensor | None = None, is_causal: bool = False, cached_len: int | None = None) -> Tensor:
         """``llmaccel::attention(q, k_new, v_new, <cache>, <cache>, attn_mask, scale, is_causal)``
-        with the cache held by the workers (k_new/v_new are appended to it first)."""
-        return self.decode_async(instance, site, q, k_new, v_new, scale, attn_mask, is_causal, cached_len).wait()
+        with the cache of sequence ``seq_id`` held by the workers (k_new/v_new appended to it first)."""
+        return self.decode_async(seq_id, site, q, k_new, v_new, scale, attn_mask, is_causal, cached_len).wait()
 
     def sync(self) -> None:
         """Collect every request still in flight (raises a store-only prefill's worker error;
@@ -210,15 +181,15 @@ class AttentionWorkerPool:
         """Bytes of request buffers this process still holds for in-flight requests."""
         return sum(f.nbytes_held() for f in self._inflight)
 
-    def release(self, instance: int, site: int = -1) -> int:
-        """Drop the KV of ``instance`` (one site, or all with -1) on every worker; returns entries freed."""
-        return sum(v[0] for v in self._simple(P.OP_RELEASE, "release", instance=instance, site=site))
+    def release(self, seq_id: int, site: int = -1) -> int:
+        """Drop the KV of sequence ``seq_id`` (one site, or all with -1) on every worker; returns
+        the entries freed."""
+        return sum(v[0] for v in self._simple(P.OP_RELEASE, "release", seq_id=seq_id, site=site))
 
-    def set_mode(self, mode: AttentionMode, instance: int = -1, site: int = -1) -> None:
-        """Set the workers' default attention mode, or the mode of one (instance, site) (from its next
-        prefill on)."""
-        self._simple(P.OP_SET_MODE, "set_mode", instance=instance, site=site,
-                     payload=torch.frombuffer(bytearray(pickle.dumps(mode)), dtype=torch.uint8))
+    def set_mode(self, mode: AttentionMode, seq_id: int = -1, site: int = -1) -> None:
+        """Set the workers' default attention mode, or the mode of one (seq_id, site) (from its next
+        prefill on). Modes travel as JSON specs (:meth:`AttentionMode.to_spec`)."""
+        self._simple(P.OP_SET_MODE, "set_mode", seq_id=seq_id, site=site, payload=P.json_payload(mode.to_spec()))
 
     def ping(self) -> list[int]:
         """The workers' process ids (round trip to every worker)."""
@@ -233,19 +204,21 @@ class AttentionWorkerPool:
             return
         self._closed = True
         self._inflight.clear()
-        if self._broken is None:
+        self._res.closing.set()  # the workers' exits from here on are expected
+        if self.broken is None:
             try:
                 self._simple(P.OP_SHUTDOWN, "shutdown", timeout_s=min(self.timeout_s, join_s), closing=True)
             except RuntimeError as e:
                 log.warning("llmaccel offload: graceful shutdown failed: %s", e)
         self._finalizer.detach()
-        # a broken pool: tell the live workers to stop without awaiting answers, reap them quickly
-        finalize_pool(self._res, self._pg, self.n_workers, join_s if self._broken is None else 1.0, str(self.device))
+        # a broken pool: its workers were stopped already; reap what is left
+        finalize_pool(self._res, self._pg, self.n_workers, join_s if self.broken is None else 1.0, str(self.device))
         self._pg = None
 
     @property
     def broken(self) -> str | None:
-        return self._broken
+        """Why the pool failed (``None`` while it is usable)."""
+        return self._res.broken
 
     def __enter__(self):
         return self
@@ -257,16 +230,29 @@ class AttentionWorkerPool:
     def _check_usable(self) -> None:
         if self._closed:
             raise RuntimeError("llmaccel offload: the attention worker pool was shut down")
-        if self._broken is not None:
-            raise RuntimeError(f"llmaccel offload: the attention worker pool is broken ({self._broken})")
+        if self.broken is not None:
+            raise RuntimeError(self.broken_message())
         for r, p in enumerate(self._procs, 1):
             if not p.is_alive():
-                self._fail(f"attention worker rank {r} (pid {p.pid}) is dead (exit code {p.exitcode})")
+                self._fail(f"attention worker rank {r} died (pid {p.pid}, exit code {p.exitcode})")
+
+    def broken_message(self) -> str:
+        return (f"llmaccel offload: the attention worker pool is broken ({self.broken}); all its workers "
+                "were stopped and the KV cache they held is lost. Start the sequence again from its "
+                "prompt: a model compiled with offload starts fresh workers at its next prefill "
+                "(using AttentionWorkerPool directly: create a new pool)")
 
     def _fail(self, msg: str, cause: BaseException | None = None):
-        self._broken = msg
-        log.error("llmaccel offload: %s", msg)
-        raise RuntimeError(f"llmaccel offload: {msg}") from cause
+        first = self.broken is None
+        self._res.fail(msg)  # first fault: stop every (local) worker now
+        if first and not self._procs and self._pg is not None:  # remote workers: ask them to stop
+            hdr = P.Header(P.OP_SHUTDOWN, flags=P.FLAG_NOW).to_tensor(self.device)
+            for r in range(1, self.world_size):
+                try:
+                    self._pg.send([hdr], r, P.TAG_REQUEST).wait(datetime.timedelta(seconds=1))
+                except Exception:  # that one is gone or stuck
+                    pass
+        raise RuntimeError(f"llmaccel offload: {msg}; all attention workers were stopped") from cause
 
     def _wait(self, work, rank: int, deadline: float, what: str) -> None:
         remaining = deadline - time.monotonic()
@@ -275,12 +261,17 @@ class AttentionWorkerPool:
                 raise TimeoutError("deadline passed")
             work.wait(datetime.timedelta(seconds=remaining))
         except Exception as e:
-            if self._broken is not None:
-                raise RuntimeError(f"llmaccel offload: the attention worker pool is broken ({self._broken})") from e
+            timed_out = time.monotonic() >= deadline - 0.05
+            if self._procs and not timed_out:  # a broken connection: give the watcher (which
+                settle = time.monotonic() + 1.0  # reaps the dead process) time to say who died
+                while self.broken is None and time.monotonic() < settle:
+                    time.sleep(0.02)
+            if self.broken is not None:
+                raise RuntimeError(self.broken_message()) from e
             proc = self._procs[rank - 1] if rank - 1 < len(self._procs) else None
             if proc is not None and (proc.join(0.2) or not proc.is_alive()):
                 state = f"died (pid {proc.pid}, exit code {proc.exitcode})"
-            elif time.monotonic() >= deadline - 0.05:
+            elif timed_out:
                 state = f"did not answer within {self.timeout_s:.1f}s"
             else:
                 state = "connection failed"
@@ -288,7 +279,7 @@ class AttentionWorkerPool:
                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}", e)
 
     def _send_request(self, rank: int, hdr: P.Header, payload: Tensor | None, reply_nbytes: int) -> dict:
-        hdr.seq = self._seq = self._seq + 1
+        hdr.msg = self._msg = self._msg + 1
         hdr.payload_nbytes = 0 if payload is None else payload.numel()
         htensor = hdr.to_tensor(self.device)
         reply = torch.empty(P.STATUS_BYTES + reply_nbytes, dtype=torch.uint8, device=self.device)
@@ -300,20 +291,20 @@ class AttentionWorkerPool:
             self._fail(f"cannot send to attention worker rank {rank}: {str(e).splitlines()[0][:200]}", e)
         return {"rank": rank, "sends": sends, "recv": recv, "reply": reply, "keep": keep}
 
-    def _simple(self, op: int, what: str, instance: int = 0, site: int = 0, payload: Tensor | None = None,
+    def _simple(self, op: int, what: str, seq_id: int = 0, site: int = 0, payload: Tensor | None = None,
                 timeout_s: float | None = None, closing: bool = False) -> list[tuple[int, int]]:
         """One status-only request to every worker; returns their (v1, v2)."""
         with unset_fake_temporarily():  # may be called while a compiler traces (e.g. from a pass)
-            return self._simple_real(op, what, instance, site, payload, timeout_s, closing)
+            return self._simple_real(op, what, seq_id, site, payload, timeout_s, closing)
 
-    def _simple_real(self, op, what, instance, site, payload, timeout_s, closing):
+    def _simple_real(self, op, what, seq_id, site, payload, timeout_s, closing):
         if not closing:
             self._check_usable()
             self.sync()
         if payload is not None:
             payload = payload.to(self.device)
         with self._lock:
-            parts = [self._send_request(r, P.Header(op, instance=instance, site=site), payload, 0)
+            parts = [self._send_request(r, P.Header(op, seq_id=seq_id, site=site), payload, 0)
                      for r in range(1, self.world_size)]
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         vals, errors = [], []
@@ -329,7 +320,7 @@ class AttentionWorkerPool:
             raise RuntimeError(f"llmaccel offload: {what} failed on {'; '.join(errors)}")
         return vals
 
-    def _attend(self, instance, site, q, k, v, scale, attn_mask, is_causal, reset, cached_len, what) -> OffloadFuture:
+    def _attend(self, seq_id, site, q, k, v, scale, attn_mask, is_causal, reset, cached_len, what) -> OffloadFuture:
         self._check_usable()
         if any(is_fake(t) for t in (q, k, v, attn_mask) if t is not None):
             raise RuntimeError("llmaccel offload: fake tensors cannot be sent to attention workers "
@@ -353,7 +344,7 @@ class AttentionWorkerPool:
                 if s == e:
                     continue
                 tensors = [k[:, s:e].to(dt), v[:, s:e].to(dt)]
-                hdr = P.Header(P.OP_ATTEND, instance=int(instance), site=int(site), batch=B,
+                hdr = P.Header(P.OP_ATTEND, seq_id=int(seq_id), site=int(site), batch=B,
                                q_heads=(e - s) * group, kv_heads=e - s, new_len=ln, head_dim=D, v_dim=dv,
                                dtype=P.dtype_code(dt), scale_bits=P.float_bits(scale or 0.0), flags=flags,
                                cached_len=cached_len, head_offset=s)
@@ -373,7 +364,7 @@ class AttentionWorkerPool:
                 parts.append(part)
             out_shape = None if q is None else (B, hq, q.shape[2], dv)
             dev = q.device if q is not None else k.device
-            fut = OffloadFuture(self, parts, out_shape, dt, dev, f"{what} of instance {instance} site {site}")
+            fut = OffloadFuture(self, parts, out_shape, dt, dev, f"{what} of sequence {seq_id} site {site}")
             self._inflight.append(fut)
         self._reap()
         return fut

@@ -2,22 +2,28 @@
 
 Every worker (rank >= 1 of a ``torch.distributed`` group whose rank 0 is the compute process) owns
 a contiguous range of KV heads (and the matching query heads) of every offloaded site, keyed by
-``(instance, site)``. It serves requests (:mod:`~llm_compile.runtime.offload_protocol`) one at a
-time, in arrival order, until a shutdown request or until rank 0 goes away (the point-to-point
-connection breaks and the worker exits).
+``(seq_id, site)``: one entry per sequence (the compute side allocates the id at prefill and
+releases it when the sequence's cache dies) and attention site. It serves requests
+(:mod:`~llm_compile.runtime.offload.protocol`) one at a time, in arrival order, until a shutdown
+request or until rank 0 goes away (the point-to-point connection breaks and the worker exits).
 
-KV is kept per (instance, site) in buffers that grow by doubling (amortised O(1) append per decode
+KV is kept per (seq_id, site) in buffers that grow by doubling (amortised O(1) append per decode
 step, no per-step ``cat`` of the whole cache); attention runs over views of them through the
-site's :class:`~llm_compile.runtime.offload_modes.AttentionMode` (dense by default).
+site's :class:`~llm_compile.runtime.offload.modes.AttentionMode` (dense by default).
 
 Start workers on other machines with ``torchrun`` (the compute process is rank 0 and calls
-:meth:`AttentionWorkerPool.connect <llm_compile.runtime.offload_pool.AttentionWorkerPool.connect>`)::
+:meth:`AttentionWorkerPool.connect <llm_compile.runtime.offload.pool.AttentionWorkerPool.connect>`)::
 
     # compute machine (rank 0), in the model process:
     pool = AttentionWorkerPool.connect("tcp://10.0.0.1:29600", world_size=3, timeout_s=60)
     # memory machine: two workers, ranks 1 and 2
-    torchrun --nproc-per-node=2 -m llm_compile.runtime.offload_workers \
+    torchrun --nproc-per-node=2 -m llm_compile.runtime.offload \
         --init-method tcp://10.0.0.1:29600 --world-size 3 --rank-offset 1
+
+(``-m llm_compile.runtime.offload`` runs :func:`main` of this module.) A remote group trusts its
+network: the rendezvous store and the gloo/NCCL connections carry no authentication, so use
+``init_method`` only on a private, trusted network. Local pools (spawned processes) rendezvous
+through a ``FileStore`` in a private temporary folder and bind gloo to 127.0.0.1.
 
 Without ``--rank-offset`` the rank is torchrun's ``RANK`` (for a torchrun job that also launches the
 compute process as rank 0), or ``--rank``.
@@ -28,7 +34,6 @@ import argparse
 import datetime
 import logging
 import os
-import pickle
 import sys
 import threading
 import time
@@ -37,9 +42,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from llm_compile.runtime import offload_protocol as P
 from llm_compile.runtime.kv_buffer import SiteKV
-from llm_compile.runtime.offload_modes import AttentionMode, DenseMode
+from llm_compile.runtime.offload import protocol as P
+from llm_compile.runtime.offload.modes import AttentionMode, DenseMode, mode_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +54,22 @@ FIN_TIMEOUT_S = 30.0
 """After answering a shutdown, how long a worker waits for rank 0's final header."""
 
 
-def make_group(backend: str, store, rank: int, world_size: int, timeout_s: float):
+LOOPBACK = "127.0.0.1"
+
+
+def make_group(backend: str, store, rank: int, world_size: int, timeout_s: float, host: str | None = None):
     """A gloo or NCCL process-group backend over ``store`` (not the global default group, so several
-    pools can live in one process next to a user's own ``torch.distributed`` group)."""
+    pools can live in one process next to a user's own ``torch.distributed`` group). With ``host``,
+    gloo binds its sockets to that address (local pools: :data:`LOOPBACK`)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.PrefixStore("llmaccel_offload", store)
     if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        if host is None:
+            return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        opts._timeout = timeout
+        return dist.ProcessGroupGloo(store, rank, world_size, opts)
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
@@ -70,6 +84,7 @@ class AttentionWorker:
         self.pg, self.rank, self.device = pg, rank, torch.device(device)
         self.default_mode: AttentionMode = mode or DenseMode()
         self.modes: dict[tuple[int, int], AttentionMode] = {}
+        """Per (seq_id, site) modes set with OP_SET_MODE."""
         self.kv: dict[tuple[int, int], SiteKV] = {}
 
     # -- transport ----------------------------------------------------------------------------
@@ -94,7 +109,7 @@ class AttentionWorker:
                 log.info("attention worker rank %d: stop", self.rank)
                 return
             if hdr.op == P.OP_SHUTDOWN:
-                self._reply(P.make_status(P.STATUS_OK, hdr.seq, device=self.device))
+                self._reply(P.make_status(P.STATUS_OK, hdr.msg, device=self.device))
                 # Stay connected until rank 0 has every worker's answer (its "fin" header): a worker
                 # that exits early breaks the gloo mesh of the others before they have answered.
                 try:
@@ -106,14 +121,14 @@ class AttentionWorker:
             out_bytes = self.reply_nbytes(hdr)
             try:
                 v1, v2, out = self.handle(hdr, payload)
-                buf = P.make_status(P.STATUS_OK, hdr.seq, v1, v2, device=self.device, extra=out_bytes)
+                buf = P.make_status(P.STATUS_OK, hdr.msg, v1, v2, device=self.device, extra=out_bytes)
                 if out is not None:
                     buf[P.STATUS_BYTES:].copy_(P.as_bytes(out))
             except Exception as e:  # reported to rank 0; the stream stays in sync
                 log.warning("attention worker rank %d: %s failed: %s", self.rank, P.OP_NAMES.get(hdr.op), e)
                 log.debug("traceback", exc_info=True)
                 msg = f"worker rank {self.rank}: {type(e).__name__}: {e}"
-                buf = P.make_status(P.STATUS_ERROR, hdr.seq, message=msg, device=self.device, extra=out_bytes)
+                buf = P.make_status(P.STATUS_ERROR, hdr.msg, message=msg, device=self.device, extra=out_bytes)
             self._reply(buf)
 
     @staticmethod
@@ -131,20 +146,24 @@ class AttentionWorker:
             return (sum(s.nbytes() for s in self.kv.values()),
                     sum(s.nbytes(allocated=True) for s in self.kv.values()), None)
         if hdr.op == P.OP_RELEASE:
-            keys = [k for k in self.kv if k[0] == hdr.instance and hdr.site in (-1, k[1])]
+            whole = hdr.seq_id == P.base_sequence(hdr.seq_id)  # with its sub-batches
+
+            def hit(k):
+                return (P.base_sequence(k[0]) == hdr.seq_id if whole else k[0] == hdr.seq_id) \
+                    and hdr.site in (-1, k[1])
+
+            keys = [k for k in self.kv if hit(k)]
             for k in keys:
                 del self.kv[k]
-            for k in [k for k in self.modes if k[0] == hdr.instance and hdr.site in (-1, k[1])]:
+            for k in [k for k in self.modes if hit(k)]:
                 del self.modes[k]
             return len(keys), 0, None
         if hdr.op == P.OP_SET_MODE:
-            mode = pickle.loads(payload.cpu().numpy().tobytes())
-            if not isinstance(mode, AttentionMode):
-                raise TypeError(f"attention mode must be an AttentionMode, got {type(mode).__name__}")
-            if hdr.instance == -1 and hdr.site == -1:
+            mode = mode_from_spec(P.read_json(payload if payload is not None else torch.empty(0, dtype=torch.uint8)))
+            if hdr.seq_id == -1 and hdr.site == -1:
                 self.default_mode = mode
             else:
-                self.modes[(hdr.instance, hdr.site)] = mode
+                self.modes[(hdr.seq_id, hdr.site)] = mode
             return 0, 0, None
         if hdr.op == P.OP_PING:
             return os.getpid(), self.rank, None
@@ -166,17 +185,18 @@ class AttentionWorker:
         mask = parts[2] if len(parts) > 2 else None
         if mask is not None and hdr.mask_kind == P.MASK_BOOL:
             mask = mask.to(torch.bool)
-        key = (hdr.instance, hdr.site)
+        key = (hdr.seq_id, hdr.site)
         site = self.kv.get(key)
         if hdr.flags & P.FLAG_RESET or site is None:
             if not hdr.flags & P.FLAG_RESET:
-                raise RuntimeError(f"no KV cached for instance {hdr.instance} site {hdr.site}: prefill first")
+                raise RuntimeError(f"no KV cached for sequence {hdr.seq_id} site {hdr.site} (released, or "
+                                   "never prefilled): prefill first")
             mode = self.modes.get(key, self.default_mode)
             state = mode.new_state(batch=B, kv_heads=hkv, q_heads=hq, head_dim=D, device=self.device,
                                    head_offset=hdr.head_offset)
             site = self.kv[key] = SiteKV(B, hkv, D, Dv, dtype, self.device, mode, state)
         if hdr.cached_len >= 0 and hdr.cached_len != site.length:
-            raise RuntimeError(f"instance {hdr.instance} site {hdr.site}: the model expects "
+            raise RuntimeError(f"sequence {hdr.seq_id} site {hdr.site}: the model expects "
                                f"{hdr.cached_len} cached tokens, the worker holds {site.length}")
         site.append(k_new, v_new)
         if q is None:
@@ -196,14 +216,15 @@ def _worker_device(backend: str) -> torch.device:
 
 
 def run_worker(store, rank: int, world_size: int, backend: str, startup_timeout_s: float,
-               mode: AttentionMode | None = None, threads: int | None = None) -> None:
+               mode: AttentionMode | None = None, threads: int | None = None, host: str | None = None) -> None:
     """Join the group as worker ``rank`` and serve until shutdown."""
     if rank < 1:
         raise ValueError("llmaccel offload: rank 0 is the compute process; workers are ranks >= 1")
     if threads:
         torch.set_num_threads(threads)
     device = _worker_device(backend)
-    pg = make_group(backend, store, rank, world_size, startup_timeout_s)
+    store.set(P.started_key(rank), str(os.getpid()))
+    pg = make_group(backend, store, rank, world_size, startup_timeout_s, host)
     AttentionWorker(pg, rank, device, mode).serve()
 
 
@@ -219,23 +240,34 @@ def _watch_parent(parent_pid: int, period_s: float = 0.5) -> None:
     threading.Thread(target=loop, daemon=True, name="llmaccel-parent-watch").start()
 
 
-def _spawn_entry(host: str, port: int, rank: int, world_size: int, backend: str,
+def local_store(path: str, world_size: int, timeout_s: float):
+    """The rendezvous store of a local pool: a ``FileStore`` (no listening socket) at ``path``,
+    inside a folder only this user can read."""
+    store = dist.FileStore(path, world_size)
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    return store
+
+
+def _spawn_entry(store_path: str, rank: int, world_size: int, backend: str,
                  startup_timeout_s: float, threads: int, log_level: int, parent_pid: int) -> None:
     """Target of :meth:`AttentionWorkerPool.spawn` (``torch.multiprocessing``, start method spawn)."""
     _watch_parent(parent_pid)
     logging.basicConfig(level=log_level, format=f"[offload worker {rank}] %(levelname)s %(message)s")
-    store = dist.TCPStore(host, port, world_size, False,
-                          timeout=datetime.timedelta(seconds=startup_timeout_s))
     try:
-        run_worker(store, rank, world_size, backend, startup_timeout_s, None, threads)
+        store = local_store(store_path, world_size, startup_timeout_s)
+        run_worker(store, rank, world_size, backend, startup_timeout_s, None, threads, LOOPBACK)
     except Exception as e:  # rank 0 went away or broke the protocol: exit quietly-ish
         log.warning("attention worker rank %d exiting: %s", rank, str(e).splitlines()[0][:200])
-        sys.exit(1)
+        sys.stdout.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # nothing left to clean up; skip a slow interpreter teardown (torch, gloo)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m llm_compile.runtime.offload_workers``: serve as one worker rank (see module doc)."""
-    ap = argparse.ArgumentParser(prog="python -m llm_compile.runtime.offload_workers",
+    """``python -m llm_compile.runtime.offload``: serve as one worker rank (see module doc)."""
+    ap = argparse.ArgumentParser(prog="python -m llm_compile.runtime.offload",
                                  description="llmaccel attention-offload worker (rank >= 1)")
     ap.add_argument("--init-method", default="env://",
                     help="torch.distributed init method of the pool (tcp://HOST:PORT, env://)")
@@ -261,14 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("worker rank %d stopped: %s", rank, str(e).splitlines()[0][:300])
         return 1
     return 0
-
-
-def __getattr__(name: str):  # lazy re-export, avoids an import cycle with offload_pool
-    if name == "AttentionWorkerPool":
-        from llm_compile.runtime.offload_pool import AttentionWorkerPool
-
-        return AttentionWorkerPool
-    raise AttributeError(name)
 
 
 if __name__ == "__main__":

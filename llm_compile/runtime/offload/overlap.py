@@ -9,16 +9,18 @@ once per half, segment by segment (a segment ends at an ``llmaccel::offload_atte
     seg0(A) send0(A) | seg0(B) send0(B) | wait0(A) seg1(A) send1(A) | wait0(B) seg1(B) send1(B) | ...
 
 so ``seg_i(B)`` computes while ``attention_i(A)`` is in flight (``decode_async``), and the other
-way round. Each half is its own set of sequences on the workers (instance key derived from the
-model instance and the half), so prefill and decode must both run split: they do, since the
-decision depends only on the batch size.
+way round. Each half is its own sub-batch of the sequence on the workers (worker key
+``seq_id + (h + 1) << 52``, :func:`~llm_compile.ops.offload.worker_key`; releasing the sequence
+releases both), so prefill and decode must both run split: they do, since the decision depends
+only on the batch size. The prefill's ``llmaccel::offload_sequence`` runs once per call, shared by
+both halves.
 
 Batch dimension. Only graphs whose batch size is *symbolic* (``torch.compile(..., dynamic=True)``,
 or ``torch._dynamo.mark_dynamic(input_ids, 0)``) can run on half batches: a static batch is baked
 into shape arguments (``view(x, [2, 1, 9, 64])``). The batch symbol is dim 0 of the first
 attention site's query; an input is split when its dim 0 is that symbol, a SymInt input equal to
 it becomes the half size. Outputs with that leading dim are concatenated (phantom caches are
-rebuilt as one phantom, no memory). Halves are ``B - B//2`` and ``B//2`` (an odd batch splits
+rebuilt as one phantom of the same sequence, no memory). Halves are ``B - B//2`` and ``B//2`` (an odd batch splits
 unevenly; a batch of 1 is one "half").
 
 A graph whose batch is static (or a batch of 1) runs whole, without overlap, but its attention
@@ -35,12 +37,17 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from llm_compile.runtime.context import current_instance, lookup_handle, register_handle, running
+from llm_compile.ops.attention import to_out_layout
+from llm_compile.ops.offload import cache_sequence, sub_batch, worker_key
+from llm_compile.runtime.context import lookup_handle, register_handle
+from llm_compile.runtime.offload.protocol import SUB_BATCH_SHIFT
+from llm_compile.runtime.offload.sequences import live_handle, sequence_of, sequence_phantom
 
 log = logging.getLogger(__name__)
 
-HALF_KEY = 1 << 52
-"""Instance key of half ``h`` (0, 1): ``instance + (h + 1) * HALF_KEY`` (ids stay below 2**48)."""
+HALF_KEY = 1 << SUB_BATCH_SHIFT
+"""Worker key of half ``h`` (0, 1) of sequence ``s``: ``s + (h + 1) * HALF_KEY``."""
+SEQUENCE = torch.ops.llmaccel.offload_sequence.default
 
 
 def _expr(x):
@@ -96,7 +103,7 @@ class OverlapRunner:
         self.calls = 0
         self.split_calls = 0
         self.last_keys: list[int] = []
-        """Worker instance keys of the two halves in the last split call."""
+        """Worker keys of the halves in the last call."""
 
     # -- interpretation -----------------------------------------------------------------------
     def _eval(self, n: torch.fx.Node, env: dict):
@@ -109,51 +116,64 @@ class OverlapRunner:
         kwargs = torch.fx.node.map_arg(n.kwargs, env.__getitem__)
         return n.target(*args, **kwargs)
 
-    def _issue(self, n: torch.fx.Node, env: dict, key: int):
+    def _issue(self, n: torch.fx.Node, env: dict, half: int):
         """The segment's final offload call: a decode goes out asynchronously; a prefill (store-only
         or SWA on the workers) runs as the op does."""
-        q, k, v, kc, vc, mask, scale, causal, site, pool_h, swa_h = torch.fx.node.map_arg(n.args, env.__getitem__)
-        with running(key):
+        q, k, v, kc, vc, mask, scale, causal, site, pool_h, swa_h, *_ = torch.fx.node.map_arg(n.args, env.__getitem__)
+        with sub_batch(half):
             if kc is None:
                 return None, self._eval(n, env)
+            key = worker_key(cache_sequence(kc, site))
+            self._record(half, key)
             pool = lookup_handle(pool_h)
             return pool.decode_async(key, site, q, k, v, scale, mask, causal, cached_len=kc.shape[-2]), None
 
-    def _run_segment(self, seg, env, key, pending):
+    def _record(self, half: int, key: int) -> None:
+        if half < len(self.last_keys):
+            self.last_keys[half] = key
+
+    def _eval_once(self, n: torch.fx.Node, env: dict, shared: dict):
+        """Evaluate ``n``; a sequence allocation is made once per call and shared by the halves."""
+        if n.op == "call_function" and n.target == SEQUENCE:
+            if n not in shared:
+                shared[n] = self._eval(n, env)
+                seq_id = sequence_of(shared[n])
+                self.last_keys = [seq_id + (h + 1) * HALF_KEY for h in range(len(self.last_keys))]
+            return shared[n]
+        return self._eval(n, env)
+
+    def _run_segment(self, seg, env, half, pending, shared):
         if pending is not None:  # the previous segment's attention of this half
             node, fut = pending
-            from llm_compile.ops.attention import to_out_layout
-
             env[node] = to_out_layout(fut.wait())
         last = seg[-1] if seg else None
-        with running(key):
-            for n in seg:
-                if n is last and n.op == "call_function" and n.target == self.offload:
-                    break
-                env[n] = self._eval(n, env)
+        for n in seg:
+            if n is last and n.op == "call_function" and n.target == self.offload:
+                break
+            env[n] = self._eval_once(n, env, shared)
         if last is not None and last.op == "call_function" and last.target == self.offload:
-            fut, out = self._issue(last, env, key)
+            fut, out = self._issue(last, env, half)
             if fut is None:
                 env[last] = out
                 return None
             return (last, fut)
         return None
 
-    def _attend_unsplit(self, n: torch.fx.Node, env: dict, keys, sizes):
-        """An offload call of a graph run whole: each half's sequences still go to (and stay on)
-        the workers under that half's key, so split and unsplit graphs of one model agree."""
-        from llm_compile.ops.attention import to_out_layout
-
-        q, k, v, kc, vc, mask, scale, causal, site, pool_h, swa_h = torch.fx.node.map_arg(n.args, env.__getitem__)
+    def _attend_unsplit(self, n: torch.fx.Node, env: dict, sizes):
+        """An offload call of a graph run whole: each half still goes to (and stays on) the workers
+        under that half's key, so split and unsplit graphs of one model agree."""
+        q, k, v, kc, vc, mask, scale, causal, site, pool_h, swa_h, *seq = torch.fx.node.map_arg(n.args, env.__getitem__)
         B, outs, futs, start = q.shape[0], [], [], 0
-        for key, size in zip(keys, sizes):
+        for half, size in enumerate(sizes):
             sl = [None if t is None else (t.narrow(0, start, size) if t.dim() and t.shape[0] == B else t)
                   for t in (q, k, v, kc, vc, mask)]
             start += size
-            with running(key):
+            with sub_batch(half):
                 if kc is None:
-                    outs.append(torch.ops.llmaccel.offload_attention(*sl, scale, causal, site, pool_h, swa_h))
+                    outs.append(torch.ops.llmaccel.offload_attention(*sl, scale, causal, site, pool_h, swa_h, *seq))
                 else:
+                    key = worker_key(cache_sequence(kc, site))
+                    self._record(half, key)
                     futs.append(lookup_handle(pool_h).decode_async(key, site, sl[0], sl[1], sl[2], scale, sl[5],
                                                                    causal, cached_len=sl[3].shape[-2]))
         outs += [f.wait() for f in futs]
@@ -164,17 +184,17 @@ class OverlapRunner:
         B = self.static_batch
         if B is None:
             B = next(a.shape[0] for a, s in zip(args, self.split_in) if s)
-        inst = current_instance()
         sizes = [B - B // 2, B // 2]
-        keys = self.last_keys = [inst + (i + 1) * HALF_KEY for i in range(2)]
         if sizes[1] == 0:
-            sizes, keys = sizes[:1], keys[:1]
+            sizes = sizes[:1]
+        self.last_keys = [0] * len(sizes)
+        shared: dict = {}
         if self.sym is None or len(sizes) == 1:
             env = dict(zip(self.placeholders, args))
             for seg in self.segments:
                 for n in seg:
                     off = n.op == "call_function" and n.target == self.offload
-                    env[n] = self._attend_unsplit(n, env, keys, sizes) if off else self._eval(n, env)
+                    env[n] = self._attend_unsplit(n, env, sizes) if off else self._eval_once(n, env, shared)
             return tuple(torch.fx.node.map_arg(self.output.args[0], env.__getitem__))
         self.split_calls += 1
         envs, start = [], 0
@@ -186,7 +206,7 @@ class OverlapRunner:
         pending = [None, None]
         for seg in self.segments:
             for i in range(2):
-                pending[i] = self._run_segment(seg, envs[i], keys[i], pending[i])
+                pending[i] = self._run_segment(seg, envs[i], i, pending[i], shared)
         outs = [torch.fx.node.map_arg(self.output.args[0], e.__getitem__) for e in envs]
         return tuple(self._join(a, b, split, is_sym, B) for a, b, split, is_sym
                      in zip(outs[0], outs[1], self.split_out, self.sym_out))
@@ -199,6 +219,9 @@ class OverlapRunner:
             return a
         if a.dim() and not any(a.stride()) and a.numel() > 1:  # phantoms: one phantom, no memory
             shape = [B, *a.shape[1:]]
+            seq_id = sequence_of(a)
+            if seq_id is not None:
+                return sequence_phantom(live_handle(seq_id), a, shape)
             return a.new_zeros(1).as_strided(shape, [0] * len(shape))
         return torch.cat([a, b], 0)
 

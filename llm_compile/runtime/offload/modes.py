@@ -1,13 +1,14 @@
 """Pluggable attention steps run by the attention workers.
 
-A worker keeps, per (instance, site), its KV-head slice of the cache and a mode *state*; each
+A worker keeps, per (seq_id, site), its KV-head slice of the cache and a mode *state*; each
 request with a query calls ``mode.attend(q, k_full, v_full, attn_mask, scale, is_causal, state)``
 where ``k_full``/``v_full`` are the whole cached keys/values of its heads *including* the ones just
 appended (``[B, h_kv, n, D]``, views of the worker's buffers). A new prefill (reset) creates a fresh
 state with ``mode.new_state(...)``.
 
-Modes travel to the workers pickled (at pool creation as the default, or per (instance, site) at
-prefill), so a mode must be a picklable object whose class is importable on the worker.
+Modes travel to the workers as a JSON *spec* (:meth:`AttentionMode.to_spec`, at pool creation as
+the default, or per (seq_id, site) at prefill); a worker rebuilds them with :func:`mode_from_spec`,
+which knows only the classes below (nothing received is unpickled).
 
 * :class:`DenseMode` (default): exactly ``llmaccel::attention``'s math.
 * :class:`SWAMode`: sparse window attention (ALISA) through :func:`llm_compile.runtime.swa.swa_step`.
@@ -22,6 +23,7 @@ prefill), so a mode must be a picklable object whose class is importable on the 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from typing import Any
@@ -53,6 +55,13 @@ class AttentionMode:
                is_causal: bool, state: Any) -> Tensor:
         return dense_step(q, k, v, attn_mask, scale, is_causal, state)
 
+    def to_spec(self) -> dict:
+        """A JSON-serialisable description that :func:`mode_from_spec` turns back into the mode."""
+        if type(self) not in (AttentionMode, DenseMode):
+            raise TypeError(f"llmaccel offload: attention mode {type(self).__name__} cannot be sent to "
+                            "workers; use DenseMode, SWAMode or CallableMode('module:function')")
+        return {"kind": "dense"}
+
     def __repr__(self) -> str:
         return type(self).__name__ + "()"
 
@@ -78,6 +87,9 @@ class SWAMode(AttentionMode):
         from llm_compile.runtime.swa import swa_step
 
         return swa_step(state, q, k, v, scale, self.cfg, attn_mask=attn_mask, is_causal=is_causal)
+
+    def to_spec(self) -> dict:
+        return {"kind": "swa", "config": dataclasses.asdict(self.cfg)}
 
     def __repr__(self) -> str:
         return f"SWAMode({self.cfg!r})"
@@ -120,5 +132,32 @@ class CallableMode(AttentionMode):
             self._fn = _resolve(self.target)
         return self._fn(q, k, v, attn_mask, scale, is_causal, state, **self.kwargs)
 
+    def to_spec(self) -> dict:
+        return {"kind": "callable", "target": self.target, "kwargs": self.kwargs,
+                "state_factory": self.state_factory, "needs_prefill_query": bool(self.needs_prefill_query)}
+
     def __repr__(self) -> str:
         return f"CallableMode({self.target!r})"
+
+
+def mode_from_spec(spec: Any) -> AttentionMode:
+    """The mode a :meth:`AttentionMode.to_spec` dict describes; anything else raises ``ValueError``."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+        raise ValueError(f"llmaccel offload: malformed attention-mode spec {spec!r}")
+    kind = spec["kind"]
+    if kind == "dense" and set(spec) == {"kind"}:
+        return DenseMode()
+    if kind == "swa" and set(spec) == {"kind", "config"} and isinstance(spec["config"], dict):
+        from llm_compile.config import SWAConfig
+
+        known = {f.name for f in dataclasses.fields(SWAConfig)}
+        if not set(spec["config"]) <= known:
+            raise ValueError(f"llmaccel offload: unknown SWA fields {sorted(set(spec['config']) - known)}")
+        return SWAMode(SWAConfig(**spec["config"]))
+    if kind == "callable" and set(spec) == {"kind", "target", "kwargs", "state_factory", "needs_prefill_query"}:
+        if not isinstance(spec["target"], str) or not isinstance(spec["kwargs"], dict) \
+                or not isinstance(spec["state_factory"], (str, type(None))):
+            raise ValueError(f"llmaccel offload: malformed callable-mode spec {spec!r}")
+        return CallableMode(spec["target"], spec["kwargs"], spec["state_factory"],
+                            bool(spec["needs_prefill_query"]))
+    raise ValueError(f"llmaccel offload: unknown attention-mode spec {spec!r}")
