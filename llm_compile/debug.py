@@ -106,7 +106,7 @@ class DebugDump:
             buf = io.StringIO()
             save_graph_repro(buf, gm, list(example_inputs), "llmaccel", stable_output=True)
             text = ("import llm_compile.ops  # registers the llmaccel:: custom ops\n"
-                    "import llm_compile.runtime  # noqa: F401\n" + buf.getvalue())
+                    "import llm_compile.runtime.kv, llm_compile.runtime.swa  # registers the op implementations\n" + buf.getvalue())
             spec = state_spec(gm)
             if spec:
                 head, sep, _ = text.partition("if __name__ == '__main__':")

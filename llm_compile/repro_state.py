@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+import llm_compile.runtime.kv  # noqa: F401  (registers the stateful ops' implementations)
+import llm_compile.runtime.swa  # noqa: F401
+
 STATEFUL = ("stored_attention", "swa_attention", "static_swa_attention")
 
 
@@ -49,8 +52,6 @@ def state_spec(gm: torch.fx.GraphModule) -> list[dict]:
 def build_state(args: list, spec: list[dict]) -> list:
     """Replace the cache inputs named by ``spec`` with tensors that carry a state built by the
     op's prefill form over their contents (random KV of the right shape); returns ``args``."""
-    import llm_compile.runtime  # noqa: F401  (registers the op implementations)
-
     g = torch.Generator().manual_seed(0)
     for s in spec:
         op = getattr(torch.ops.llmaccel, s["op"])

@@ -65,6 +65,17 @@ def _with_val(g, target, args, vals=None):
     return node
 
 
+def _returns_cache(node: torch.fx.Node, outs) -> bool:
+    """Does the graph return this site's cache after the call (``k`` at prefill, the ``cat`` at
+    decode) as it is? (A sliding-window cache layer returns a slice of it instead.)"""
+    a = call_args(node)
+    if node.target is STATIC:
+        return True
+    past, fresh = a["k_cache"], a["k"]
+    return any((past is None and o is fresh) or (past is not None and is_cache_append(o, past, fresh))
+               for o in outs)
+
+
 def _rewrite(g: torch.fx.Graph, node: torch.fx.Node, text: str) -> torch.fx.Node:
     a = call_args(node)
     out_node = next(n for n in reversed(g.nodes) if n.op == "output")
@@ -108,8 +119,16 @@ def run(gm: torch.fx.GraphModule, config, ctx: PassContext | None = None) -> Pas
     rule = describe_policy(cfg)
     matched, skipped = [], []
     g = gm.graph
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.target not in (ATTENTION, STATIC):
+    out_node = next(n for n in reversed(g.nodes) if n.op == "output")
+    outs = list(out_node.args[0]) if isinstance(out_node.args[0], (tuple, list)) else []
+    sites = [n for n in g.nodes if n.op == "call_function" and n.target in (ATTENTION, STATIC)]
+    keeps = {n: _returns_cache(n, outs) for n in sites}
+    for node in sites:
+        if any(keeps.values()) and not keeps[node]:
+            skipped.append({"node": node.name, "site": call_args(node)["site"],
+                            "reason": "the model keeps something else than this site's full cache "
+                                      "(a sliding-window cache layer?): SWA state could not follow "
+                                      "the sequence, site left dense"})
             continue
         try:
             new = _rewrite(g, node, text)
@@ -126,6 +145,9 @@ def run(gm: torch.fx.GraphModule, config, ctx: PassContext | None = None) -> Pas
         g.eliminate_dead_code()
         g.lint()
         gm.recompile()
+    if skipped:
+        log.warning("llmaccel swa: %d attention site(s) of %s left dense: %s", len(skipped),
+                    getattr(ctx, "graph_id", "?"), skipped[0]["reason"])
     stats = {"config": dataclasses.asdict(cfg), "sites": len(matched)}
     log.info("swa: rewrote %d attention site(s) in %s (%s)", len(matched),
              getattr(ctx, "graph_id", "?"), rule)

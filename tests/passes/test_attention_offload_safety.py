@@ -12,7 +12,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import llm_compile.ops.offload  # noqa: F401  (registers llmaccel::offload_attention, kv_phantom)
-import llm_compile.runtime  # noqa: F401  (registers the llmaccel:: op implementations)
+import llm_compile.runtime.swa  # noqa: F401  (registers the llmaccel::swa_attention implementation)
 from llm_compile.config import SWAConfig, parse_options
 from llm_compile.ops.attention import dense_attention
 from llm_compile.ops.offload import is_phantom

@@ -56,8 +56,14 @@ def test_other_input_between_decode_steps_does_not_change_the_sequence(options):
         assert torch.equal(want, _greedy(model_zoo.build("llama"), a, DynamicCache()))
 
 
-@pytest.mark.parametrize("options", [STORE, SWA, SWA_ALONE], ids=["kv_store", "swa+store", "swa"])
+INDUCTOR_SWA = {"swa": {"sparsity": 0.5, "bucket": 4, "kernel": "torch"}, "kv_store": False}
+
+
+@pytest.mark.parametrize("options", [STORE, SWA, SWA_ALONE, INDUCTOR_SWA],
+                         ids=["kv_store", "swa+store", "swa", "swa-inductor"])
 def test_two_caches_of_one_model_interleaved_step_by_step(options):
+    """Each cache carries its own state, also through Inductor (the op receives the very tensor
+    the cache holds, and the tensor it returns is the one the cache stores)."""
     model, ref = _compiled(options), _compiled(options)
     a, b = _ids(seed=0), _ids(seed=1)
     with torch.no_grad():
