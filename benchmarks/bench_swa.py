@@ -31,7 +31,7 @@ import torch
 
 from llm_compile.config import SWAConfig
 from llm_compile.runtime import swa
-from llm_compile.runtime.swa_state import SWAState, compute_budget
+from llm_compile.runtime.swa.state import SWAState, compute_budget
 
 
 def smollm2_config(layers: int):
@@ -60,11 +60,7 @@ def _decode_run(model, ids, steps: int, warmup: int, options: dict | None, profi
     would pick instead of llmaccel."""
     from transformers import DynamicCache, StaticCache
 
-    from llm_compile.runtime.kv_store import release_all
-
     torch._dynamo.reset()
-    swa.reset_states()
-    release_all()
     kw = {"options": options} if backend == "llmaccel" else {}
     fwd = torch.compile(model.forward, backend=backend, **kw)
     times = []
@@ -93,14 +89,21 @@ def _decode_run(model, ids, steps: int, warmup: int, options: dict | None, profi
                               cache_position=torch.tensor([L + steps + warmup + j])).logits[:, -1:].argmax(-1)
             top = _top_ops(prof, profile)
     med = sorted(times)[len(times) // 2]
-    states = [swa.STATES.get(s, instance=i) for (i, s) in list(swa.STATES._states)]
+    states = [st for st in map(_layer_state, cache.layers) if st is not None]  # owned by the cache
     budgets = [st.last_budget for st in states if st is not None and st.last_budget is not None]
     res = {"prefill_s": prefill_s, "step_ms_median": med * 1e3, "tokens_per_s": ids.shape[0] / med,
            "budget": budgets[0] if budgets else None, "sites_with_state": len(states),
            "final_n": ids.shape[1] + steps + warmup, "top_ops": top}
-    release_all()
-    swa.reset_states()
     return res
+
+
+def _layer_state(layer):
+    """The SWA state a cache layer carries (on the in-place store's phantom, or on the K tensor)."""
+    kv = getattr(layer.keys, "llmaccel_kv", None)
+    if kv is not None:
+        return kv.state
+    holder = getattr(layer.keys, "llmaccel_state", None)
+    return None if holder is None else holder.state
 
 
 CACHES = {"store": {"kv_store": True}, "hf": {"kv_store": False}}

@@ -5,8 +5,8 @@ package (an entry point registers the backend); importing it is harmless.
 """
 from llm_compile.config import LLMAccelConfig, OptionsError, parse_options
 
-__all__ = ["LLMAccelConfig", "OptionsError", "parse_options", "llmaccel", "quantize_weights",
-           "load_quantized", "save_quantized"]
+__all__ = ["LLMAccelCache", "LLMAccelConfig", "OptionsError", "parse_options", "llmaccel",
+           "quantize_weights", "load_quantized", "save_quantized"]
 
 
 def __getattr__(name):
@@ -14,6 +14,10 @@ def __getattr__(name):
         from llm_compile.backend import llmaccel
 
         return llmaccel
+    if name == "LLMAccelCache":  # a transformers.Cache: imported on first use (needs transformers)
+        from llm_compile.runtime.kv.cache import LLMAccelCache
+
+        return LLMAccelCache
     if name == "quantize_weights":
         from llm_compile.quantize import quantize_weights
 

@@ -131,16 +131,25 @@ class DebugDump:
         path.write_text(text)
 
     def repro(self, gm: torch.fx.GraphModule, example_inputs) -> None:
-        """Write ``repro.py`` with PyTorch's own after-AOT repro writer (+ our op registrations)."""
+        """Write ``repro.py`` with PyTorch's own after-AOT repro writer (+ our op registrations).
+        Graphs whose ops keep per-sequence state (swa, kv_store) run through
+        :func:`llm_compile.repro_state.run_repro`, which builds that state in the fresh process."""
         if self.dir is None:
             return
         try:
             from torch._dynamo.repro.after_aot import save_graph_repro
 
+            from llm_compile.repro_state import state_spec
+
             buf = io.StringIO()
             save_graph_repro(buf, gm, list(example_inputs), "llmaccel", stable_output=True)
             text = ("import llm_compile.ops  # registers the llmaccel:: custom ops\n"
-                    "import llm_compile.runtime  # noqa: F401\n" + buf.getvalue())
+                    "import llm_compile.runtime.kv, llm_compile.runtime.swa  # registers the op implementations\n" + buf.getvalue())
+            spec = state_spec(gm)
+            if spec:
+                head, sep, _ = text.partition("if __name__ == '__main__':")
+                text = (head + sep + "\n    from llm_compile.repro_state import run_repro\n"
+                        f"    run_repro(mod, load_args, {spec!r})\n")
             (self.dir / "repro.py").write_text(text)
         except Exception as e:  # the dump must never break compilation
             log.warning("llmaccel: could not write repro for %s: %s", self.graph_id, e)

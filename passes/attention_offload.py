@@ -80,27 +80,22 @@ import warnings
 import torch
 import torch.fx
 
-import llm_compile.ops.attention  # noqa: F401  (registers llmaccel::attention)
-import llm_compile.ops.kv_store  # noqa: F401  (registers llmaccel::stored_attention)
-import llm_compile.ops.offload  # noqa: F401  (registers llmaccel::offload_attention, kv_phantom)
+import llm_compile.ops  # noqa: F401  (declares the llmaccel:: ops)
 from llm_compile.config import LLMAccelConfig
 from llm_compile.passes.base import PassContext, PassResult, RequestedPassError
+from llm_compile.passes.kv_relocation import (  # noqa: F401  (re-exported for older imports)
+    PHANTOM, RelocationIncomplete, check_phantom_inputs, fake_call, relocate_kv,
+)
 from llm_compile.runtime.context import register_handle
+from llm_compile.runtime.swa.policies import config_from_json
 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 OFFLOAD = torch.ops.llmaccel.offload_attention.default
-STORED = torch.ops.llmaccel.stored_attention.default
-PHANTOM = torch.ops.llmaccel.kv_phantom.default
 SEQUENCE = torch.ops.llmaccel.offload_sequence.default
-
-
-def _site_targets():
-    targets = {torch.ops.llmaccel.attention.default}
-    if hasattr(torch.ops.llmaccel, "swa_attention"):
-        targets.add(torch.ops.llmaccel.swa_attention.default)
-    return targets
+OffloadIncomplete = RelocationIncomplete
+_SWA_HANDLES: dict = {}
 
 
 def pool_handle(pool) -> int:
@@ -111,177 +106,36 @@ def pool_handle(pool) -> int:
     return h
 
 
-def _is_append(node, past, new) -> bool:
-    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == aten.cat.default):
-        return False
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return list(node.args[0]) == [past, new] and dim % 4 == 2
+def _swa_handle(swa_json: str) -> int:
+    """The workers' handle of an SWA site's config (0 = dense)."""
+    cfg = config_from_json(swa_json or "")
+    if cfg is None:
+        return 0
+    h = _SWA_HANDLES.get(cfg)
+    if h is None:
+        h = _SWA_HANDLES[cfg] = register_handle(cfg)
+    return h
 
 
-def _cache_outputs(out_node: torch.fx.Node, past, new) -> list[int]:
-    """Indices of the graph outputs that are the cache after this site (cat or, at prefill, new)."""
-    outs = out_node.args[0]
-    idx = []
-    for i, o in enumerate(outs):
-        if past is None and o is new:
-            idx.append(i)
-        elif past is not None and _is_append(o, past, new):
-            idx.append(i)
-    return idx
+def move_kv_out(gm: torch.fx.GraphModule, op, make_handle, what: str) -> list[dict]:
+    """Every canonical site -> ``op(q, k, v, k_cache, v_cache, mask, scale, causal, site, handle,
+    swa_handle)``, returned caches -> ``kv_phantom`` (see :mod:`llm_compile.passes.kv_relocation`)."""
+    box = {}
 
+    def build(g, node, a):
+        if "handle" not in box:
+            box["handle"] = make_handle()
+        args = (a["q"], a["k"], a["v"], a["k_cache"], a["v_cache"], a["attn_mask"], a["scale"],
+                a["is_causal"], a["site"], box["handle"], _swa_handle(a.get("swa")))
+        new = g.call_function(op, args)
+        val = node.meta.get("val")
+        new.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ in ("stack_trace", "nn_module_stack")})
+        if val is not None:
+            new.meta["val"] = val[0] if isinstance(val, (tuple, list)) else val
+        return new, None, None
 
-def _named_args(node: torch.fx.Node) -> dict:
-    """The call's arguments by schema name (robust to optional trailing arguments)."""
-    out = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value if arg.has_default_value() else None
-    return out
-
-
-def _is_phantom_val(node) -> bool:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() < 2:
-        return False
-    # literal 0 strides only: comparing a symbolic stride would add a guard
-    return all(type(st) is int and st == 0 for st in val.stride())
-
-
-def _fake(fn, *vals):
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode([v for v in vals if v is not None])
-    if mode is None:
-        return None
-    with mode:
-        return fn(*vals)
-
-
-class OffloadIncomplete(RuntimeError):
-    """Some site cannot be offloaded: the pass raises it so that the manager rolls the whole pass
-    back (all attention stays local) instead of leaving a graph with some sites offloaded."""
-
-
-def _check_sites(sites, out_node, outs) -> list[dict]:
-    """Sites that cannot be cut (their cache append feeds more than the returned cache)."""
-    bad = []
-    for node in sites:
-        a = _named_args(node)
-        kc, k, vc, v = a["k_cache"], a["k"], a["v_cache"], a["v"]
-        if outs is None or kc is None:
-            continue
-        idx = _cache_outputs(out_node, kc, k) + _cache_outputs(out_node, vc, v)
-        busy = [outs[i].name for i in idx if set(outs[i].users) - {out_node, node}]
-        if busy:
-            why = f"cache append {busy} has users besides the graph output"
-            if _is_phantom_val(kc):
-                why += " (and its cache is a phantom: local attention would read zeros)"
-            bad.append({"node": node.name, "site": a["site"], "reason": why})
-    return bad
-
-
-def _sites_without_returned_cache(sites, out_node, outs) -> list[dict]:
-    """Sites whose cache (new K/V at prefill, the appends at decode) the graph does not return."""
-    bad = []
-    for node in sites:
-        a = _named_args(node)
-        n = 0 if outs is None else len(_cache_outputs(out_node, a["k_cache"], a["k"])
-                                       + _cache_outputs(out_node, a["v_cache"], a["v"]))
-        if n < 2:
-            bad.append({"node": node.name, "site": a["site"],
-                        "reason": "the graph does not return its K/V cache (the model keeps no cache here)"})
-    return bad
-
-
-_PHANTOM_OK = None
-
-
-def _phantom_consumers_ok(node: torch.fx.Node) -> bool:
-    global _PHANTOM_OK
-    if _PHANTOM_OK is None:
-        _PHANTOM_OK = {OFFLOAD, STORED, PHANTOM, aten.sym_size.int, aten.sym_size.default, aten.sym_stride.int,
-                       aten.sym_numel.default, aten.sym_storage_offset.default}
-    return node.op == "output" or (node.op == "call_function" and (
-        node.target in _PHANTOM_OK or getattr(node.target, "llmaccel_reads_phantoms_by_length", False)))
-
-
-def check_phantom_inputs(g: torch.fx.Graph) -> list[str]:
-    """Nodes that read the *values* of a phantom cache input (anything but the offload ops, size
-    queries and the graph output); there must be none after the pass."""
-    bad = []
-    for ph in g.nodes:
-        if ph.op == "placeholder" and _is_phantom_val(ph):
-            bad += [f"{u.name} ({u.target}) reads phantom input {ph.name}" for u in ph.users
-                    if not _phantom_consumers_ok(u)]
-    return bad
-
-
-def move_kv_out(gm: torch.fx.GraphModule, op, make_handle, what: str,
-                require_returned_cache: bool = False) -> list[dict]:
-    """Replace every canonical attention site by ``op(q, k, v, k_cache, v_cache, mask, scale,
-    causal, site, handle, swa_handle)`` and the cache tensors the graph returns by phantoms, or
-    raise :class:`OffloadIncomplete` (nothing may stay local). ``make_handle()`` is called only if
-    there is a site. With ``require_returned_cache``, a site whose new K and V (prefill) or cache
-    appends (decode) are not both graph outputs is refused too, and a graph where no site returns
-    its cache (``use_cache=False``) is left as it is (returns ``[]``).
-    Shared by this pass and ``local_kv_store``; returns one record per site."""
-    g = gm.graph
-    targets = _site_targets()
-    sites = [n for n in g.nodes if n.op == "call_function" and n.target in targets]
-    out_node = next(n for n in reversed(g.nodes) if n.op == "output")
-    outs = list(out_node.args[0]) if isinstance(out_node.args[0], (tuple, list)) else None
-    if not sites:
-        bad = check_phantom_inputs(g)
-        if bad:
-            raise OffloadIncomplete(f"llmaccel {what}: no attention site to rewrite, but {'; '.join(bad)}")
-        return []
-    bad = _check_sites(sites, out_node, outs)
-    if require_returned_cache:
-        missing = _sites_without_returned_cache(sites, out_node, outs)
-        if len(missing) == len(sites):
-            return []  # the graph keeps no cache at all (use_cache=False): nothing to move
-        bad += missing
-    if bad:
-        raise OffloadIncomplete(
-            f"llmaccel {what}: {len(bad)} of {len(sites)} attention site(s) cannot be "
-            f"{'offloaded' if what == 'offload' else 'moved to the ' + what}, so none is (no mixed graph): "
-            + "; ".join(f"site {b['site']} ({b['node']}): {b['reason']}" for b in bad))
-    handle = make_handle()
-    matched = []
-    for node in sites:
-        a = _named_args(node)
-        q, k, v, kc, vc, mask = (a[n] for n in ("q", "k", "v", "k_cache", "v_cache", "attn_mask"))
-        scale, causal, site, swa = a["scale"], a["is_causal"], a["site"], a.get("handle") or 0
-        cache_idx = []
-        if outs is not None:
-            cache_idx = _cache_outputs(out_node, kc, k) + _cache_outputs(out_node, vc, v)
-        with g.inserting_before(node):
-            new = g.call_function(op, (q, k, v, kc, vc, mask, scale, causal, site, handle, swa))
-        new.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ in ("val", "stack_trace", "nn_module_stack")})
-        node.replace_all_uses_with(new)
-        g.erase_node(node)
-        if outs is not None:  # the site itself may be a graph output: re-read after the replacement
-            outs = list(out_node.args[0])
-        for i in cache_idx:
-            past, fresh = (kc, k) if (outs[i] is k or (kc is not None and _is_append(outs[i], kc, k))) else (vc, v)
-            with g.inserting_before(out_node):
-                ph = g.call_function(PHANTOM, (past, fresh))
-            val = _fake(PHANTOM, past.meta.get("val") if past is not None else None, fresh.meta.get("val"))
-            if val is not None:
-                ph.meta["val"] = val
-            outs[i] = ph
-        out_node.args = (tuple(outs),) + tuple(out_node.args[1:]) if outs is not None else out_node.args
-        matched.append({"site": site, "node": new.name, "form": "swa" if swa else "dense",
-                        "decode": kc is not None, "cache_outputs_phantomized": len(cache_idx)})
-    g.eliminate_dead_code()
-    bad = check_phantom_inputs(g)
-    if bad:
-        raise OffloadIncomplete(f"llmaccel {what}: after the rewrite, " + "; ".join(bad))
-    return matched
+    return relocate_kv(gm, build, what, refuse_static="offload keeps the KV in attention workers; "
+                       "use a DynamicCache (the default of generate()) with offload")
 
 
 class OffloadError(RequestedPassError):
@@ -372,7 +226,7 @@ def _thread_sequence(gm: torch.fx.GraphModule, handle: int) -> None:
         return
     with g.inserting_before(prefill[0]):
         seq = g.call_function(SEQUENCE, (prefill[0].args[0], handle))
-    val = _fake(lambda q: SEQUENCE(q, handle), prefill[0].args[0].meta.get("val"))
+    val = fake_call(lambda q: SEQUENCE(q, handle), prefill[0].args[0].meta.get("val"))
     if val is not None:
         seq.meta["val"] = val
     for n in prefill:

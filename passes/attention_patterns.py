@@ -143,6 +143,45 @@ def split_cache_append(node: torch.fx.Node) -> tuple[torch.fx.Node | None, torch
     return None, node
 
 
+@dataclass
+class StaticKV:
+    """A K or V operand read from a preallocated buffer written at ``cache_position``::
+
+        index_put(buf, [None, None, cache_position], new)   # StaticLayer.update's index_copy_
+        (optionally sliced [:, :, 0:L])                      # the prefill reads its first L rows
+    """
+
+    buffer_after: torch.fx.Node
+    """The buffer after the write (whole ``max_cache_len``)."""
+    buffer: torch.fx.Node
+    new: torch.fx.Node
+    cache_position: torch.fx.Node
+    anchor: torch.fx.Node | None
+    """The ``cumulative_length`` placeholder the positions are computed from (None: not found)."""
+
+
+def static_cache_write(node: torch.fx.Node) -> StaticKV | None:
+    """Recognise a StaticCache read (see :class:`StaticKV`); ``None`` for anything else."""
+    cur = node
+    if is_op(cur, {aten.slice.Tensor}) and cur.args[1] % 4 == 2 and get_arg(cur, 2, "start", 0) in (0, None):
+        cur = cur.args[0]
+    if is_op(cur, {aten.index_put.default}) and len(cur.args) >= 3 and not get_arg(cur, 3, "accumulate", False):
+        idx = list(cur.args[1])
+        if len(idx) != 3 or idx[0] is not None or idx[1] is not None or not isinstance(idx[2], torch.fx.Node):
+            return None
+        buf, pos, new = cur.args[0], idx[2], cur.args[2]
+    elif is_op(cur, {aten.index_copy.default}) and cur.args[1] % 4 == 2:
+        buf, pos, new = cur.args[0], cur.args[2], cur.args[3]
+    else:
+        return None
+    anchor = None
+    if is_op(pos, {aten.add.Tensor}):
+        for a in pos.args:
+            if isinstance(a, torch.fx.Node) and a.op == "placeholder" and shape(a) == ():
+                anchor = a
+    return StaticKV(cur, buf, new, pos, anchor)
+
+
 def constant_scalar(node) -> float | None:
     """A Python number, or a 0-d constant tensor produced by ``full``/``scalar_tensor``/get_attr."""
     if isinstance(node, (int, float)) and not isinstance(node, bool):
@@ -206,6 +245,8 @@ class Site:
     k_all: torch.fx.Node | None = None
     """The graph's own cache append ``cat([k_cache, k], -2)``, reused by the op (no second copy)."""
     v_all: torch.fx.Node | None = None
+    static: "StaticKV | None" = None
+    """Set when K/V are read from HF ``StaticCache`` buffers (``k``/``v`` are then the buffers)."""
 
 
 def only_first_output_used(node: torch.fx.Node) -> torch.fx.Node:
@@ -222,3 +263,28 @@ def only_first_output_used(node: torch.fx.Node) -> torch.fx.Node:
     if first is None:
         raise NoMatch(f"{node.name}: attention output unused")
     return first
+
+
+def call_args(node: torch.fx.Node) -> dict:
+    """A call's arguments by schema name, positional or keyword, defaults filled in: the one
+    normalisation of ``llmaccel::`` op nodes (however a pass built them)."""
+    out = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
+
+
+def is_cache_append(node, past, new) -> bool:
+    """``node`` is ``cat([past, new], -2)`` (see :func:`split_cache_append`)."""
+    got_past, got_new = split_cache_append(node) if isinstance(node, torch.fx.Node) else (None, node)
+    return got_past is not None and got_past is past and got_new is new
+
+
+def getitem_of(node, source: torch.fx.Node, index: int) -> bool:
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and node.target is operator.getitem and node.args[0] is source and node.args[1] == index)

@@ -11,6 +11,18 @@ Recognised forms (functionalized ATen, after Inductor's decompositions):
 each with the GQA ``repeat_kv`` expansion peeled off (the op groups heads itself) and the decode-time
 cache append ``cat([past, new], -2)`` split so the op knows which keys are cached and which are new.
 
+Hugging Face's ``StaticCache`` writes into preallocated ``[B, Hkv, max_cache_len, D]`` buffers
+(``index_put(buf, [None, None, cache_position], new)``) that SDPA then reads whole, with a mask.
+Such a site becomes ``llmaccel::static_attention(q, k_buf_after, v_buf_after, cache_position,
+cumulative_length, k_buf, mask, scale, is_causal, site)``, which attends over the filled rows
+only; the write itself stays in the graph (it is the cache update)::
+
+    index_put = aten.index_put(arg_k_buf, [None, None, cache_position], k_new)
+    sdpa = aten._scaled_dot_product_flash_attention_for_cpu(q, index_put, index_put_1, attn_mask=m)
+      ->
+    static_attention = llmaccel.static_attention(q, index_put, index_put_1, cache_position,
+                                                 arg_cumulative_length, arg_k_buf, m, 0.125, False, 0)
+
 Before (decode step of one Llama layer, SDPA)::
 
     cat_2 = aten.cat([past_k, k_new], -2)          # also returned to the KV cache
@@ -40,11 +52,12 @@ from llm_compile.config import LLMAccelConfig
 from llm_compile.passes.attention_patterns import (
     CONVERT_OPS, COPY_OPS, SDPA_OPS, VIEW_OPS, NoMatch, Site, aten, constant_scalar, get_arg, is_op,
     layer_index, only_first_output_used, peel_repeat_kv, peel_transpose_last2, shape,
-    split_cache_append, strip_to_4d,
+    split_cache_append, static_cache_write, strip_to_4d,
 )
 from llm_compile.passes.base import PassContext, PassResult
 
 ATTENTION = torch.ops.llmaccel.attention.default
+STATIC = torch.ops.llmaccel.static_attention.default
 _SDPA_MASK = {  # op -> (positional index of the mask or None, keyword name)
     aten._scaled_dot_product_flash_attention_for_cpu.default: (None, "attn_mask"),
     aten._scaled_dot_product_flash_attention.default: (None, None),
@@ -56,10 +69,28 @@ _SDPA_MASK = {  # op -> (positional index of the mask or None, keyword name)
 
 
 def _kv(node: torch.fx.Node):
-    """Peel GQA expansion and the cache append off a K or V operand: (new, cache, all, groups)."""
+    """Peel GQA expansion and the cache append off a K or V operand: (new, cache, all, groups);
+    for a StaticCache read, ``all`` is its :class:`StaticKV`."""
     src, groups = peel_repeat_kv(node)
+    static = static_cache_write(src)
+    if static is not None:
+        return static.new, None, static, groups
     cache, new = split_cache_append(src)
     return new, cache, (src if cache is not None else None), groups
+
+
+def _site(out, q, k, v, mask, scale, is_causal, form) -> Site:
+    k_new, k_cache, k_all, gk = _kv(k)
+    v_new, v_cache, v_all, _ = _kv(v)
+    static = [x for x in (k_all, v_all) if x is not None and not isinstance(x, torch.fx.Node)]
+    if static:
+        if len(static) != 2 or k_all.cache_position is not v_all.cache_position:
+            raise NoMatch("keys and values are not written to a StaticCache the same way")
+        return Site(out, q, k_all.buffer_after, v_all.buffer_after, None, None, mask, scale, is_causal,
+                    form, gk, None, None, static=k_all)
+    if (k_cache is None) != (v_cache is None):
+        raise NoMatch("keys and values are not appended to a cache the same way")
+    return Site(out, q, k_new, v_new, k_cache, v_cache, mask, scale, is_causal, form, gk, k_all, v_all)
 
 
 def _default_scale(q: torch.fx.Node) -> float:
@@ -83,11 +114,7 @@ def match_sdpa(node: torch.fx.Node) -> Site:
     is_causal = bool(get_arg(node, causal_i, "is_causal", False))
     scale = node.kwargs.get("scale")
     scale = _default_scale(q) if scale is None else float(scale)
-    k_new, k_cache, k_all, gk = _kv(k)
-    v_new, v_cache, v_all, _ = _kv(v)
-    if (k_cache is None) != (v_cache is None):
-        raise NoMatch("keys and values are not appended to a cache the same way")
-    return Site(out, q, k_new, v_new, k_cache, v_cache, mask, scale, is_causal, "sdpa", gk, k_all, v_all)
+    return _site(out, q, k, v, mask, scale, is_causal, "sdpa")
 
 
 def _softmax_input(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -175,11 +202,7 @@ def match_eager(softmax: torch.fx.Node, x: torch.fx.Node) -> Site:
     v = strip_to_4d(bmm_pv.args[1])
     if isinstance(mask, (int, float)):
         raise NoMatch("constant added to the scores")
-    k_new, k_cache, k_all, gk = _kv(k)
-    v_new, v_cache, v_all, _ = _kv(v)
-    if (k_cache is None) != (v_cache is None):
-        raise NoMatch("keys and values are not appended to a cache the same way")
-    return Site(out, q, k_new, v_new, k_cache, v_cache, mask, scale, False, "eager", gk, k_all, v_all)
+    return _site(out, q, k, v, mask, scale, False, "eager")
 
 
 def _check(site: Site) -> None:
@@ -233,11 +256,17 @@ def _site_ids(sites: list[Site], ctx: PassContext) -> tuple[list[int], str]:
 def _rewrite(gm: torch.fx.GraphModule, site: Site, site_id: int) -> torch.fx.Node:
     g = gm.graph
     with g.inserting_before(site.out):
-        args = (site.q, site.k, site.v, site.k_cache, site.v_cache, site.attn_mask, site.scale,
-                site.is_causal, site_id)
-        if site.k_all is not None:
-            args += (site.k_all, site.v_all)
-        new = g.call_function(ATTENTION, args)
+        if site.static is not None:
+            st = site.static
+            k_buf = st.buffer if st.buffer.op == "placeholder" else None
+            new = g.call_function(STATIC, (site.q, site.k, site.v, st.cache_position, st.anchor, k_buf,
+                                           site.attn_mask, site.scale, site.is_causal, site_id))
+        else:
+            args = (site.q, site.k, site.v, site.k_cache, site.v_cache, site.attn_mask, site.scale,
+                    site.is_causal, site_id)
+            if site.k_all is not None:
+                args += (site.k_all, site.v_all)
+            new = g.call_function(ATTENTION, args)
     new.meta["val"] = _fake_output(site)
     old_val = site.out.meta.get("val")
     replacement = new
@@ -270,7 +299,8 @@ def run(gm: torch.fx.GraphModule, config: LLMAccelConfig, ctx: PassContext) -> P
         new = _rewrite(gm, site, sid)
         matched.append({
             "site": sid, "node": new.name, "form": site.form, "replaces": site.out.name,
-            "kv_cache_append": site.k_cache is not None, "gqa_groups": str(site.groups),
+            "kv_cache_append": site.k_cache is not None, "static_cache": site.static is not None,
+            "gqa_groups": str(site.groups),
             "mask": site.attn_mask is not None, "is_causal": site.is_causal, "scale": site.scale,
         })
     return PassResult(changed=bool(sites), matched=matched, skipped=skipped,

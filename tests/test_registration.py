@@ -37,7 +37,9 @@ def test_importing_package_too_does_not_duplicate_registration():
 
 def test_modules_import_alone_in_a_fresh_interpreter():
     """Each entry module imports first in a fresh process (catches import cycles)."""
-    mods = ["llm_compile.runtime.swa", "llm_compile.runtime.offload.pool", "llm_compile.passes.manager",
+    mods = ["llm_compile.runtime.swa", "llm_compile.runtime.kv", "llm_compile.runtime.kv.cache",
+            "llm_compile.passes.kv_relocation", "llm_compile.repro_state",
+            "llm_compile.runtime.offload.pool", "llm_compile.passes.manager",
             "llm_compile.codegen.anda_kernels", "llm_compile.quantize"]
     code = "import importlib, subprocess, sys\n" \
            f"for m in {mods!r}:\n" \

@@ -89,3 +89,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: 
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, k_all=None, v_all=None):
     return attention_out_like(q, v)
+
+
+def filled_length(cache_position: Tensor) -> int:
+    """Rows of a static cache buffer that hold keys after this call: ``cache_position[-1] + 1``."""
+    return int(cache_position[-1]) + 1
+
+
+def filled_rows(k_all: Tensor, v_all: Tensor, attn_mask: Tensor | None, end: int):
+    """The first ``end`` rows of static buffers (and the matching mask columns)."""
+    if attn_mask is not None and attn_mask.shape[-1] > end:
+        attn_mask = attn_mask[..., :end]
+    return k_all[:, :, :end], v_all[:, :, :end], attn_mask
+
+
+@torch.library.custom_op("llmaccel::static_attention", mutates_args=())
+def static_attention(q: Tensor, k_all: Tensor, v_all: Tensor, cache_position: Tensor,
+                     anchor: Tensor | None, k_buf: Tensor | None, attn_mask: Tensor | None,
+                     scale: float, is_causal: bool, site: int) -> Tensor:
+    """Attention over a preallocated (HF ``StaticCache``) buffer: ``k_all``/``v_all`` are the
+    buffers ``[B, Hkv, max_len, D]`` after this call's rows were written at ``cache_position``;
+    only the filled rows ``[:cache_position[-1] + 1]`` are read (and the mask's matching columns),
+    never the unwritten tail. ``anchor`` (the layer's ``cumulative_length`` tensor) and ``k_buf``
+    (the key buffer graph input, None when the graph creates it) are not read here: they are where
+    stateful forms (``static_swa_attention``) keep and check their per-sequence state."""
+    kf, vf, mask = filled_rows(k_all, v_all, attn_mask, filled_length(cache_position))
+    return to_out_layout(dense_attention(q, kf, vf, mask, scale, is_causal))
+
+
+@static_attention.register_fake
+def _(q, k_all, v_all, cache_position, anchor, k_buf, attn_mask, scale, is_causal, site):
+    return attention_out_like(q, v_all)

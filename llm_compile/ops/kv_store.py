@@ -1,19 +1,41 @@
-"""``llmaccel::stored_attention``: attention whose KV cache lives in the in-process KV store.
+"""Schema of ``llmaccel::stored_attention`` (implementation: :mod:`llm_compile.runtime.kv.store`).
 
-Contract: exactly ``llmaccel::offload_attention``'s (:mod:`llm_compile.ops.offload`), with
-``pool_handle`` the runtime handle of a :class:`~llm_compile.runtime.kv_store.LocalKVStore`::
+Contract::
 
     stored_attention(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site,
-                     pool_handle, swa_handle) -> out [B, Hq, Lq, Dv]
+                     reserve, growth, swa) -> (out, k_phantom, v_phantom)
 
-* no cache (prefill): (current instance, site) is reset with the new K/V (dense: attention runs
-  on them directly; SWA, ``swa_handle`` != 0: through the store, which seeds the token scores).
-* with cache (decode): ``k_cache``/``v_cache`` are the phantoms (``llmaccel::kv_phantom``) the
-  previous step returned to the model; only their length is read and checked against the store.
-  ``k``/``v`` are appended in place and attention runs over the stored cache.
+* ``out``: llmaccel::attention's result ([B, Hq, Lq, Dv], layout of ``attention_out_like``).
+* The KV of this site lives in a :class:`~llm_compile.runtime.kv.buffer.SiteKV` (preallocated
+  buffers with ``reserve`` free rows, grown by ``growth``) that the op attaches to the two
+  phantoms it returns (zero-memory tensors of the cache's shape, see ``llmaccel::kv_phantom``).
+  The graph returns the phantoms to the model's cache, so the KV belongs to that cache object.
+* No cache (prefill): a new SiteKV holds ``k``/``v``. With cache (decode): ``k_cache`` must be the
+  phantom this op returned at the previous step *of this sequence*; the new rows are appended in
+  place. Anything else (a real tensor, a phantom without state, a length or site mismatch) raises.
+* ``swa``: ``""`` for dense attention, else the SWAConfig as JSON (sparse window attention over
+  the stored KV; its state lives next to the KV in the SiteKV).
 """
 from __future__ import annotations
 
-from llm_compile.ops.offload import define_external_attention_op
+import torch
 
-stored_attention = define_external_attention_op("stored_attention", "kv_store")
+from llm_compile.ops.attention import attention_out_like
+from llm_compile.ops.swa import cache_after
+
+torch.library.define(
+    "llmaccel::stored_attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, Tensor? attn_mask, float scale, "
+    "bool is_causal, int site, int reserve, float growth, str swa) -> (Tensor, Tensor, Tensor)")
+
+
+def phantom_like(t):
+    return t.new_empty_strided(t.shape, [0] * t.dim())
+
+
+@torch.library.register_fake("llmaccel::stored_attention")
+def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve, growth, swa):
+    return (attention_out_like(q, v), phantom_like(cache_after(k_cache, k)),
+            phantom_like(cache_after(v_cache, v)))
+
+

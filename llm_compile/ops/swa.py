@@ -1,39 +1,62 @@
-"""``llmaccel::swa_attention``: ``llmaccel::attention`` under sparse window attention (ALISA).
+"""Schemas of the sparse-window-attention ops (implementations: :mod:`llm_compile.runtime.swa.op`).
 
-Contract: exactly :mod:`llm_compile.ops.attention`'s, plus ``handle``::
+``ops`` imports nothing from ``runtime``: this module only *declares* the ops (schema + fake
+kernel, so passes and Inductor can place them); importing :mod:`llm_compile.runtime` registers
+their implementations. Contracts::
 
-    swa_attention(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, handle,
-                  k_all=None, v_all=None) -> out
+    swa_attention(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, swa)
+        -> (out, k_full, v_full)
+      llmaccel::attention's arguments (``swa`` = the SWAConfig as JSON, see
+      :func:`swa_config_json`), plus the cache after this call: ``k_full = cat([k_cache, k], -2)``
+      (``k`` at prefill), a fresh tensor that carries the sequence's SWA state as an attribute.
+      The pass makes the graph return ``k_full``/``v_full`` to the model's cache instead of its own
+      ``cat``, so the state lives in the caller's cache object and dies with it.
 
-(``k_all``/``v_all``: the graph's own cache concatenation, read instead of concatenating again.)
-
-``handle`` comes from :func:`llm_compile.runtime.context.register_handle` and maps to the
-``SWAConfig``; the pass ``sparse_window_attention`` bakes it into the graph. State (token scores)
-is kept per (model instance, site) in :mod:`llm_compile.runtime.swa`; a call without cache
-(prefill) resets it. Output shape, dtype and memory layout ([B, Lq, Hq, Dv] order, see
-:func:`~llm_compile.ops.attention.attention_out_like`) are those of ``llmaccel::attention``.
+    static_swa_attention(q, k_all, v_all, cache_position, anchor, k_buf, attn_mask, scale,
+                         is_causal, site, swa) -> out
+      llmaccel::static_attention (HF StaticCache) under SWA; the state is kept on ``anchor`` (the
+      cache layer's ``cumulative_length`` tensor), reset when ``cache_position[0] == 0``.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import torch
-from torch import Tensor
 
-from llm_compile.ops.attention import attention_out_like, to_out_layout
-from llm_compile.runtime.context import lookup_handle
+from llm_compile.ops.attention import attention_out_like
 
-
-@torch.library.custom_op("llmaccel::swa_attention", mutates_args=())
-def swa_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-                  attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
-                  handle: int, k_all: Tensor | None = None, v_all: Tensor | None = None) -> Tensor:
-    from llm_compile.runtime.swa import swa_attention_impl  # lazy: runtime.swa imports llm_compile.ops
-
-    cfg = lookup_handle(handle)
-    out = swa_attention_impl(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, cfg,
-                             k_all, v_all)
-    return to_out_layout(out)
+torch.library.define(
+    "llmaccel::swa_attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, Tensor? attn_mask, float scale, "
+    "bool is_causal, int site, str swa) -> (Tensor, Tensor, Tensor)")
+torch.library.define(
+    "llmaccel::static_swa_attention",
+    "(Tensor q, Tensor k_all, Tensor v_all, Tensor cache_position, Tensor anchor, Tensor? k_buf, "
+    "Tensor? attn_mask, float scale, bool is_causal, int site, str swa) -> Tensor")
 
 
-@swa_attention.register_fake
-def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, handle, k_all=None, v_all=None):
-    return attention_out_like(q, v)
+def cache_after(past, new):
+    """Fake of ``cat([past, new], -2)`` (``new`` alone when ``past`` is None)."""
+    if past is None:
+        return torch.empty_like(new, memory_format=torch.contiguous_format)
+    shape = list(new.shape)
+    shape[-2] = past.shape[-2] + new.shape[-2]
+    return new.new_empty(shape)
+
+
+@torch.library.register_fake("llmaccel::swa_attention")
+def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, swa):
+    return attention_out_like(q, v), cache_after(k_cache, k), cache_after(v_cache, v)
+
+
+@torch.library.register_fake("llmaccel::static_swa_attention")
+def _(q, k_all, v_all, cache_position, anchor, k_buf, attn_mask, scale, is_causal, site, swa):
+    return attention_out_like(q, v_all)
+
+
+def swa_config_json(cfg) -> str:
+    """An ``SWAConfig`` as the compact JSON string the ops carry (``""`` = dense)."""
+    if cfg is None:
+        return ""
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True, separators=(",", ":"))

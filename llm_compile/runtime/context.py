@@ -1,7 +1,8 @@
 """Which model instance is running now, and per-instance state that outlives one graph.
 
-Prefill and decode are different compiled graphs, but sparse-window scores and offloaded KV caches
-must persist across them, per model instance. The backend wraps every compiled graph so that, while
+Used by attention offload only (its worker-side KV is still keyed per model instance; the KV store
+and SWA keep their state in the caller's cache object instead, see ``runtime/kv`` and
+``runtime/swa``). The backend wraps every compiled graph so that, while
 it runs, :func:`current_instance` names the model instance whose parameters were passed in (the
 identity of its first ``nn.Parameter`` argument), and custom ops look their state up with it.
 
@@ -81,32 +82,3 @@ def lookup_handle(handle: int) -> Any:
         return _handles[handle]
     except KeyError:
         raise RuntimeError(f"llmaccel: unknown runtime handle {handle} (graph compiled in another process?)") from None
-
-
-class InstanceStates:
-    """``{(instance, site): state}``; a state is created by ``factory`` on first use."""
-
-    def __init__(self) -> None:
-        self._states: dict[tuple[int, int], Any] = {}
-
-    def get(self, site: int, factory=None, instance: int | None = None):
-        key = (current_instance() if instance is None else instance, site)
-        st = self._states.get(key)
-        if st is None and factory is not None:
-            st = self._states[key] = factory()
-        return st
-
-    def reset(self, site: int, value: Any, instance: int | None = None) -> Any:
-        key = (current_instance() if instance is None else instance, site)
-        self._states[key] = value
-        return value
-
-    def clear(self, instance: int | None = None) -> None:
-        if instance is None:
-            self._states.clear()
-        else:
-            for k in [k for k in self._states if k[0] == instance]:
-                del self._states[k]
-
-    def instances(self) -> set[int]:
-        return {k[0] for k in self._states}

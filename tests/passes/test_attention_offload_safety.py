@@ -12,14 +12,14 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import llm_compile.ops.offload  # noqa: F401  (registers llmaccel::offload_attention, kv_phantom)
-import llm_compile.ops.swa  # noqa: F401
+import llm_compile.runtime.swa  # noqa: F401  (registers the llmaccel::swa_attention implementation)
 from llm_compile.config import SWAConfig, parse_options
 from llm_compile.ops.attention import dense_attention
 from llm_compile.ops.offload import is_phantom
 from llm_compile.passes.attention_offload import OffloadError
 from llm_compile.passes.base import PassContext
 from llm_compile.passes.manager import run_pipeline
-from llm_compile.passes.sparse_window_attention import handle_for
+from llm_compile.ops.swa import swa_config_json
 
 
 OPTIONS = {"offload": {"workers": 1, "timeout_s": 30}, "inner": "eager"}
@@ -50,10 +50,9 @@ def test_local_attention_ops_refuse_a_phantom_cache():
     ka, va = torch.cat([pk, kn], -2), torch.cat([pv, vn], -2)
     with pytest.raises(RuntimeError, match="phantom"):
         torch.ops.llmaccel.attention(q, kn, vn, pk, pv, None, 0.5, False, 0, ka, va)
-    h = handle_for(SWAConfig(sparsity=0.5, bucket=1))
-    for extra in ((), (ka, va)):  # sparse decode path (cache + new apart) and the k_all path
-        with pytest.raises(RuntimeError, match="phantom"):
-            torch.ops.llmaccel.swa_attention(q, kn, vn, pk, pv, None, 0.5, False, 0, h, *extra)
+    h = swa_config_json(SWAConfig(sparsity=0.5, bucket=1))
+    with pytest.raises(RuntimeError, match="phantom"):
+        torch.ops.llmaccel.swa_attention(q, kn, vn, pk, pv, None, 0.5, False, 0, h)
     # a real cache (and a broadcast but non-phantom one) still works
     rk, rv = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     out = torch.ops.llmaccel.attention(q, kn, vn, rk, rv, None, 0.5, False, 0)

@@ -9,10 +9,8 @@ from transformers import DynamicCache
 from helpers import op_delta, pass_record, record_compiles
 from llm_compile.config import OptionsError, parse_options
 from llm_compile.ops.offload import is_phantom
-from llm_compile.runtime import swa
-from llm_compile.runtime.kv_buffer import SiteKV
-from llm_compile.runtime.kv_store import get_store, release_all, release_model
-from llm_compile.runtime.offload.modes import DenseMode
+from llm_compile.runtime.kv.buffer import SiteKV
+from llm_compile.runtime.swa.op import SequenceStateError
 
 STORED = "llmaccel.stored_attention.default"
 
@@ -29,11 +27,13 @@ def _llama(layers: int = 2, seed: int = 0):
 @pytest.fixture(autouse=True)
 def _fresh():
     torch._dynamo.reset()
-    release_all()
-    swa.reset_states()
     yield
     torch._dynamo.reset()
-    release_all()
+
+
+def _kvs(cache):
+    """The SiteKV of each layer: it hangs on the phantom K tensor the cache holds."""
+    return [layer.keys.llmaccel_kv for layer in cache.layers]
 
 
 def _compiled(model, **opts):
@@ -47,7 +47,7 @@ def _ids(batch=2, n=9, seed=1):
 
 
 def test_site_kv_appends_in_place_and_grows():
-    kv = SiteKV(2, 3, 4, 5, torch.float32, torch.device("cpu"), DenseMode(), None, reserve=2, growth=1.5)
+    kv = SiteKV(2, 3, 4, 5, torch.float32, torch.device("cpu"), None, None, reserve=2, growth=1.5)
     k, v = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 5)
     kv.append(k[:, :, :4], v[:, :, :4])
     assert kv.capacity == 6 and kv.grown == 0
@@ -89,20 +89,19 @@ def test_pass_structure_and_kv_in_the_store_equals_hf_cache():
         p = pass_record(r, "local_kv_store")
         assert p["changed"] and sorted(m["site"] for m in p["matched"]) == [0, 1]
         assert all(m["cache_outputs_phantomized"] == 2 for m in p["matched"])
-        assert op_delta(r, "local_kv_store", STORED) == 2
-        assert op_delta(r, "local_kv_store", "llmaccel.kv_phantom.default") == 4
+        assert op_delta(r, "local_kv_store", STORED) == 2   # its phantoms are its own outputs
+        assert op_delta(r, "local_kv_store", "llmaccel.kv_phantom.default") == 0
     decode = [r for r in rec if all(m["decode"] for m in pass_record(r, "local_kv_store")["matched"])]
     assert decode and op_delta(decode[0], "local_kv_store", "aten.cat.default") == -4  # 2 layers x (k, v)
-    store = get_store(parse_options({"kv_store": True}).kv_store)
-    (inst,) = {key[0] for key in store.keys()}
     for layer, ref_layer in zip(cache.layers, ref_cache.layers):
         assert is_phantom(layer.keys) and is_phantom(layer.values) and layer.keys.shape == (2, 2, 12, 16)
-    for site, ref_layer in enumerate(ref_cache.layers):
-        kv = store.site(inst, site)
+        assert layer.keys.llmaccel_kv is layer.values.llmaccel_kv
+    for site, (kv, ref_layer) in enumerate(zip(_kvs(cache), ref_cache.layers)):
+        assert kv.site == site
         torch.testing.assert_close(kv.keys(), ref_layer.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kv.values(), ref_layer.values, rtol=1e-5, atol=1e-5)
     per_site = 2 * 2 * 12 * 16 * 2 * 4  # batch * KV heads * tokens * D * (k, v) * fp32
-    assert store.kv_bytes() == 2 * per_site
+    assert sum(kv.nbytes() for kv in _kvs(cache)) == 2 * per_site
 
 
 def test_generate_matches_eager_and_buffers_grow_without_recompiling():
@@ -114,11 +113,10 @@ def test_generate_matches_eager_and_buffers_grow_without_recompiling():
     with torch.no_grad():
         ref = ref_model.generate(ids, **gen)
         with record_compiles() as rec:
-            out = model.generate(ids, **gen)
-    assert torch.equal(out, ref)
+            res = model.generate(ids, **gen, return_dict_in_generate=True)
+    assert torch.equal(res.sequences, ref)
     assert 1 <= len(rec) <= 4, f"{len(rec)} graphs for 64 decode steps"
-    store = get_store(parse_options({"kv_store": {"reserve_tokens": 8, "growth": 1.25}}).kv_store)
-    kvs = [store.site(*key) for key in store.keys()]
+    kvs = _kvs(res.past_key_values)
     assert len(kvs) == 2 and all(kv.length == 40 + 63 and kv.grown >= 2 for kv in kvs)
 
 
@@ -142,13 +140,13 @@ def test_swa_with_store_selects_the_same_tokens_as_swa_with_hf_cache():
         plain = _compiled(_llama(), kv_store=None, swa=swa_opts).generate(ids, **gen)
         torch._dynamo.reset()
         with record_compiles() as rec:
-            stored = _compiled(_llama(), swa=swa_opts).generate(ids, **gen)
+            res = _compiled(_llama(), swa=swa_opts).generate(ids, **gen, return_dict_in_generate=True)
+        stored = res.sequences
         dense = _llama().generate(ids, **gen)
     assert torch.equal(stored, plain)
     assert not torch.equal(stored, dense)            # sparsity 0.6 does change the continuation
     assert all(m["form"] == "swa" for r in rec for m in pass_record(r, "local_kv_store")["matched"])
-    store = get_store(parse_options({"kv_store": True}).kv_store)
-    st = store.state(*store.keys()[0])
+    st = _kvs(res.past_key_values)[0].state
     assert st.steps == 23 and not st.last_budget.dense and st.last_budget.n == 60 + 23
 
 
@@ -168,9 +166,8 @@ def test_two_model_instances_keep_separate_kv():
             torch.testing.assert_close(la, ra(ta, past_key_values=rca, use_cache=True).logits, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(lb, rb(tb, past_key_values=rcb, use_cache=True).logits, rtol=1e-5, atol=1e-5)
             ta, tb = la[:, -1:].argmax(-1), lb[:, -1:].argmax(-1)
-    store = get_store(parse_options({"kv_store": True}).kv_store)
-    assert len({key[0] for key in store.keys()}) == 2
-    assert release_model(a) == 2 and len(store.keys()) == 2   # b's two sites stay
+    assert all(x.llmaccel_kv is not y.llmaccel_kv for x, y in zip(*[[layer.keys for layer in c.layers]
+                                                                    for c in (ca, cb)]))
 
 
 def test_cache_changed_outside_the_model_is_an_error():
@@ -180,8 +177,8 @@ def test_cache_changed_outside_the_model_is_an_error():
         cache = DynamicCache()
         tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         model(tok, past_key_values=cache, use_cache=True)
-        cache.crop(-2)                               # 8 left; the store still holds 10 tokens
-        with pytest.raises(RuntimeError, match="cache says 8 cached tokens, the KV store holds 10"):
+        cache.crop(-2)                               # a plain DynamicCache slices the phantoms
+        with pytest.raises(SequenceStateError, match="carries no stored KV.*LLMAccelCache"):
             model(tok, past_key_values=cache, use_cache=True)
         real = DynamicCache()                        # filled by a model without kv_store
         ref_model(ids, past_key_values=real, use_cache=True)
@@ -189,10 +186,13 @@ def test_cache_changed_outside_the_model_is_an_error():
             model(tok, past_key_values=real, use_cache=True)
 
 
-def test_decode_before_prefill_is_an_error():
-    store = get_store(parse_options({"kv_store": True}).kv_store)
-    with pytest.raises(RuntimeError, match="before any prefill"):
-        store.decode(12345, 0, torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), 0.3)
+def test_decode_with_a_cache_from_nowhere_is_an_error():
+    """A phantom that carries no KV (made outside the compiled model) is refused."""
+    ph = torch.zeros(1).as_strided((1, 2, 5, 8), (0, 0, 0, 0))
+    with pytest.raises(SequenceStateError, match="carries no stored KV"):
+        torch.ops.llmaccel.stored_attention(torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8),
+                                            torch.randn(1, 2, 1, 8), ph, ph, None, 0.3, False, 0,
+                                            16, 1.5, "")
 
 
 @pytest.mark.parametrize("opts, match", [
@@ -262,7 +262,6 @@ def test_inductor_compiles_around_the_store():
     with torch.no_grad():
         ref = _compiled(_llama(), swa={"sparsity": 0.5}).generate(ids, **gen)
         torch._dynamo.reset()
-        release_all()
         model = _llama()
         model.forward = torch.compile(model.forward, backend="llmaccel", options={"swa": {"sparsity": 0.5}})
         with record_compiles() as rec:
@@ -271,15 +270,17 @@ def test_inductor_compiles_around_the_store():
     assert all(pass_record(r, "local_kv_store")["changed"] for r in rec)
 
 
-def test_kv_is_freed_with_the_model():
+def test_kv_is_freed_with_the_cache():
     import gc
+    import weakref
 
     model = _compiled(_llama())
     ids = _ids()
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
-    store = get_store(parse_options({"kv_store": True}).kv_store)
-    assert len(store.keys()) == 2 and store.kv_bytes() > 0
-    del model
+        res = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                             return_dict_in_generate=True)
+    refs = [weakref.ref(kv) for kv in _kvs(res.past_key_values)]
+    assert len(refs) == 2 and all(r() is not None for r in refs)
+    del res
     gc.collect()
-    assert store.keys() == [] and store.kv_bytes() == 0
+    assert all(r() is None for r in refs)        # the model is alive; its KV went with the cache

@@ -7,8 +7,10 @@ import torch.fx
 
 import llm_compile.ops.attention  # noqa: F401
 from llm_compile.config import LLMAccelConfig, SWAConfig
+from llm_compile.ops.swa import swa_config_json
 from llm_compile.passes import sparse_window_attention as swa_pass
-from llm_compile.runtime import context, swa
+from llm_compile.runtime import swa
+from llm_compile.runtime.swa.policies import config_from_json
 
 ATT = torch.ops.llmaccel.attention.default
 SWA = torch.ops.llmaccel.swa_attention.default
@@ -34,7 +36,7 @@ def _inputs(seed=0):
     return q, k, v, pk, pv, torch.ones(1, 1, 1, 31, dtype=torch.bool)
 
 
-def test_every_site_rewritten_with_handle():
+def test_every_site_rewritten_with_its_config_as_an_argument():
     gm = _two_site_graph()
     cfg = SWAConfig(sparsity=0.8, sink_tokens=4)
     res = swa_pass.run(gm, LLMAccelConfig(swa=cfg), None)
@@ -43,9 +45,8 @@ def test_every_site_rewritten_with_handle():
     assert [m["cached"] for m in res.matched] == [False, True]
     assert "4 sinks" in res.matched[0]["budget"] and res.stats["config"]["sparsity"] == 0.8
     nodes = [n for n in gm.graph.nodes if n.target is SWA]
-    assert nodes[0].args[6:] == (0.25, True, 0, res.stats["handle"])
-    assert context.lookup_handle(res.stats["handle"]) is cfg
-    assert swa_pass.handle_for(SWAConfig(sparsity=0.8, sink_tokens=4)) == res.stats["handle"]
+    assert nodes[0].args[6:] == (0.25, True, 0, swa_config_json(cfg))   # no handle into process state
+    assert config_from_json(nodes[0].args[9]) == cfg
     assert "llmaccel.swa_attention" in gm.code
 
 
@@ -66,17 +67,16 @@ def test_rewritten_graph_runs_swa_numerics():
         return ATT(q, k, v, pk, pv, None, 0.25, False, 7)
     gm = torch.fx.symbolic_trace(f)
     swa_pass.run(gm, cfg, None)
-    swa.reset_states()
-    with context.running(5):
-        torch.ops.llmaccel.swa_attention(q[:, :, :2].repeat(1, 1, 15, 1), pk, pv, None, None, None,
-                                         0.25, True, 7, swa_pass.handle_for(cfg))
-        out = gm(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], pk, pv)
+    _, pk_s, pv_s = torch.ops.llmaccel.swa_attention(q[:, :, :2].repeat(1, 1, 15, 1), pk, pv, None, None,
+                                                     None, 0.25, True, 7, swa_config_json(cfg))
+    out = gm(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], pk_s, pv_s)   # the prefill's cache carries the state
     st = swa.new_state(1, 2, "cpu", cfg)
     swa.swa_step(st, q[:, :, :2].repeat(1, 1, 15, 1), pk, pv, 0.25, cfg, is_causal=True)
     ref = swa.swa_step(st, q[:, :, -1:], torch.cat([pk, k[:, :, -1:]], 2),
                        torch.cat([pv, v[:, :, -1:]], 2), 0.25, cfg)
     assert torch.equal(out, ref)
-    assert swa.get_state(7, 5).steps == 1 and swa.get_state(7, 5).last_budget.total == 6
+    state = pk_s.llmaccel_state.state
+    assert state.steps == 1 and state.last_budget.total == 6
 
 
 def test_keyword_form_and_no_sites():
@@ -89,7 +89,7 @@ def test_keyword_form_and_no_sites():
     res = swa_pass.run(gm, SWAConfig(), None)
     new = next(n for n in gm.graph.nodes if n.target is SWA)
     assert res.matched[0]["site"] == 3 and new.args[3:9] == (None, None, None, 0.5, True, 3)
-    assert new.kwargs == {"k_all": ph[1]}
+    assert new.kwargs == {}          # the op concatenates the cache itself (it returns it, with state)
     empty = torch.fx.symbolic_trace(lambda x: x + 1)
     res = swa_pass.run(empty, SWAConfig(), None)
     assert not res.changed and res.matched == []
@@ -129,10 +129,10 @@ def test_end_to_end_llama_generate(monkeypatch, sparsity):
         return llmaccel(gm, example_inputs, options={"swa": {"sparsity": sparsity}, "inner": "eager"})
 
     torch._dynamo.reset()
-    swa.reset_states()
     model.forward = torch.compile(model.forward, backend=counting)
     with torch.no_grad():
-        out = model.generate(ids, **gen)
+        res = model.generate(ids, **gen, return_dict_in_generate=True)
+    out = res.sequences
     torch._dynamo.reset()
     assert out.shape == (2, 104)
     assert 1 <= len(calls) <= 4, f"{len(calls)} graphs compiled for 64 decode steps"
@@ -141,7 +141,6 @@ def test_end_to_end_llama_generate(monkeypatch, sparsity):
     if sparsity == 0.0:
         assert torch.equal(out, ref)
     else:
-        inst = next(iter(swa.STATES.instances()))
-        st = swa.get_state(0, inst)
+        st = res.past_key_values.layers[0].keys.llmaccel_kv.state   # owned by generate()'s cache
         assert st.n == 103 and st.steps == 63 and st.batch == 2
         assert st.last_budget.total == 20 and not st.last_budget.dense  # k = round(103 * 0.1)

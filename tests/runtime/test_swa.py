@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 
-import llm_compile.ops.swa  # noqa: F401
 from llm_compile.config import SWAConfig
 from llm_compile.ops.attention import dense_attention
-from llm_compile.runtime import context, swa
-from llm_compile.runtime.swa_state import compute_budget, quantize_weights
+from llm_compile.ops.swa import swa_config_json
+from llm_compile.runtime import swa
+from llm_compile.runtime.swa import step as swa_step_module
+from llm_compile.runtime.swa.op import SequenceStateError
+from llm_compile.runtime.swa.state import compute_budget, quantize_weights
 
 torch.manual_seed(0)
 SCALE = 0.25
@@ -152,15 +154,15 @@ def test_policies_token_sets():
 
 def test_sparsity_zero_is_dense_exactly():
     cfg = SWAConfig(sparsity=0.0)
-    h = context.register_handle(cfg)
+    h = swa_config_json(cfg)
     q, k, v = _qkv(2, 4, 2, 16)
     op, ref = torch.ops.llmaccel.swa_attention, torch.ops.llmaccel.attention
-    assert torch.equal(op(q, k, v, None, None, None, SCALE, True, 0, h), ref(q, k, v, None, None, None, SCALE, True, 0))
+    assert torch.equal(op(q, k, v, None, None, None, SCALE, True, 0, h)[0], ref(q, k, v, None, None, None, SCALE, True, 0))
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
         qd, kn, vn = _qkv(2, 4, 2, 1, gen=gen)
         mask = torch.rand(2, 1, 1, k.shape[2] + 1, generator=gen) > 0.2
-        a = op(qd, kn, vn, k, v, mask, SCALE, False, 0, h)
+        a = op(qd, kn, vn, k, v, mask, SCALE, False, 0, h)[0]
         assert torch.equal(a, ref(qd, kn, vn, k, v, mask, SCALE, False, 0))
         k, v = torch.cat([k, kn], 2), torch.cat([v, vn], 2)
 
@@ -220,44 +222,38 @@ def test_batch_rows_independent():
         assert torch.equal(idx[r:r + 1], idx1)
 
 
-def test_instances_isolated_through_op():
-    cfg = SWAConfig(sparsity=0.7, bucket=8)
-    h = context.register_handle(cfg)
+def test_state_travels_with_the_returned_cache_through_op():
+    """The op's state hangs on the cache tensors it returns: two sequences of the same site keep
+    separate scores, and a cache without state (or an earlier step's) is refused."""
+    h = swa_config_json(SWAConfig(sparsity=0.7, bucket=8))
     op = torch.ops.llmaccel.swa_attention
     gen = torch.Generator().manual_seed(13)
     qa, ka, va = _qkv(1, 2, 1, 20, gen=gen)
     qb, kb, vb = _qkv(1, 2, 1, 25, gen=gen)
     dq, dk, dv = _qkv(1, 2, 1, 1, gen=gen)
-
-    def decode_a():
-        with context.running(101):
-            return op(dq, dk, dv, ka, va, None, SCALE, False, 3, h)
-
-    swa.reset_states()
-    with context.running(101):
-        op(qa, ka, va, None, None, None, SCALE, True, 3, h)
-    alone = decode_a()
-    swa.reset_states()
-    with context.running(101):
-        op(qa, ka, va, None, None, None, SCALE, True, 3, h)
-    with context.running(202):
-        op(qb, kb, vb, None, None, None, SCALE, True, 3, h)  # same site, other instance
-    assert torch.equal(decode_a(), alone)
-    assert swa.get_state(3, 101).n == 21 and swa.get_state(3, 202).n == 25
-    swa.reset_states(202)
-    assert swa.get_state(3, 202) is None and swa.get_state(3, 101) is not None
+    _, ca, cva = op(qa, ka, va, None, None, None, SCALE, True, 3, h)
+    alone = op(dq, dk, dv, ca, cva, None, SCALE, False, 3, h)[0]
+    _, ca, cva = op(qa, ka, va, None, None, None, SCALE, True, 3, h)
+    _, cb, cvb = op(qb, kb, vb, None, None, None, SCALE, True, 3, h)  # same site, other sequence
+    out, ca2, _ = op(dq, dk, dv, ca, cva, None, SCALE, False, 3, h)
+    assert torch.equal(out, alone)
+    assert ca2.llmaccel_state.state.n == 21 and cb.llmaccel_state.state.n == 25
+    with pytest.raises(SequenceStateError, match="covers 21"):   # an earlier step's cache
+        op(dq, dk, dv, ca, cva, None, SCALE, False, 3, h)
+    with pytest.raises(SequenceStateError, match="carries no SWA state"):
+        op(dq, dk, dv, ka.clone(), va.clone(), None, SCALE, False, 3, h)
 
 
 def test_bucketed_kernel_shapes_constant(monkeypatch):
     cfg = SWAConfig(sparsity=0.8, bucket=16)
     shapes = []
-    real = swa.gather_attend_torch
+    real = swa_step_module.gather_attend_torch
 
     def spy(q, kf, vf, idx, bias, scale, *new):
         shapes.append(tuple(idx.shape))
         return real(q, kf, vf, idx, bias, scale, *new)
 
-    monkeypatch.setattr(swa, "gather_attend_torch", spy)
+    monkeypatch.setattr(swa_step_module, "gather_attend_torch", spy)
     gen = torch.Generator().manual_seed(17)
     q, k, v = _qkv(1, 2, 1, 40, gen=gen)
     st = swa.new_state(1, 1, "cpu", cfg)

@@ -1,9 +1,9 @@
-"""SWA budgets, selection and exact windowed score sums (llm_compile.runtime.swa_state)."""
+"""SWA budgets, selection and exact windowed score sums (llm_compile.runtime.swa.state)."""
 import pytest
 import torch
 
 from llm_compile.config import SWAConfig
-from llm_compile.runtime.swa_state import (SWAState, compute_budget, describe_policy,
+from llm_compile.runtime.swa.state import (SWAState, compute_budget, describe_policy,
                                            quantize_weights)
 
 
@@ -95,7 +95,7 @@ def test_row_ring_matches_a_plain_queue_and_reuses_its_buffers():
     width and wrap-around; once grown it allocates nothing per step (no heap fragmentation)."""
     from collections import deque
 
-    from llm_compile.runtime.swa_state import RowRing
+    from llm_compile.runtime.swa.state import RowRing
 
     g = torch.Generator().manual_seed(0)
     ring, ref = RowRing(2, 3, torch.device("cpu")), deque()

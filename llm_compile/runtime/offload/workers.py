@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from llm_compile.runtime.kv_buffer import SiteKV
+from llm_compile.runtime.kv.buffer import SiteKV
 from llm_compile.runtime.offload import protocol as P
 from llm_compile.runtime.offload.modes import AttentionMode, DenseMode, mode_from_spec
 

@@ -12,8 +12,10 @@ growth, amortised O(1) rows per step)::
     kv.append(k_new, v_new)               # [4, 3, 1, 64]: written in place
     kv.keys(), kv.values()                # views [4, 3, L + 1, 64] of the buffers
 
-Used by the attention workers of attention offload and by the in-process KV store
-(:mod:`llm_compile.runtime.kv_store`).
+Used by the attention workers of attention offload and by the in-place KV store
+(:mod:`llm_compile.runtime.kv.store`), where each SiteKV belongs to one cache object (it hangs on
+the phantom tensors that cache holds). :meth:`SiteKV.map_batch` and :meth:`SiteKV.crop` serve
+beam search and assisted decoding (:class:`~llm_compile.runtime.kv.cache.LLMAccelCache`).
 """
 from __future__ import annotations
 
@@ -72,6 +74,26 @@ class SiteKV:
 
     def values(self) -> Tensor:
         return self.v[:, :, :self.length]
+
+    def map_batch(self, fn) -> "SiteKV":
+        """A new SiteKV whose sequences are ``fn`` of these along the batch (``index_select``,
+        ``repeat_interleave``); the state is mapped the same way (``state.map_batch(fn)``)."""
+        k, v = fn(self.keys()), fn(self.values())
+        B, H, D, Dv = self.shape
+        state = None if self.state is None else self.state.map_batch(fn)
+        new = SiteKV(k.shape[0], H, D, Dv, self.dtype, self.device, self.mode, state,
+                     reserve=self.reserve, growth=self.growth)
+        new.__dict__.update({a: b for a, b in self.__dict__.items() if a not in new.__dict__})
+        new.append(k, v)
+        return new
+
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` tokens (in place: the rows after them are overwritten later);
+        the state is cropped too (``state.crop(n)``)."""
+        if n < self.length:
+            self.length = max(0, n)
+            if self.state is not None:
+                self.state = self.state.crop(self.length)
 
     @property
     def capacity(self) -> int:

@@ -1,9 +1,8 @@
-"""Sparse window attention (ALISA Algorithm 1): prefill seeding, sparse decode steps, state registry.
+"""Sparse window attention (ALISA Algorithm 1): prefill seeding and sparse decode steps.
 
-``llmaccel::swa_attention`` (:mod:`llm_compile.ops.swa`) calls :func:`swa_attention_impl`, which
-finds the :class:`~llm_compile.runtime.swa_state.SWAState` of (current model instance, site) and
-runs :func:`swa_step`. :func:`swa_step` is pure apart from mutating the state it is given, so an
-offload worker that holds the KV cache can call it on its own state objects::
+:func:`swa_step` is pure apart from mutating the :class:`~llm_compile.runtime.swa.state.SWAState`
+it is given; the state's owner is the caller (the sequence's cache, see
+:mod:`llm_compile.runtime.swa.op`; or an offload worker's own table)::
 
     state = new_state(batch, kv_heads, device, cfg)
     out = swa_step(state, q, k_full, v_full, scale, cfg, attn_mask=mask, is_causal=causal)
@@ -14,7 +13,7 @@ What one call does (``q`` [B, Hq, Lq, D], ``k_full``/``v_full`` the whole cache 
   reset and seeded with the prompt queries' attention weights, computed per chunk of query rows
   (at most ~4M logits at a time): for "alisa" only the last ``W0`` rows (the window at the first
   decode step), for "h2o" the column sums of all rows, for "streaming" nothing.
-* ``Lq == 1`` (decode): budget from ``n`` (see :mod:`~llm_compile.runtime.swa_state`); oldest
+* ``Lq == 1`` (decode): budget from ``n`` (see :mod:`~llm_compile.runtime.swa.state`); oldest
   steps leave the score window; sinks + top-scored + recent tokens are selected; attention runs
   over them only (torch: gather + matmul/softmax; Triton: fused gather/attend kernel that also
   returns the weights); the weights of the kept tokens enter the scores.
@@ -29,14 +28,11 @@ import logging
 import torch
 from torch import Tensor
 
-from llm_compile.ops.attention import check_not_phantom, dense_attention, full_kv
-from llm_compile.runtime.context import InstanceStates
-from llm_compile.runtime.swa_state import SWAState, compute_budget, quantize_weights
+from llm_compile.ops.attention import dense_attention, full_kv
+from llm_compile.runtime.swa.policies import policy_of
+from llm_compile.runtime.swa.state import SWAState, compute_budget, quantize_weights
 
 log = logging.getLogger(__name__)
-
-STATES = InstanceStates()
-"""``{(instance, site): SWAState}`` for the op ``llmaccel::swa_attention``."""
 
 _CHUNK_ELEMS = 1 << 22
 
@@ -44,7 +40,7 @@ _CHUNK_ELEMS = 1 << 22
 def new_state(batch: int, kv_heads: int, device, cfg) -> SWAState:
     """An empty state for ``batch`` sequences of a site with ``kv_heads`` KV heads."""
     groups = kv_heads if cfg.selection == "kv_head" else 1
-    return SWAState(batch, groups, device, windowed=cfg.policy == "alisa")
+    return SWAState(batch, groups, device, windowed=policy_of(cfg).windowed)
 
 
 def _reinit(state: SWAState, batch: int, kv_heads: int, device, cfg) -> None:
@@ -52,7 +48,7 @@ def _reinit(state: SWAState, batch: int, kv_heads: int, device, cfg) -> None:
 
 
 def _needs_scores(cfg) -> bool:
-    return cfg.sparsity > 0 and cfg.policy != "streaming"
+    return cfg.sparsity > 0 and policy_of(cfg).needs_scores
 
 
 def _group_sum(w: Tensor, groups: int) -> Tensor:
@@ -102,11 +98,8 @@ def _seed(state: SWAState, q: Tensor, kf: Tensor, attn_mask: Tensor | None, scal
     state.grow(n)
     if not _needs_scores(cfg):
         return
-    if cfg.policy == "alisa":
-        first = compute_budget(n + 1, cfg).window or 1
-        lo = max(0, Lq - first)
-    else:
-        lo = 0
+    policy = policy_of(cfg)
+    lo = policy.first_seed_row(Lq, n, cfg)
     bias = _mask_bias(attn_mask, B, Lq, n)
     kf32 = kf.float()
     step = max(1, min(Lq, _CHUNK_ELEMS // max(1, B * Hq * n)))
@@ -116,12 +109,12 @@ def _seed(state: SWAState, q: Tensor, kf: Tensor, attn_mask: Tensor | None, scal
         w = query_weights(q[:, :, r0:r1], kf32, None if bias is None else bias[:, :, r0:r1],
                           scale, r0, is_causal)
         g = _group_sum(w, state.groups)  # [B, G, C, n]
-        if cfg.policy == "alisa":
+        if policy.windowed:
             rows.append(g)
         else:
             part = quantize_weights(g).sum(2)
             totals = part if totals is None else totals + part
-    if cfg.policy == "alisa":
+    if policy.windowed:
         state.seed(rows=torch.cat(rows, dim=2))
     else:
         state.seed(totals=totals, accumulate=accumulate)
@@ -270,11 +263,12 @@ def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: 
         return out
     groups = Hkv if cfg.selection == "kv_head" else 1
     if not state.matches(B, groups, n - Lq, q.device):
-        log.warning("llmaccel swa: no prefill state for this cache (have n=%d batch=%d, got "
-                    "cache %d batch %d); starting with empty scores", state.n, state.batch,
-                    n - Lq, B)
-        _reinit(state, B, Hkv, q.device, cfg)
-        state.grow(n - Lq)
+        raise RuntimeError(
+            f"llmaccel swa: the SWA state covers {state.n} tokens of {state.batch} sequence(s), but "
+            f"this call's cache holds {n - Lq} tokens of {B}: the cache was changed outside the "
+            "compiled model (cropped, reordered, or taken from another sequence). Use "
+            "llm_compile.LLMAccelCache for beam search and assisted decoding, or start the "
+            "sequence again with a prefill")
     if Lq > 1 or (is_causal and attn_mask is None):
         log.debug("llmaccel swa: %d-query call on a %d-token cache runs dense", Lq, n - Lq)
         if k_new is not None:
@@ -284,35 +278,3 @@ def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: 
         return out
     state.grow(n)
     return _sparse_decode(state, q, k_full, v_full, k_new, v_new, attn_mask, scale, cfg)
-
-
-def swa_attention_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None,
-                       v_cache: Tensor | None, attn_mask: Tensor | None, scale: float,
-                       is_causal: bool, site: int, cfg, k_all: Tensor | None = None,
-                       v_all: Tensor | None = None) -> Tensor:
-    """Body of ``llmaccel::swa_attention``: state of (current instance, ``site``), then
-    :func:`swa_step`. Decode reads ``k_all``/``v_all`` (the graph's cache concatenation) when
-    given, else passes the cache and the new token apart (no concatenation). A phantom cache
-    (offloaded KV) raises ``RuntimeError`` (:func:`~llm_compile.ops.attention.check_not_phantom`)."""
-    check_not_phantom(k_cache, "key cache")
-    check_not_phantom(v_cache, "value cache")
-    if cfg.sparsity == 0 or k_cache is None or k_all is not None:
-        kf, vf = full_kv(k, v, k_cache, v_cache, k_all, v_all)
-        if cfg.sparsity == 0:
-            return dense_attention(q, kf, vf, attn_mask, scale, is_causal)
-        kn = vn = None
-    else:
-        kf, vf, kn, vn = k_cache, v_cache, k, v
-    state = STATES.get(site, factory=lambda: new_state(q.shape[0], k.shape[1], q.device, cfg))
-    return swa_step(state, q, kf, vf, scale, cfg, attn_mask=attn_mask, is_causal=is_causal,
-                    k_new=kn, v_new=vn)
-
-
-def get_state(site: int, instance: int | None = None) -> SWAState | None:
-    """The state of ``site`` for ``instance`` (default: the current one), if any."""
-    return STATES.get(site, instance=instance)
-
-
-def reset_states(instance: int | None = None) -> None:
-    """Forget every SWA state (of one instance, or all)."""
-    STATES.clear(instance)

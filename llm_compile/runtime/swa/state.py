@@ -1,7 +1,8 @@
 """Sparse window attention (ALISA) state: budgets, windowed token scores, token selection.
 
-One :class:`SWAState` lives per (model instance, attention site); :mod:`llm_compile.runtime.swa`
-owns the registry and the attention math. Every tensor here has a leading batch dimension, and
+One :class:`SWAState` lives per (sequence batch, attention site), owned by the cache object of
+the sequence (see :mod:`llm_compile.runtime.swa.op`); :mod:`llm_compile.runtime.swa.step` holds the
+attention math and :mod:`llm_compile.runtime.swa.policies` the selection policies. Every tensor here has a leading batch dimension, and
 nothing mixes batch rows, so each sequence of a batch keeps its own scores and token set.
 
 Budget (ALISA Algorithm 1), at a decode step whose cache holds ``n`` tokens including the new one::
@@ -36,12 +37,14 @@ rows are freed once they leave the window.
 """
 from __future__ import annotations
 
+import copy
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from llm_compile.runtime.swa.policies import half_budget, policy_of, round_half_up  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,6 @@ def quantize_weights(w: Tensor) -> Tensor:
     return torch.round(w.float() * _FIXED_SCALE).to(torch.int64)
 
 
-def round_half_up(x: float) -> int:
-    """Round half up, ignoring float noise (``25 * (1 - 0.8) / 2`` is 2.4999999999999996)."""
-    return int(math.floor(round(x, 9) + 0.5))
 
 
 @dataclass(frozen=True)
@@ -87,19 +87,15 @@ class Budget:
 
 def compute_budget(n: int, cfg) -> Budget:
     """The budget of a decode step over ``n`` tokens under ``cfg`` (an ``SWAConfig``)."""
-    k = round_half_up(n * (1.0 - cfg.sparsity) / 2.0)
-    window = None
-    if cfg.policy == "alisa":
-        window = cfg.score_window or max(k, 1)
+    policy = policy_of(cfg)
+    k = half_budget(n, cfg)
+    window = policy.window(k, cfg)
     if cfg.sparsity == 0 or 2 * k >= n:
         return Budget(n, k, n, 0, n, 0, n, window, True)
     total = max(2 * k, 1)
     sinks = min(cfg.sink_tokens, total - 1)
     rest = total - sinks
-    if cfg.policy == "streaming":
-        recent = rest
-    else:
-        recent = min(rest, max(1, round_half_up(total * cfg.recent_fraction)))
+    recent = policy.recent(rest, total, cfg)
     padded = -(-total // cfg.bucket) * cfg.bucket
     return Budget(n, k, total, sinks, recent, rest - recent, padded, window, False)
 
@@ -109,13 +105,7 @@ def describe_policy(cfg) -> str:
     if cfg.sparsity == 0:
         return "dense (sparsity 0)"
     rule = f"k=round(n*{1 - cfg.sparsity:.3g}/2); 2k tokens"
-    if cfg.policy == "streaming":
-        parts = f"{cfg.sink_tokens} sinks + recent"
-    else:
-        w = "whole history" if cfg.policy == "h2o" else f"last {cfg.score_window or 'k'} steps"
-        parts = (f"{cfg.recent_fraction:.3g}*2k recent + {cfg.sink_tokens} sinks + rest top by "
-                 f"attention summed over {w} per {cfg.selection}")
-    return f"{cfg.policy}: {rule} = {parts}, bucket {cfg.bucket}"
+    return f"{cfg.policy}: {rule} = {policy_of(cfg).describe(cfg)}, bucket {cfg.bucket}"
 
 
 class RowRing:
@@ -167,6 +157,20 @@ class RowRing:
             self._w[slot, ..., T:] = 0
         self.count += 1
 
+    def pop_newest(self, m: int) -> tuple[Tensor, Tensor]:
+        """Remove the ``m`` newest rows; returns their indices (int64) and weights, [B, G, m*width]."""
+        S, B, G, W = self._idx.shape
+        order = (self.head + self.count - m + torch.arange(m, device=self._idx.device)) % S
+        idx = self._idx[order].permute(1, 2, 0, 3).reshape(B, G, m * W).long()
+        w = self._w[order].permute(1, 2, 0, 3).reshape(B, G, m * W)
+        self.count -= m
+        return idx, w
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (a batch-dimension gather/repeat of a [B, ...] tensor) to every row."""
+        self._idx = fn(self._idx.transpose(0, 1)).transpose(0, 1).contiguous()
+        self._w = fn(self._w.transpose(0, 1)).transpose(0, 1).contiguous()
+
     def pop(self, m: int) -> tuple[Tensor, Tensor]:
         """Remove the ``m`` oldest rows; returns their indices (int64) and weights, [B, G, m*width]."""
         S, B, G, W = self._idx.shape
@@ -203,6 +207,44 @@ class SWAState:
         self.last_indices: Tensor | None = None
         """Tokens kept at the last sparse step ([B, G, total], sorted), for tests and debugging."""
         self.last_budget: Budget | None = None
+
+    # -- cache operations (beam search, assisted decoding) ------------------------------------
+    def map_batch(self, fn) -> "SWAState":
+        """A copy whose batch rows are ``fn`` of these (``index_select``, ``repeat_interleave``)."""
+        new = copy.copy(self)
+        new._buf = fn(self._buf)
+        new.batch = new._buf.shape[0]
+        new.rows = copy.copy(self.rows)
+        new.rows.map_batch(fn)
+        new.prompt_rows = None if self.prompt_rows is None else fn(self.prompt_rows)
+        new.last_indices = None if self.last_indices is None else fn(self.last_indices)
+        return new
+
+    def crop(self, n: int) -> "SWAState":
+        """A copy covering the first ``n`` tokens only: the steps of the dropped tokens leave the
+        scores (decode rows newest first, then the prompt/chunk query rows at positions >= n).
+        Exact for windowed scores ("alisa"); "h2o" totals can only be truncated."""
+        new = self.map_batch(lambda t: t.clone())
+        if n >= new.n:
+            return new
+        drop = new.n - n
+        d = min(len(new.rows), drop) if new.windowed else 0
+        if d:
+            idx, wq = new.rows.pop_newest(d)
+            new._buf.scatter_add_(2, idx, -wq)
+        if new.prompt_rows is not None:
+            P, L = new.prompt_rows.shape[2], new.prompt_rows.shape[3]
+            gone = min(P, max(0, L - n))           # prompt rows sit at positions L-P .. L-1
+            counted = min(gone, new.prompt_in)
+            if counted:
+                new._buf[:, :, :L] -= quantize_weights(new.prompt_rows[:, :, P - counted:]).sum(2)
+            new.prompt_in -= counted
+            new.prompt_rows = new.prompt_rows[:, :, : P - gone, :n] if P > gone else None
+            if new.prompt_rows is None:
+                new.prompt_in = 0
+        new.n = n
+        new.last_indices = None
+        return new
 
     # -- bookkeeping -------------------------------------------------------------------------
     @property

@@ -1,0 +1,110 @@
+"""Implementation of ``llmaccel::stored_attention`` (schema: :mod:`llm_compile.ops.kv_store`):
+attention over a site's KV kept in preallocated buffers appended in place, owned by the cache.
+
+With ``options={"kv_store": True}`` the pass ``local_kv_store`` turns every attention site into
+this op. Its KV lives in a :class:`~llm_compile.runtime.kv.buffer.SiteKV` that hangs on the two
+zero-memory phantoms the op returns (``phantom.llmaccel_kv``); the graph returns the phantoms to
+the model's cache (HF's ``DynamicCache`` stores them as ``layer.keys``/``layer.values`` and reads
+their length), so the KV belongs to that cache object and is freed with it::
+
+    prefill:  out, k_ph, v_ph = stored_attention(q, k, v, None, None, ...)     # new SiteKV
+    decode:   out, k_ph, v_ph = stored_attention(q, k1, v1, k_ph, v_ph, ...)   # same SiteKV, +1 row
+
+A decode whose ``k_cache`` is not the phantom this op returned at the previous step of that
+cache (a real tensor, a phantom without KV, another site's, a stale or cropped one) raises
+:class:`~llm_compile.runtime.swa.op.SequenceStateError` with what to do. Sparse window attention
+over the stored KV (``swa`` != ``""``) keeps its state in ``SiteKV.state``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import llm_compile.ops.kv_store  # noqa: F401  (declares the op)
+from llm_compile.ops.attention import dense_attention, to_out_layout
+from llm_compile.runtime.kv.buffer import SiteKV
+from llm_compile.runtime.swa.op import FIX, SequenceStateError
+from llm_compile.runtime.swa.policies import config_from_json
+from llm_compile.runtime.swa.step import new_state, swa_step
+
+KV_ATTR = "llmaccel_kv"
+
+
+def make_phantom(like: Tensor, length: int, batch: int | None = None) -> Tensor:
+    """A zero-memory tensor of shape ``[B, H, length, D]`` (all strides 0, one element)."""
+    shape = [like.shape[0] if batch is None else batch, like.shape[1], length, like.shape[-1]]
+    return like.new_zeros(1).as_strided(shape, [0] * 4)
+
+
+def phantoms(kv: SiteKV, like_k: Tensor, like_v: Tensor) -> tuple[Tensor, Tensor]:
+    """The two phantoms a cache holds for ``kv``, each carrying it."""
+    kp = make_phantom(like_k, kv.length, kv.shape[0])
+    vp = make_phantom(like_v, kv.length, kv.shape[0])
+    setattr(kp, KV_ATTR, kv)
+    setattr(vp, KV_ATTR, kv)
+    return kp, vp
+
+
+def kv_of(t: Tensor | None) -> SiteKV | None:
+    return None if t is None else getattr(t, KV_ATTR, None)
+
+
+def _is_phantom(t: Tensor) -> bool:
+    return t.numel() > 1 and not any(t.stride())
+
+
+def site_kv(k_cache: Tensor, site: int, batch: int) -> SiteKV:
+    """The SiteKV ``k_cache`` carries, checked against this call."""
+    kv = kv_of(k_cache)
+    if kv is None:
+        if k_cache.numel() > 1 and not _is_phantom(k_cache):
+            why = ("got a real KV cache of shape " f"{tuple(k_cache.shape)}, not the phantom its previous "
+                   "step returned: the cache was filled by a model compiled without kv_store, or "
+                   "changed outside the compiled model (beam-search reordering)")
+        else:
+            why = ("got a KV cache that carries no stored KV (a phantom cropped, reordered or copied "
+                   "outside the compiled model, or a cache from another process)")
+        raise SequenceStateError(f"llmaccel kv_store: site {site} {why}. {FIX}")
+    if getattr(kv, "site", site) != site:
+        raise SequenceStateError(f"llmaccel kv_store: site {site} got the KV of site {kv.site}")
+    if int(k_cache.shape[-2]) != kv.length or kv.shape[0] != batch:
+        raise SequenceStateError(
+            f"llmaccel kv_store: site {site}: the model's cache says {int(k_cache.shape[-2])} cached "
+            f"tokens of {k_cache.shape[0]} sequence(s), the KV store holds {kv.length} of "
+            f"{kv.shape[0]}: the cache was changed outside the compiled model (cropped, reordered) or "
+            f"is an earlier step's. {FIX}")
+    return kv
+
+
+def _attend(kv: SiteKV, q, attn_mask, scale, is_causal) -> Tensor:
+    cfg = config_from_json(kv.swa)
+    if cfg is None or cfg.sparsity == 0:
+        return dense_attention(q, kv.keys(), kv.values(), attn_mask, scale, is_causal)
+    return swa_step(kv.state, q, kv.keys(), kv.values(), scale, cfg, attn_mask=attn_mask,
+                    is_causal=is_causal)
+
+
+@torch.library.impl("llmaccel::stored_attention", "CompositeExplicitAutograd")
+def stored_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
+                     attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
+                     reserve: int, growth: float, swa: str):
+    B, hkv, _, D = k.shape
+    if q.shape[1] % hkv:
+        raise ValueError(f"llmaccel kv_store: {q.shape[1]} query heads is not a multiple of {hkv} KV heads")
+    if k_cache is None:
+        cfg = config_from_json(swa)
+        state = new_state(B, hkv, k.device, cfg) if cfg is not None and cfg.sparsity > 0 else None
+        kv = SiteKV(B, hkv, D, v.shape[-1], k.dtype, k.device, None, state, reserve=reserve, growth=growth)
+        kv.site, kv.swa = site, swa
+        if state is None:  # dense prefill: attend over k/v directly, then store them
+            out = dense_attention(q, k, v, attn_mask, scale, is_causal)
+            kv.append(k, v)
+        else:
+            kv.append(k, v)
+            out = _attend(kv, q, attn_mask, scale, is_causal)
+    else:
+        kv = site_kv(k_cache, site, B)
+        kv.append(k, v)
+        out = _attend(kv, q, attn_mask, scale, is_causal)
+    kp, vp = phantoms(kv, k, v)
+    return to_out_layout(out), kp, vp
