@@ -160,30 +160,40 @@ def test_anda_kernels_compile_for_sm80_and_sm90(tmp_path):
         f"{k}: {v[-600:]}" for k, v in list(bad.items())[:8])
 
 
+def _swa_partial(cc, dtype, d, per_head, block_g, block_t, aligned=False):
+    dt = "*" + dtype
+    sig = dict(Q=dt, K=dt, V=dt, IDX="*i64", BIAS="*fp32", scale="fp32", **_SWA_FP)
+    bd = max(16, 1 << (d - 1).bit_length())
+    const = dict(D=d, DV=d, PER_HEAD_IDX=per_head, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_D=bd, BLOCK_DV=bd)
+    return dict(label=f"swa_partial sm_{cc} {dtype} {const} aligned={aligned}", cc=cc, fn="_swa_partial_kernel",
+                signature=sig, constexprs=const, aligned=aligned)
+
+
+def _swa_finish(cc, dtype, dv, block_g, block_t, block_s):
+    const = dict(DV=dv, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_DV=max(16, 1 << (dv - 1).bit_length()),
+                 BLOCK_S=block_s)
+    return dict(label=f"swa_finish sm_{cc} {dtype} {const}", cc=cc, fn="_swa_finish_kernel",
+                signature=dict(OUT="*" + dtype, **_SWA_FP), constexprs=const)
+
+
+_SWA_FP = dict(MP="*fp32", LP="*fp32", ACC="*fp32", W="*fp32")
+
+
 def _swa_jobs():
-    jobs = []
-    fp = dict(MP="*fp32", LP="*fp32", ACC="*fp32", W="*fp32")
+    """What ``swa_decode_attention`` passes: BLOCK_T 16/32/64 (by T), BLOCK_G = pow2(query heads per
+    KV head) >= 16, head dims 64/80/128, BLOCK_S = pow2(splits) >= 2. Pairwise as for Anda, plus the
+    large edge tiles once per target (they are the slow compiles): BLOCK_G 128 (MQA), BLOCK_S 512."""
     part_rows = [dict(cc=cc, BLOCK_T=bt) for cc in TARGETS for bt in (16, 32, 64)]
     dims = dict(dtype=("fp16", "bf16", "fp32"), D=(64, 80, 128), PER_HEAD_IDX=(False, True),
-                BLOCK_G=(16, 32, 128), aligned=(False, True))
-    for i, ch in _cover(part_rows, dims):
-        row = part_rows[i]
-        dt = "*" + ch["dtype"]
-        d = ch["D"]
-        sig = dict(Q=dt, K=dt, V=dt, IDX="*i64", BIAS="*fp32", scale="fp32", **fp)
-        const = dict(D=d, DV=d, PER_HEAD_IDX=ch["PER_HEAD_IDX"], BLOCK_G=ch["BLOCK_G"], BLOCK_T=row["BLOCK_T"],
-                     BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_DV=max(16, 1 << (d - 1).bit_length()))
-        jobs.append(dict(label=f"swa_partial sm_{row['cc']} {ch} {row}", cc=row["cc"], fn="_swa_partial_kernel",
-                         signature=sig, constexprs=const, aligned=ch["aligned"]))
-    fin_rows = [dict(cc=cc, BLOCK_S=bs) for cc in TARGETS for bs in (2, 64, 512)]
-    dims = dict(dtype=("fp16", "bf16", "fp32"), BLOCK_T=(16, 32, 64), BLOCK_G=(16, 32, 128), DV=(64, 80, 128))
-    for i, ch in _cover(fin_rows, dims):
-        row = fin_rows[i]
-        bdv = max(16, 1 << (ch["DV"] - 1).bit_length())
-        sig = dict(OUT="*" + ch["dtype"], **fp)
-        const = dict(DV=ch["DV"], BLOCK_G=ch["BLOCK_G"], BLOCK_T=ch["BLOCK_T"], BLOCK_DV=bdv, BLOCK_S=row["BLOCK_S"])
-        jobs.append(dict(label=f"swa_finish sm_{row['cc']} {ch} {row}", cc=row["cc"], fn="_swa_finish_kernel",
-                         signature=sig, constexprs=const))
+                BLOCK_G=(16, 32), aligned=(False, True))
+    jobs = [_swa_partial(part_rows[i]["cc"], ch["dtype"], ch["D"], ch["PER_HEAD_IDX"], ch["BLOCK_G"],
+                         part_rows[i]["BLOCK_T"], ch["aligned"]) for i, ch in _cover(part_rows, dims)]
+    fin_rows = [dict(cc=cc, BLOCK_S=bs) for cc in TARGETS for bs in (2, 64)]
+    dims = dict(dtype=("fp16", "bf16", "fp32"), BLOCK_T=(16, 32, 64), BLOCK_G=(16, 32), DV=(64, 80, 128))
+    jobs += [_swa_finish(fin_rows[i]["cc"], ch["dtype"], ch["DV"], ch["BLOCK_G"], ch["BLOCK_T"],
+                         fin_rows[i]["BLOCK_S"]) for i, ch in _cover(fin_rows, dims)]
+    for cc in TARGETS:
+        jobs += [_swa_partial(cc, "fp16", 128, False, 128, 64), _swa_finish(cc, "bf16", 128, 16, 64, 512)]
     for j in jobs:
         j["module"] = "llm_compile.codegen.swa_kernels"
     return jobs
