@@ -1,6 +1,7 @@
 """A reused ``debug_dir`` never mixes stage files of an earlier run with this one's (issue 13,
 item 8): each run (process) dumps into its own ``run_<time>_<pid>`` folder, logged, with
 ``latest`` pointing at it."""
+import collections
 import itertools
 import logging
 import re
@@ -15,8 +16,10 @@ def _sdpa(x):
 
 
 def _new_run(monkeypatch):
-    """What a new process sees: graph ids from graph_000, no run folder yet."""
+    """What a new process sees: graph ids from graph_000, no run folder yet (and its own record list,
+    so the reused ids never reach the process-wide ``COMPILED`` other tests read)."""
     monkeypatch.setattr(backend, "_graph_ids", itertools.count())
+    monkeypatch.setattr(backend, "COMPILED", collections.deque(maxlen=256))
     monkeypatch.setattr(debug, "_runs", {}, raising=False)
     torch._dynamo.reset()
 
