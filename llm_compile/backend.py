@@ -141,6 +141,8 @@ class InductorInner:
             COMPILED.append({"graph_id": pipeline.graph_id, "passes": [], "inner": self.name})
             with torch.no_grad():
                 return compile_fx(gm, example_inputs, config_patches=patches)
+        if not cacheable_outputs(pipeline.config):
+            return _compile_before_inductor(gm, example_inputs, pipeline, patches)
         hook = PipelinePass(pipeline.config, pipeline)
         patches["post_grad_custom_pre_pass"] = hook
         uuid = hook.uuid()
@@ -156,6 +158,29 @@ class InductorInner:
             COMPILED.append({"graph_id": pipeline.graph_id, "passes": saved or [], "inner": self.name,
                              "cache": "hit" if saved is not None else "hit, records unknown"})
         return compiled
+
+
+def cacheable_outputs(config: LLMAccelConfig) -> bool:
+    """``kv_store``/``offload`` (and ``swa``, which turns ``kv_store`` on) replace the cache tensors the
+    graph returns by phantoms. Inside the post-grad hook that is too late: Inductor has already
+    recorded the graph's output strides and restores them, turning a phantom back into a dense
+    tensor (the next step then refuses it: "got a real KV cache"). Such configs run the pipeline on
+    the AOT graph before ``compile_fx_inner``, as before the hook existed (not cached: they bake
+    runtime handles anyway)."""
+    return all(getattr(config, s) is None for s in ("kv_store", "offload", "swa"))
+
+
+def _compile_before_inductor(gm, example_inputs, pipeline: _Pipeline, patches: dict):
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    def fw_compiler(aten_gm: torch.fx.GraphModule, aten_inputs):
+        pipeline(aten_gm, aten_inputs)
+        with torch._inductor.config.patch({**patches, "fx_graph_cache": False}):
+            return compile_fx_inner(aten_gm, aten_inputs, is_inference=True)
+
+    with torch.no_grad():
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
+                                     inference_compiler=fw_compiler, decompositions=_decompositions())
 
 
 INNER_COMPILERS = {"eager": EagerInner(), "inductor": InductorInner()}

@@ -208,10 +208,13 @@ def test_modes_are_handed_to_inductor(spy_compile_fx, mode, key, value):
     assert spy_compile_fx.patches[0].get(key) == value and spy_compile_fx.patches[0] == spy_compile_fx.patches[1]
 
 
-def test_cuda_graphs_off_for_stateful_passes(spy_compile_fx):
-    gm, inputs = _traced()
-    llmaccel(gm, inputs, options={"swa": {"sparsity": 0.8}}, mode="reduce-overhead")
-    assert spy_compile_fx.patches[0]["triton.cudagraphs"] is False
+def test_cuda_graphs_off_for_stateful_passes():
+    from llm_compile.backend import cacheable_outputs, inductor_config_patches
+
+    for opts in ({"swa": {"sparsity": 0.8}}, {"kv_store": True}):
+        assert inductor_config_patches("reduce-overhead", parse_options(opts))["triton.cudagraphs"] is False
+        assert not cacheable_outputs(parse_options(opts))  # pipeline before Inductor (phantom outputs)
+    assert inductor_config_patches("reduce-overhead", parse_options({}))["triton.cudagraphs"] is True
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
