@@ -34,7 +34,6 @@ from llm_compile.inductor_hook import PipelinePass, RecordStore
 from llm_compile.passes.base import PassContext
 from llm_compile.passes.manager import run_pipeline
 from llm_compile.passes.pipeline import PIPELINE
-from llm_compile.runtime.context import instance_key_from_args, running
 
 log = logging.getLogger(__name__)
 
@@ -204,17 +203,7 @@ def llmaccel(gm: torch.fx.GraphModule, example_inputs, *, options=None, mode=Non
     if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs):
         return _training_graph(gm, example_inputs, config, graph_id)
     # --- end training mode ---
-    compiled = inner.compile(gm, example_inputs, pipeline, mode)
-    if not passes_enabled(config):
-        return compiled  # no pass, no per-call wrapper: nothing of ours runs at call time
-    fallback_instance = id(gm)
-
-    def run(*args):
-        with running(instance_key_from_args(args, fallback_instance)):
-            return compiled(*args)
-
-    run._llmaccel_graph_id = graph_id  # type: ignore[attr-defined]
-    return run
+    return inner.compile(gm, example_inputs, pipeline, mode)  # no per-call wrapper: state rides on the cache
 
 
 class TrainingModeError(RuntimeError):

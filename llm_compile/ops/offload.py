@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from llm_compile.ops.attention import attention_out_like, dense_attention, to_out_layout
-from llm_compile.runtime.context import current_instance, lookup_handle
+from llm_compile.runtime.context import lookup_handle
 from llm_compile.runtime.offload.protocol import SUB_BATCH_SHIFT
 from llm_compile.runtime.offload.sequences import OWNER_BYTES, live_handle, sequence_of, sequence_phantom
 
@@ -145,43 +145,6 @@ def check_cache_is_phantom(k_cache: Tensor, site: int, where: str) -> None:
             f"{where}, or changed outside the compiled model (beam-search reordering, cropping), so the "
             f"KV held by {where} would not match it. Start the sequence again (prefill) through this "
             "compiled model; greedy/sampled generate() works, beam search does not")
-
-
-def external_attention(pool, where: str, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None,
-                       attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
-                       swa_handle: int) -> Tensor:
-    """Body of the ops whose KV cache lives in ``pool`` (attention workers or the local store)."""
-    inst = current_instance()
-    if k_cache is None:
-        if swa_handle:
-            out = pool.prefill(inst, site, k, v, q=q, scale=scale, attn_mask=attn_mask,
-                               is_causal=is_causal, mode=_swa_mode(swa_handle))
-        else:
-            out = dense_attention(q, k, v, attn_mask, scale, is_causal)
-            pool.prefill(inst, site, k, v)
-    else:
-        check_cache_is_phantom(k_cache, site, where)
-        out = pool.decode(inst, site, q, k, v, scale, attn_mask, is_causal, cached_len=k_cache.shape[-2])
-    return to_out_layout(out)
-
-
-def define_external_attention_op(name: str, where: str):
-    """Register ``llmaccel::<name>(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site,
-    pool_handle, swa_handle)``: :func:`external_attention` over the KV holder ``pool_handle``
-    names (a worker pool, or the local KV store); ``where`` names the option in its errors."""
-
-    @torch.library.custom_op(f"llmaccel::{name}", mutates_args=())
-    def op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-           attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
-           pool_handle: int, swa_handle: int) -> Tensor:
-        return external_attention(lookup_handle(pool_handle), where, q, k, v, k_cache, attn_mask,
-                                  scale, is_causal, site, swa_handle)
-
-    @op.register_fake
-    def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, pool_handle, swa_handle):
-        return attention_out_like(q, v)
-
-    return op
 
 
 @torch.library.custom_op("llmaccel::offload_attention", mutates_args=())
