@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-import llm_compile.runtime.kv  # noqa: F401  (registers the stateful ops' implementations)
+import llm_compile.runtime.kv.store  # noqa: F401  (registers the stateful ops' implementations)
 import llm_compile.runtime.swa  # noqa: F401
 
 STATEFUL = ("stored_attention", "swa_attention", "static_swa_attention")

@@ -23,7 +23,7 @@ def _dump(tmp_path, options, static=False):
         out = model(ids, past_key_values=cache)
         for _ in range(2):
             out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
-    return sorted(tmp_path.glob("graph_*/repro.py"))
+    return sorted(tmp_path.glob("run_*/graph_*/repro.py"))
 
 
 def _run(path):

@@ -1,4 +1,6 @@
 """KV storage at run time: ``buffer`` (preallocated buffers appended in place), ``store`` (the
-``llmaccel::stored_attention`` implementation, KV owned by the cache), ``cache`` (``LLMAccelCache``)."""
+``llmaccel::stored_attention`` implementation, KV owned by the cache), ``cache`` (``LLMAccelCache``).
+
+Importing the package imports only ``buffer`` (the offload workers need it, and ``llm_compile.ops``
+reaches them); ``local_kv_store`` imports ``store`` itself, which registers the op implementation."""
 from llm_compile.runtime.kv.buffer import SiteKV  # noqa: F401
-from llm_compile.runtime.kv import store  # noqa: F401  (registers llmaccel::stored_attention)
