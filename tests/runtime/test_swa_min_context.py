@@ -48,7 +48,7 @@ def test_scores_at_the_switch_equal_keeping_every_step(monkeypatch):
     path); the ALISA window at the switch still sees exactly the weights it would have."""
     cfg = SWAConfig(sparsity=0.8, bucket=1, min_context=56)
     _, _, fast = _run(cfg)
-    monkeypatch.setattr(swa, "_scores_wanted", lambda n, c: True)
+    monkeypatch.setattr(swa.step, "_scores_wanted", lambda n, c: True)
     outs_ref, _, ref = _run(cfg)
     for n in range(56, 24 + 40 + 1):
         torch.testing.assert_close(fast[n], ref[n], rtol=0, atol=0, msg=f"scores differ at n={n}")
