@@ -95,7 +95,8 @@ def unapplied_reasons(name: str, record: dict, records: list[dict], gm, ctx: Pas
         if name == "sparse_window_attention":
             out += _reasons(record["skipped"])  # site-level refusals (e.g. sliding-window layers)
         elif not record["matched"] and record["skipped"] and canon is not None and canon["matched"]:
-            out += _reasons(record["skipped"])
+            # a forward without a cache (use_cache=False) has nothing to relocate: not a miss
+            out += [r for r in _reasons(record["skipped"]) if "nothing to store" not in r]
     elif name == "anda_lowering" and not record["matched"]:
         if not _has_quantized_weights(gm, ctx):
             if any(str(n.target).startswith(("aten.mm", "aten.addmm")) for n in gm.graph.nodes):

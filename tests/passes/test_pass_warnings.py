@@ -102,3 +102,21 @@ def test_a_pass_that_raises_is_rolled_back_and_warns(monkeypatch):
     msgs = [str(w.message) for w in got if issubclass(w.category, PassNotAppliedWarning)]
     assert len(msgs) == 1 and "rolled back" in msgs[0] and "induced failure" in msgs[0], msgs
     torch.testing.assert_close(out, model(x))
+
+
+def test_kv_store_without_a_cache_does_not_warn():
+    """``use_cache=False`` keeps no cache: nothing to store is not a pass that failed to apply
+    (before: a PassNotAppliedWarning "nothing to store" for a legitimate call)."""
+    import sys
+    import pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from model_zoo import build
+
+    model = build("llama", "sdpa")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        f = torch.compile(model.forward, backend="llmaccel", options={"inner": "eager", "kv_store": True})
+        with torch.no_grad():
+            f(torch.randint(0, 128, (1, 6)), use_cache=False)
+    assert not [w for w in got if issubclass(w.category, PassNotAppliedWarning)]
