@@ -127,18 +127,7 @@ def test_smollm2_gguf_lossless():
 
 def test_tiny_gguf_compiles_with_anda(tmp_path):
     """fp16 scales/minima, group 32, all three types: every linear is lowered (matches the eager op)."""
-    from checkpoints.tiny_models import tiny_llama
-    from llm_compile.anda_cli import anda_eager
+    from checkpoints.tiny_models import anda_compile_matches_eager_op, tiny_llama
 
     _write_tiny_gguf(tmp_path / "tiny.gguf", tiny_llama(), ("Q4_1", "Q8_0", "Q4_0"))
-    model = llm_compile.load_quantized(tmp_path / "tiny.gguf")
-    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(2))
-    widths = {"qkv": 6, "o": 7, "gate_up": 5, "down": 8}
-    with torch.no_grad(), anda_eager(model, widths) as n:
-        want = model(ids, use_cache=False).logits
-    assert n == 14
-    fwd = torch.compile(model.forward, backend="llmaccel",
-                        options={"anda": {"mantissa_bits": widths, "kernel": "reference"}, "inner": "eager"})
-    with torch.no_grad():
-        got = fwd(ids, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    anda_compile_matches_eager_op(llm_compile.load_quantized(tmp_path / "tiny.gguf"))

@@ -56,19 +56,8 @@ def test_save_refuses_float_model(tmp_path):
 
 
 def test_loaded_model_compiles_with_anda(tmp_path):
-    from llm_compile.anda_cli import anda_eager
+    from checkpoints.tiny_models import anda_compile_matches_eager_op
 
     llm_compile.save_quantized(_quantized(False, 4, 64), tmp_path)
-    model = llm_compile.load_quantized(tmp_path)
-    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(2))
-    widths = {"qkv": 6, "o": 7, "gate_up": 5, "down": 8}
-    with torch.no_grad(), anda_eager(model, widths) as n:
-        want = model(ids, use_cache=False).logits
-    assert n == 14
-    fwd = torch.compile(model.forward, backend="llmaccel",
-                        options={"anda": {"mantissa_bits": widths, "kernel": "reference"}, "inner": "eager"})
-    with torch.no_grad():
-        got = fwd(ids, use_cache=False).logits
-        plain = model(ids, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got, plain = anda_compile_matches_eager_op(llm_compile.load_quantized(tmp_path))
     assert not torch.allclose(got, plain, rtol=1e-4, atol=1e-4)      # Anda really ran
