@@ -28,7 +28,7 @@ import torch
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
 import llm_compile.ops  # noqa: F401  (registers llmaccel:: ops)
-from llm_compile.config import LLMAccelConfig, OptionsError, parse_options
+from llm_compile.config import INDUCTOR_MODES, LLMAccelConfig, OptionsError, parse_options
 from llm_compile.debug import DebugDump
 from llm_compile.inductor_hook import PipelinePass, RecordStore
 from llm_compile.passes.base import PassContext
@@ -45,7 +45,7 @@ COMPILED: deque[dict] = deque(maxlen=256)
 records as in ``passes.json``; ``"cache": "hit"`` when Inductor served the graph from its cache and
 the records were read back). Handy to count graphs (recompiles) and sites without a debug dump."""
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MODES = INDUCTOR_MODES
 """``torch.compile(mode=...)`` (or ``options={"mode": ...}``, since torch.compile refuses both at
 once) values handed to Inductor (``inner="inductor"``). Inductor's ``"lite"`` mode is refused: it
 skips the post-grad passes our pipeline runs in."""
