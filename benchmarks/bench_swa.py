@@ -1,22 +1,24 @@
 """Sparse window attention (ALISA) vs dense: decode speed and KV bytes read, one run, table + JSON.
 
 CPU (always): a random-weight Llama with SmolLM2-135M shapes (30 layers, hidden 576, 9 heads,
-3 KV heads, head dim 64), batch 4, prompt of ``--context`` tokens, then ``--steps`` greedy decode
-steps timed one by one (the first ``--warmup`` steps, which compile, are not timed). Compiled
-models in the same run: llmaccel dense (canonical attention) and llmaccel SWA (``--sparsity``),
-each with the KV cache in the in-place store (``kv_store``) and in HF's ``DynamicCache``
-(``--cache both``, the default). KV bytes read per step: dense reads every cached K/V row of every
-layer; SWA reads the kept rows (the budget of the step); KV bytes written per step: HF's append
-rewrites the whole cache (``torch.cat``), the store writes the new row — all analytic from the
-shapes, the SWA budget taken from the state.
+3 KV heads, head dim 64), batch 4, prompt of ``--context`` tokens. Every config of ``--configs``
+(see :func:`model_configs`: llmaccel dense / SWA with HF ``DynamicCache``, with
+``llm_compile.LLMAccelCache`` (in-place KV) and with HF ``StaticCache``; stock
+``backend="inductor"`` with ``StaticCache`` / ``DynamicCache``) is compiled and prefilled once,
+each with its own cache; then ``--repeats`` rounds of ``--steps`` timed greedy decode steps per
+config, interleaved (the order rotates every round), so a noisy moment hits every config. Each
+config's time is the median over rounds of the round's median step; each speed ratio is the median
+of the per-round ratios, printed with its range. KV bytes read per step: dense reads every cached
+K/V row of every layer, SWA the kept rows; written: ``DynamicCache``'s append rewrites the whole
+cache (``torch.cat``), the in-place and static caches write the new row — analytic from the shapes.
 
 GPU (when available): one decode attention call at ``--gpu-context`` tokens (default 32k), fp16,
 batch 4: dense SDPA over the whole cache vs the SWA Triton kernel over the bucketed budget (and
 the torch gather path), plus the cost of the token selection (top-k over the scores).
 
-    python benchmarks/bench_swa.py                       # CPU, context 1024 (a few minutes)
-    python benchmarks/bench_swa.py --context 8192 --steps 24   # the full 8k (slow on CPU)
-    python benchmarks/bench_swa.py --layers 4 --context 512    # quick look
+    python benchmarks/bench_swa.py --threads 1                 # CPU, context 1024 (minutes)
+    python benchmarks/bench_swa.py --context 8192 --threads 1  # the issue-12 table (about an hour)
+    python benchmarks/bench_swa.py --layers 2 --context 256 --threads 1   # quick look
 
 Also (CPU, always, seconds): one attention site's decode at ``--op-context`` (default 8192).
 """
@@ -51,104 +53,182 @@ def _top_ops(prof, steps: int, n: int = 6) -> list[dict]:
             for e in ev]
 
 
-def _decode_run(model, ids, steps: int, warmup: int, options: dict | None, profile: int = 0,
-                backend: str = "llmaccel", hf_cache: str = "dynamic") -> dict:
-    """Prefill + ``steps`` greedy decode steps through a compiled forward; per-step times; with
-    ``profile`` > 0, that many more steps under ``torch.profiler`` (top ops per step).
-    ``backend="inductor"`` (stock, ``options`` unused) with ``hf_cache`` ``"dynamic"``
-    (``DynamicCache``) or ``"static"`` (``StaticCache`` sized for the run) is the baseline a user
-    would pick instead of llmaccel."""
+CACHE_KINDS = ("dynamic", "llmaccel", "static")
+"""HF ``DynamicCache``, :class:`llm_compile.LLMAccelCache`, HF ``StaticCache`` (``--static-len``)."""
+
+
+def _new_cache(kind: str, model, max_len: int):
     from transformers import DynamicCache, StaticCache
 
-    torch._dynamo.reset()
-    kw = {"options": options} if backend == "llmaccel" else {}
-    fwd = torch.compile(model.forward, backend=backend, **kw)
-    times = []
-    L = ids.shape[1]
-    with torch.no_grad():
-        if hf_cache == "static":
-            cache = StaticCache(config=model.config, max_cache_len=L + steps + warmup + profile + 1)
-        else:
-            cache = DynamicCache()
-        t0 = time.perf_counter()
-        out = fwd(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(L))
-        prefill_s = time.perf_counter() - t0
-        tok = out.logits[:, -1:].argmax(-1)
-        for i in range(steps + warmup):
+    from llm_compile import LLMAccelCache
+
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return LLMAccelCache() if kind == "llmaccel" else DynamicCache()
+
+
+class Decoder:
+    """One compiled model with its own cache: prefill once, then decode in timed blocks (so the
+    configs of a run can be interleaved block by block on the same machine state)."""
+
+    def __init__(self, model, ids, backend: str, options: dict | None, cache: str, max_len: int):
+        kw = {"options": options} if backend == "llmaccel" else {}
+        self.fwd = torch.compile(model.forward, backend=backend, **kw)
+        self.cache = _new_cache(cache, model, max_len)
+        self.L = ids.shape[1]
+        self.batch = ids.shape[0]
+        with torch.no_grad():
             t0 = time.perf_counter()
-            out = fwd(input_ids=tok, past_key_values=cache, use_cache=True,
-                      cache_position=torch.tensor([L + i]))
-            tok = out.logits[:, -1:].argmax(-1)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        top = None
-        if profile:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                for j in range(profile):
-                    tok = fwd(input_ids=tok, past_key_values=cache, use_cache=True,
-                              cache_position=torch.tensor([L + steps + warmup + j])).logits[:, -1:].argmax(-1)
-            top = _top_ops(prof, profile)
-    med = sorted(times)[len(times) // 2]
-    states = [st for st in map(_layer_state, cache.layers) if st is not None]  # owned by the cache
-    budgets = [st.last_budget for st in states if st is not None and st.last_budget is not None]
-    res = {"prefill_s": prefill_s, "step_ms_median": med * 1e3, "tokens_per_s": ids.shape[0] / med,
-           "budget": budgets[0] if budgets else None, "sites_with_state": len(states),
-           "final_n": ids.shape[1] + steps + warmup, "top_ops": top}
-    return res
+            out = self.fwd(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                           cache_position=torch.arange(self.L))
+            self.prefill_s = time.perf_counter() - t0
+        self.tok = out.logits[:, -1:].argmax(-1)
+
+    def step(self) -> float:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = self.fwd(input_ids=self.tok, past_key_values=self.cache, use_cache=True,
+                           cache_position=torch.tensor([self.L]))
+            self.tok = out.logits[:, -1:].argmax(-1)
+            dt = time.perf_counter() - t0
+        self.L += 1
+        return dt
+
+    def block(self, steps: int) -> float:
+        """Median seconds per step over ``steps`` decode steps."""
+        ts = sorted(self.step() for _ in range(steps))
+        return ts[len(ts) // 2]
+
+    def profile(self, steps: int) -> list[dict]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                self.step()
+        return _top_ops(prof, steps)
+
+
+def _decode_run(model, ids, steps: int, warmup: int, options: dict | None, profile: int = 0,
+                backend: str = "llmaccel", hf_cache: str = "dynamic") -> dict:
+    """One config alone: prefill + ``warmup`` untimed + ``steps`` timed decode steps (median)."""
+    torch._dynamo.reset()
+    d = Decoder(model, ids, backend, options, hf_cache, ids.shape[1] + steps + warmup + profile + 1)
+    for _ in range(warmup):
+        d.step()
+    med = d.block(steps)
+    top = d.profile(profile) if profile else None
+    return {"prefill_s": d.prefill_s, "step_ms_median": med * 1e3, "tokens_per_s": ids.shape[0] / med,
+            "budget": _budget_of(d.cache), "final_n": d.L, "top_ops": top}
 
 
 def _layer_state(layer):
-    """The SWA state a cache layer carries (on the in-place store's phantom, or on the K tensor)."""
-    kv = getattr(layer.keys, "llmaccel_kv", None)
-    if kv is not None:
-        return kv.state
-    holder = getattr(layer.keys, "llmaccel_state", None)
-    return None if holder is None else holder.state
+    """The SWA state a cache layer carries (on the in-place store's phantom, or on the K tensor,
+    or on a StaticCache layer's ``cumulative_length``)."""
+    for t in (getattr(layer, "keys", None), getattr(layer, "cumulative_length", None)):
+        kv = getattr(t, "llmaccel_kv", None)
+        if kv is not None:
+            return kv.state
+        holder = getattr(t, "llmaccel_state", None)
+        if holder is not None:
+            return holder.state
+    return None
 
 
-CACHES = {"store": {"kv_store": True}, "hf": {"kv_store": False}}
-"""Where the KV cache lives: the in-place store (``kv_store``) or HF's ``DynamicCache`` (whose
-append is a ``torch.cat`` of the whole cache every step)."""
+def _budget_of(cache):
+    states = [st for st in map(_layer_state, cache.layers) if st is not None]
+    budgets = [st.last_budget for st in states if st.last_budget is not None]
+    return budgets[0] if budgets else None
+
+
+def model_configs(args) -> dict:
+    """name -> (backend, options, cache kind) of the 30-layer run (``--configs`` picks them)."""
+    inner = {"inner": args.inner}
+    swa = {"sparsity": args.sparsity, "bucket": args.bucket, "policy": args.policy}
+    return {
+        "dense_dynamic": ("llmaccel", dict(inner), "dynamic"),
+        "dense_llmaccel": ("llmaccel", dict(inner, kv_store=True), "llmaccel"),
+        "swa_llmaccel": ("llmaccel", dict(inner, swa=dict(swa)), "llmaccel"),
+        "swa_dynamic": ("llmaccel", dict(inner, swa=dict(swa), kv_store=False), "dynamic"),
+        "dense_static": ("llmaccel", dict(inner), "static"),
+        "swa_static": ("llmaccel", dict(inner, swa=dict(swa)), "static"),
+        "inductor_static": ("inductor", None, "static"),
+        "inductor_dynamic": ("inductor", None, "dynamic"),
+    }
+
+
+def _median(v: list[float]) -> float:
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+RATIOS = (("swa_llmaccel", "dense_llmaccel", "SWA vs dense, both LLMAccelCache (target >= 2.3x)"),
+          ("dense_llmaccel", "dense_dynamic", "dense LLMAccelCache vs dense DynamicCache (target >= 1.3x)"),
+          ("swa_dynamic", "dense_dynamic", "SWA vs dense, both DynamicCache"),
+          ("swa_static", "dense_static", "SWA vs dense, both StaticCache"),
+          ("dense_static", "inductor_static", "llmaccel dense vs stock inductor, both StaticCache"),
+          ("swa_llmaccel", "inductor_static", "llmaccel SWA + LLMAccelCache vs stock inductor + StaticCache"),
+          ("swa_llmaccel", "inductor_dynamic", "llmaccel SWA + LLMAccelCache vs stock inductor + DynamicCache"))
+"""(faster, slower, label): each ratio is slower/faster ms per step, computed within each repeat."""
 
 
 def cpu_bench(args) -> dict:
+    """Every config of ``--configs`` compiled and prefilled once (each its own cache), then
+    ``--repeats`` rounds of ``--steps`` timed decode steps per config, interleaved (the order
+    rotates every round). Reported: per config the median over rounds of each round's median step
+    time, with the range; per ratio the median and range of the per-round ratios."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = smollm2_config(args.layers)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.context))
-    caches = list(CACHES) if args.cache == "both" else [args.cache]
+    table = model_configs(args)
+    names = [c for c in args.configs if c in table]
+    unknown = set(args.configs) - set(table)
+    if unknown:
+        raise SystemExit(f"unknown --configs {sorted(unknown)}; choose from {sorted(table)}")
+    max_len = max(args.static_len, args.context + (args.steps + 1) * args.repeats + args.warmup + args.profile + 8)
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(names))
+    dec = {}
+    for name in names:
+        backend, opts, cache = table[name]
+        t0 = time.perf_counter()
+        if args.prefill_threads:
+            torch.set_num_threads(args.prefill_threads)
+        d = dec[name] = Decoder(model, ids, backend, opts, cache, max_len)
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        for _ in range(args.warmup):
+            d.step()
+        print(f"[{name}] compiled + prefill {d.prefill_s:.1f} s + {args.warmup} warm-up steps "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    per_round = {n: [] for n in names}
+    for r in range(args.repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            per_round[name].append(dec[name].block(args.steps) * 1e3)
+        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {per_round[n][-1]:.1f}" for n in names),
+              flush=True)
     runs = {}
-    for cache in caches:
-        base = dict(CACHES[cache], inner=args.inner)
-        runs[f"dense_{cache}"] = _decode_run(model, ids, args.steps, args.warmup, dict(base), args.profile)
-        runs[f"swa_{cache}"] = _decode_run(
-            model, ids, args.steps, args.warmup,
-            dict(base, swa={"sparsity": args.sparsity, "bucket": args.bucket}), args.profile)
-    if not args.no_stock:  # what a user would pick instead: stock Inductor, HF's caches
-        for name, hf in STOCK.items():
-            runs[name] = _decode_run(model, ids, args.steps, args.warmup, None, args.profile,
-                                     backend="inductor", hf_cache=hf)
-    n = runs[f"swa_{caches[0]}"]["final_n"]
-    b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket))
+    for name in names:
+        v = per_round[name]
+        runs[name] = {"step_ms_median": _median(v), "step_ms_range": [min(v), max(v)], "rounds_ms": v,
+                      "tokens_per_s": args.batch / (_median(v) / 1e3), "prefill_s": dec[name].prefill_s,
+                      "top_ops": dec[name].profile(args.profile) if args.profile else None}
+    ratios = {}
+    for fast, slow, label in RATIOS:
+        if fast in runs and slow in runs:
+            rr = [s_ / f_ for s_, f_ in zip(per_round[slow], per_round[fast])]
+            ratios[f"{fast}/{slow}"] = {"label": label, "median": _median(rr), "range": [min(rr), max(rr)]}
+    n = max(d.L for d in dec.values())
+    budget = next((b for b in map(_budget_of, (d.cache for d in dec.values())) if b is not None), None)
     row_bytes = 2 * cfg.num_key_value_heads * 64 * 4 * args.batch * args.layers  # K+V, fp32
-    res = {"device": "cpu", "threads": torch.get_num_threads(), "layers": args.layers,
-           "batch": args.batch, "context": args.context, "steps": args.steps, "inner": args.inner,
-           "sparsity": args.sparsity, "final_n": n, "budget": b.describe(),
-           "runs": {k: {k2: v2 for k2, v2 in r.items() if k2 != "budget"} for k, r in runs.items()},
-           "kv_bytes_read_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes,
-                                      "swa_padded": b.padded * row_bytes},
-           "kv_bytes_written_per_step": {"hf": n * row_bytes, "store": row_bytes},
-           "speedup": {c: runs[f"dense_{c}"]["step_ms_median"] / runs[f"swa_{c}"]["step_ms_median"]
-                       for c in caches}}
-    if "store" in caches and "hf" in caches:
-        res["speedup_swa_store_vs_dense_hf"] = (runs["dense_hf"]["step_ms_median"]
-                                                / runs["swa_store"]["step_ms_median"])
-    budget = next((r["budget"] for r in runs.values() if r["budget"] is not None), None)
-    if budget is not None:
-        res["swa_state_budget"] = budget.describe()
-    return res
+    b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket))
+    return {"device": "cpu", "threads": torch.get_num_threads(), "layers": args.layers,
+            "batch": args.batch, "context": args.context, "steps": args.steps, "repeats": args.repeats,
+            "inner": args.inner, "sparsity": args.sparsity, "policy": args.policy, "static_len": max_len,
+            "final_n": n, "budget": b.describe(), "swa_state_budget": None if budget is None else budget.describe(),
+            "runs": runs, "ratios": ratios,
+            "kv_bytes_read_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes},
+            "kv_bytes_written_per_step": {"dynamic": n * row_bytes, "llmaccel": row_bytes, "static": row_bytes}}
 
 
 STOCK = {"inductor_dynamic": "dynamic", "inductor_static": "static"}
@@ -207,27 +287,23 @@ def print_short(s: dict) -> None:
 
 def print_cpu(c: dict) -> None:
     print(f"\nCPU decode, SmolLM2 shapes x{c['layers']} layers, batch {c['batch']}, context "
-          f"{c['context']} -> {c['final_n']} ({c['threads']} threads, inner={c['inner']})")
+          f"{c['context']} -> {c['final_n']} ({c['threads']} threads, inner={c['inner']}); median of "
+          f"{c['repeats']} interleaved rounds of {c['steps']} steps [range]")
     print(f"SWA budget at the last step: {c['budget']}")
+    print("| config | ms / step | tokens/s | KV MB read / step | KV MB written / step |")
+    print("|---|---:|---:|---:|---:|")
     rd, wr = c["kv_bytes_read_per_step"], c["kv_bytes_written_per_step"]
-    print(f"{'attention':10}{'KV cache':10}{'ms/step':>10}{'tokens/s':>10}{'KV MB read':>12}{'KV MB written':>15}")
     for name, r in c["runs"].items():
         att, cache = name.split("_")
-        read = rd["swa_padded"] if att == "swa" else rd["dense"]
-        written = wr[{"dynamic": "hf", "static": "store"}.get(cache, cache)]  # StaticCache: index_copy of the new row
-        print(f"{att:10}{cache:10}{r['step_ms_median']:10.1f}{r['tokens_per_s']:10.2f}"
-              f"{read / 1e6:12.1f}{written / 1e6:15.2f}")
-    for name in STOCK:
-        if name in c["runs"] and "swa_store" in c["runs"]:
-            print(f"speedup SWA + store vs stock {name}: "
-                  f"{c['runs'][name]['step_ms_median'] / c['runs']['swa_store']['step_ms_median']:.2f}x")
-    for cache, sp in c["speedup"].items():
-        print(f"speedup SWA vs dense, both with the {cache} cache: {sp:.2f}x")
-    if "speedup_swa_store_vs_dense_hf" in c:
-        print(f"speedup SWA + store vs dense + HF cache: {c['speedup_swa_store_vs_dense_hf']:.2f}x")
+        read = rd["swa_kept"] if att == "swa" else rd["dense"]
+        lo, hi = r["step_ms_range"]
+        print(f"| {name} | {r['step_ms_median']:.1f} [{lo:.1f}-{hi:.1f}] | {r['tokens_per_s']:.2f} | "
+              f"{read / 1e6:.1f} | {wr[cache] / 1e6:.2f} |")
+    for key, r in c["ratios"].items():
+        print(f"{r['label']}: {r['median']:.2f}x [{r['range'][0]:.2f}-{r['range'][1]:.2f}]")
     for name, r in c["runs"].items():
         for t in r["top_ops"] or []:
-            print(f"  {name:10} {t['op']:48} {t['ms_per_step']:8.1f} ms/step ({t['calls']} calls)")
+            print(f"  {name:16} {t['op']:48} {t['ms_per_step']:8.1f} ms/step ({t['calls']} calls)")
 
 
 def cpu_op_bench(args) -> dict:
@@ -302,15 +378,24 @@ def gpu_bench(args) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=12, help="timed decode steps")
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps (compilation)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--bucket", type=int, default=64)
-    p.add_argument("--inner", default="eager", choices=["eager", "inductor"])
-    p.add_argument("--cache", default="both", choices=["both", "store", "hf"],
-                   help="KV cache of the model runs: the in-place store (kv_store), HF DynamicCache, or both")
+    p.add_argument("--inner", default="inductor", choices=["eager", "inductor"],
+                   help="llmaccel inner compiler (default: inductor, as a user gets with {})")
+    p.add_argument("--configs", type=lambda x: x.split(","),
+                   default="dense_dynamic,dense_llmaccel,swa_llmaccel,dense_static,inductor_static".split(","),
+                   help="model configs of the CPU run (see model_configs): "
+                        "dense_dynamic,dense_llmaccel,swa_llmaccel,swa_dynamic,dense_static,swa_static,"
+                        "inductor_static,inductor_dynamic")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of --steps steps per config")
+    p.add_argument("--static-len", type=int, default=16384, help="StaticCache max_cache_len")
+    p.add_argument("--policy", default="alisa", help="SWA policy of the swa_* configs")
+    p.add_argument("--prefill-threads", type=int, default=None,
+                   help="threads for the (untimed) prefills; decode uses --threads")
     p.add_argument("--gpu-context", type=int, default=32768)
     p.add_argument("--op-context", type=int, default=8192, help="context of the one-site CPU op bench")
     p.add_argument("--threads", type=int, default=None)
@@ -355,6 +440,8 @@ def main(argv=None) -> dict:
 
         c = res["cpu"]
         plt.bar(list(c["runs"]), [r["step_ms_median"] for r in c["runs"].values()])
+        plt.xticks(rotation=30, ha="right")
+        plt.tight_layout()
         plt.ylabel("ms / decode step")
         plt.title(f"batch {c['batch']}, context {c['context']}, SWA sparsity {c['sparsity']}")
         plt.savefig(args.png)

@@ -14,14 +14,14 @@ cache append ``cat([past, new], -2)`` split so the op knows which keys are cache
 Hugging Face's ``StaticCache`` writes into preallocated ``[B, Hkv, max_cache_len, D]`` buffers
 (``index_put(buf, [None, None, cache_position], new)``) that SDPA then reads whole, with a mask.
 Such a site becomes ``llmaccel::static_attention(q, k_buf_after, v_buf_after, cache_position,
-cumulative_length, k_buf, mask, scale, is_causal, site)``, which attends over the filled rows
+cumulative_length, None, mask, scale, is_causal, site)``, which attends over the filled rows
 only; the write itself stays in the graph (it is the cache update)::
 
     index_put = aten.index_put(arg_k_buf, [None, None, cache_position], k_new)
     sdpa = aten._scaled_dot_product_flash_attention_for_cpu(q, index_put, index_put_1, attn_mask=m)
       ->
     static_attention = llmaccel.static_attention(q, index_put, index_put_1, cache_position,
-                                                 arg_cumulative_length, arg_k_buf, m, 0.125, False, 0)
+                                                 arg_cumulative_length, None, m, 0.125, False, 0)
 
 Before (decode step of one Llama layer, SDPA)::
 
@@ -258,8 +258,11 @@ def _rewrite(gm: torch.fx.GraphModule, site: Site, site_id: int) -> torch.fx.Nod
     with g.inserting_before(site.out):
         if site.static is not None:
             st = site.static
-            k_buf = st.buffer if st.buffer.op == "placeholder" else None
-            new = g.call_function(STATIC, (site.q, site.k, site.v, st.cache_position, st.anchor, k_buf,
+            # k_buf=None: the dense op does not need the key buffer's identity, and passing the
+            # buffer *before* its in-place write to a call after it would stop Inductor from
+            # re-inplacing the write (a copy of the whole max_cache_len buffer per step); the
+            # swa pass adds it back for static_swa_attention, which checks it.
+            new = g.call_function(STATIC, (site.q, site.k, site.v, st.cache_position, st.anchor, None,
                                            site.attn_mask, site.scale, site.is_causal, site_id))
         else:
             args = (site.q, site.k, site.v, site.k_cache, site.v_cache, site.attn_mask, site.scale,

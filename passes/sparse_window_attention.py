@@ -42,7 +42,7 @@ import torch.fx
 
 import llm_compile.ops  # noqa: F401  (declares the llmaccel:: ops)
 from llm_compile.ops.swa import swa_config_json
-from llm_compile.passes.attention_patterns import call_args, is_cache_append
+from llm_compile.passes.attention_patterns import call_args, is_cache_append, static_cache_write
 from llm_compile.passes.base import PassContext, PassResult
 from llm_compile.passes.kv_relocation import fake_call
 from llm_compile.passes.sliding_window import sliding_window_of, sliding_window_reason
@@ -77,6 +77,17 @@ def _returns_cache(node: torch.fx.Node, outs) -> bool:
                for o in outs)
 
 
+def _key_buffer(a: dict) -> torch.fx.Node | None:
+    """The StaticCache key buffer (graph input) a static site writes, for the op's check that the
+    buffer was not replaced since its prefill (``canonicalize_attention`` leaves it out of the dense
+    op). Costs a copy of the buffer per step: Inductor cannot re-inplace a write whose old value is
+    still read."""
+    if a["k_buf"] is not None:
+        return a["k_buf"]
+    st = static_cache_write(a["k_all"]) if isinstance(a["k_all"], torch.fx.Node) else None
+    return st.buffer if st is not None and st.buffer.op == "placeholder" else None
+
+
 def _rewrite(g: torch.fx.Graph, node: torch.fx.Node, text: str) -> torch.fx.Node:
     a = call_args(node)
     out_node = next(n for n in reversed(g.nodes) if n.op == "output")
@@ -84,7 +95,7 @@ def _rewrite(g: torch.fx.Graph, node: torch.fx.Node, text: str) -> torch.fx.Node
         if a["anchor"] is None:
             raise ValueError(f"{node.name}: StaticCache site without its cumulative_length tensor: "
                              "cannot keep SWA state for it")
-        args = (a["q"], a["k_all"], a["v_all"], a["cache_position"], a["anchor"], a["k_buf"],
+        args = (a["q"], a["k_all"], a["v_all"], a["cache_position"], a["anchor"], _key_buffer(a),
                 a["attn_mask"], a["scale"], a["is_causal"], a["site"], text)
         with g.inserting_before(node):
             new = _with_val(g, STATIC_SWA, args)

@@ -247,16 +247,47 @@ def test_state_travels_with_the_returned_cache_through_op():
 def test_bucketed_kernel_shapes_constant(monkeypatch):
     cfg = SWAConfig(sparsity=0.8, bucket=16)
     shapes = []
-    real = swa_step_module.gather_attend_torch
+    real = swa_step_module.attend_split_torch
 
-    def spy(q, kf, vf, idx, bias, scale, *new):
+    def spy(q, kf, vf, idx, b, *rest):
         shapes.append(tuple(idx.shape))
-        return real(q, kf, vf, idx, bias, scale, *new)
+        return real(q, kf, vf, idx, b, *rest)
 
-    monkeypatch.setattr(swa_step_module, "gather_attend_torch", spy)
+    monkeypatch.setattr(swa_step_module, "attend_split_torch", spy)
     gen = torch.Generator().manual_seed(17)
     q, k, v = _qkv(1, 2, 1, 40, gen=gen)
     st = swa.new_state(1, 1, "cpu", cfg)
     swa.swa_step(st, q, k, v, SCALE, cfg, is_causal=True)
     _decode(st, cfg, q, k, v, 64, gen)  # n 41..104: 2k = 8..20 -> padded 16 or 32
     assert len(shapes) == 64 and sorted(set(shapes)) == [(1, 1, 16), (1, 1, 32)]
+
+
+@pytest.mark.parametrize("selection", ["layer", "kv_head"])
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("split_new", [False, True])
+def test_split_path_equals_gather_path(selection, sinks, masked, split_new):
+    """The CPU path that reads sinks and the recent window in place (gathering only the global
+    rows) gives the padded gather path's output and weights."""
+    cfg = SWAConfig(sparsity=0.8, bucket=16, sink_tokens=sinks, selection=selection)
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, D, n = 2, 6, 2, 8, 90
+    q = torch.randn(B, Hq, D, generator=gen)
+    k, v = torch.randn(B, Hkv, n, D, generator=gen), torch.randn(B, Hkv, n, D, generator=gen)
+    st = swa.new_state(B, Hkv, "cpu", cfg)
+    st.grow(n)
+    st.score[:] = torch.randint(0, 1 << 20, st.score.shape, generator=gen)
+    b = swa.compute_budget(n, cfg)
+    idx = st.select(b)
+    mask = None
+    if masked:  # a left-padded row: its first 4 tokens are masked out
+        mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+        mask[1, ..., :4] = False
+    ref_o, ref_w = swa.gather_attend_torch(q, k, v, idx, swa_step_module._slot_bias(mask, idx, b.total, Hq, n), SCALE)
+    kn = vn = None
+    kc, vc = k, v
+    if split_new:
+        kc, vc, kn, vn = k[:, :, :-1], v[:, :, :-1], k[:, :, -1:], v[:, :, -1:]
+    out, w = swa_step_module.attend_split_torch(q, kc, vc, idx, b, mask, SCALE, kn, vn)
+    torch.testing.assert_close(out, ref_o, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w, ref_w[..., : b.total], rtol=1e-5, atol=1e-7)

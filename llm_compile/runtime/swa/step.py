@@ -186,6 +186,52 @@ def gather_attend_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, bias: Te
     return out, w.reshape(B, Hq, P)
 
 
+def attend_split_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, b, attn_mask: Tensor | None,
+                       scale: float, k_new: Tensor | None = None,
+                       v_new: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CPU decode path: like :func:`gather_attend_torch` over the first ``b.total`` slots of
+    ``idx`` (sinks, global, recent — the layout of :meth:`SWAState.select`), but the sinks and the
+    recent window, which are contiguous rows of the cache, are read in place; only the global
+    rows are gathered (half the copy traffic at the default ``recent_fraction``), and there are no
+    padding slots. Returns out [B, Hq, Dv] and weights [B, Hq, b.total] fp32 in slot order.
+    """
+    B, Hq, D = q.shape
+    Hkv, Dv = kf.shape[1], vf.shape[-1]
+    n, grp = b.n, Hq // Hkv
+    s, g, r = b.sinks, b.global_, b.recent
+    if k_new is not None:  # the cache without the new token: the recent window ends with it
+        kr = torch.cat([kf[:, :, n - r: n - 1], k_new], dim=2)
+        vr = torch.cat([vf[:, :, n - r: n - 1], v_new], dim=2)
+    else:
+        kr, vr = kf[:, :, n - r: n], vf[:, :, n - r: n]
+    parts_k = [kf[:, :, :s]] if s else []
+    parts_v = [vf[:, :, :s]] if s else []
+    if g:
+        ig = idx[..., s: s + g]
+        parts_k.append(gather_rows(kf, ig))
+        parts_v.append(gather_rows(vf, ig))
+    parts_k.append(kr)
+    parts_v.append(vr)
+    qf = q.float().reshape(B, Hkv, grp, D)
+    logits = torch.cat([torch.matmul(qf, kp.float().transpose(-1, -2)) for kp in parts_k], dim=-1)
+    logits.mul_(scale)
+    if attn_mask is not None:
+        m = _mask_bias(attn_mask, B, 1, n)[:, :, 0]  # [B, 1|Hq, n]
+        ii = idx[..., : b.total]
+        if ii.shape[1] > 1 or m.shape[1] > 1:  # per-KV-head slots or a per-head mask
+            m = m.expand(B, Hq, n)
+            ii = ii.repeat_interleave(Hq // ii.shape[1], dim=1) if ii.shape[1] > 1 else ii.expand(B, Hq, b.total)
+        logits += torch.gather(m, 2, ii).expand(B, Hq, b.total).reshape(B, Hkv, grp, b.total)
+    w = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    out, lo = None, 0
+    for vp in parts_v:
+        t = vp.shape[2]
+        o = torch.matmul(w[..., lo: lo + t], vp.float())
+        out = o if out is None else out.add_(o)
+        lo += t
+    return out.reshape(B, Hq, Dv).to(q.dtype), w.reshape(B, Hq, b.total)
+
+
 def _use_triton(cfg, q: Tensor) -> bool:
     return cfg.kernel == "triton" or (cfg.kernel == "auto" and q.is_cuda)
 
@@ -211,13 +257,13 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
             state.add(idx, _group_sum(w, state.groups))
         return out
     idx = state.select(b)
-    bias = _slot_bias(attn_mask, idx, b.total, Hq, n)
     if triton_path:
         from llm_compile.codegen.swa_kernels import swa_decode_attention
 
+        bias = _slot_bias(attn_mask, idx, b.total, Hq, n)
         out, w = swa_decode_attention(q[:, :, 0], kc, vc, idx, bias, scale)
     else:
-        out, w = gather_attend_torch(q[:, :, 0], kc, vc, idx, bias, scale, kn, vn)
+        out, w = attend_split_torch(q[:, :, 0], kc, vc, idx, b, attn_mask, scale, kn, vn)
     if _needs_scores(cfg):
         state.add(idx[..., : b.total], _group_sum(w, state.groups)[..., : b.total])
     else:
