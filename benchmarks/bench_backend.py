@@ -39,7 +39,7 @@ CONFIGS: dict[str, tuple[str | None, dict | None]] = {
     "swa-0.8": ("llmaccel", {"swa": {"sparsity": 0.8}}),
 }
 EXTRA_CONFIGS = {
-    "llmaccel-nocanon": ("llmaccel", {"canonicalize": False}),
+    "llmaccel-canon": ("llmaccel", {"canonicalize": True}),  # {} + the canonical attention op
     "inner-eager": ("llmaccel", {"inner": "eager"}),
 }
 BASELINE = "inductor"

@@ -124,8 +124,8 @@ class LLMAccelConfig:
     """Attention offload; off unless given."""
     kv_store: KVStoreConfig | None = None
     """In-process in-place KV store: on by default with `swa` (not with `offload`), else off unless given; `False` turns it off."""
-    canonicalize: bool = True
-    """Rewrite attention sites to ``llmaccel::attention`` (needed by swa/offload)."""
+    canonicalize: bool | None = None
+    """Rewrite attention sites to ``llmaccel::attention``: on when swa, kv_store or offload is on (they need it), else off, so that `{}` is stock Inductor; `True` forces it (e.g. to see the canonical graph in a dump)."""
     inner: str = "inductor"
     """What compiles the rewritten graph: ``"inductor"`` (Inductor's ``compile_fx``, our passes in its post-grad hook) or ``"eager"``."""
     # --- issue 17 (engineer F): Inductor mode as an option -------------------------------------
@@ -188,7 +188,7 @@ RULES: dict[str, Rule] = {
     "offload.init_method": Rule.url(("tcp", "env", "file")),
     "kv_store.reserve_tokens": Rule.int_(lo=0),
     "kv_store.growth": Rule.float_(lo=1, lo_open=True),
-    "canonicalize": Rule.bool_(),
+    "canonicalize": Rule.bool_(optional=True),
     "inner": Rule.choice("inductor", "eager"),
     "mode": replace(Rule.choice(*INDUCTOR_MODES), optional=True,
                     text=Rule.choice(*INDUCTOR_MODES).text + " or None"),
@@ -259,8 +259,11 @@ def parse_options(options: Mapping[str, Any] | LLMAccelConfig | None) -> LLMAcce
     if options.get("debug_dir") is None and os.environ.get("LLMACCEL_DEBUG"):
         options["debug_dir"] = os.environ["LLMACCEL_DEBUG"]
     kw.update(_checked(LLMAccelConfig, "", options))
+    needs_canonical = bool(kw["swa"] or kw["offload"] or kw["kv_store"])
+    if kw.get("canonicalize") is None:  # auto: only when a pass needs the canonical op (issue 17)
+        kw["canonicalize"] = needs_canonical
     cfg = LLMAccelConfig(**kw)
-    if (cfg.swa or cfg.offload or cfg.kv_store) and not cfg.canonicalize:
+    if needs_canonical and not cfg.canonicalize:
         raise OptionsError("llmaccel: swa, offload and kv_store need canonicalize=True (they rewrite "
                            "llmaccel::attention)")
     if cfg.kv_store and cfg.offload:

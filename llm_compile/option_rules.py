@@ -93,8 +93,9 @@ class Rule:
         return Rule("a number" + _bounds(lo, hi, lo_open, hi_open), is_num, conv)
 
     @staticmethod
-    def bool_() -> "Rule":
-        return Rule("True or False", lambda v: isinstance(v, bool))
+    def bool_(optional: bool = False) -> "Rule":
+        return Rule("True or False" + (" or None" if optional else ""), lambda v: isinstance(v, bool),
+                    optional=optional)
 
     @staticmethod
     def choice(*choices: str) -> "Rule":

@@ -32,7 +32,7 @@ def test_llama_logits_inductor_equal_eager():
     with torch.no_grad():
         ref = m(ids).logits
         with record_compiles() as rec:
-            out = torch.compile(m.forward, backend="llmaccel")(ids).logits
+            out = torch.compile(m.forward, backend="llmaccel", options={"canonicalize": True})(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert len(rec) == 1 and sites(rec[0]) == 2
 
@@ -68,7 +68,8 @@ def test_pass_must_return_pass_result(monkeypatch):
 def test_debug_dump_layout(tmp_path):
     m = build("llama", "sdpa")
     with torch.no_grad():
-        m.forward = torch.compile(m.forward, backend="llmaccel", options={"inner": "eager", "debug_dir": str(tmp_path)})
+        m.forward = torch.compile(m.forward, backend="llmaccel",
+                                  options={"inner": "eager", "canonicalize": True, "debug_dir": str(tmp_path)})
         m.generate(torch.randint(0, 128, (1, 5)), max_new_tokens=3, do_sample=False)
     graphs = sorted(tmp_path.glob("run_*/graph_*"))
     assert len(graphs) >= 2
@@ -89,7 +90,8 @@ def test_repro_runs(tmp_path):
     x, w = torch.randn(4, 16), torch.randn(16, 8)
     q = torch.randn(1, 2, 5, 8)
     f = lambda q, x, w: (torch.nn.functional.scaled_dot_product_attention(q, q, q), _f(x, w))  # noqa: E731
-    torch.compile(f, backend="llmaccel", options={"inner": "eager", "debug_dir": str(tmp_path)})(q, x, w)
+    torch.compile(f, backend="llmaccel", options={"inner": "eager", "canonicalize": True,
+                                                  "debug_dir": str(tmp_path)})(q, x, w)
     repro = next(tmp_path.glob("run_*/graph_*/repro.py"))
     assert "llmaccel.attention" in repro.read_text()
     r = subprocess.run([sys.executable, str(repro)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -111,7 +113,7 @@ def test_stages_mirrored_to_torch_logging(tmp_path):
     code = """
 import torch
 torch.compile(lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x), backend="llmaccel",
-              options={"inner": "eager"})(torch.randn(1, 2, 4, 8))
+              options={"inner": "eager", "canonicalize": True})(torch.randn(1, 2, 4, 8))
 """
     env = dict(**__import__("os").environ, TORCH_TRACE=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -169,9 +171,11 @@ def _traced():
     return torch.fx.symbolic_trace(lambda x, w: _f(x, w)), [torch.randn(4, 16), torch.randn(16, 8)]
 
 
-def test_passes_off_is_stock_inductor_without_hook_or_wrapper(spy_compile_fx):
+@pytest.mark.parametrize("options", [{"canonicalize": False}, {}, None, {"inner": "inductor"}])
+def test_passes_off_is_stock_inductor_without_hook_or_wrapper(spy_compile_fx, options):
+    """``{}`` is stock Inductor too (issue 17): canonicalize runs only when a pass needs it."""
     gm, inputs = _traced()
-    compiled = llmaccel(gm, inputs, options={"canonicalize": False})
+    compiled = llmaccel(gm, inputs, options=options)
     assert compiled is _SpyCompileFx.compiled  # Inductor's callable itself: no per-call wrapper
     assert spy_compile_fx.patches == [{}]  # no post_grad hook, no config change
     assert COMPILED[-1]["passes"] == [] and COMPILED[-1]["inner"] == "inductor"
@@ -179,7 +183,7 @@ def test_passes_off_is_stock_inductor_without_hook_or_wrapper(spy_compile_fx):
 
 def test_passes_on_run_inside_inductor_as_post_grad_pre_pass(spy_compile_fx):
     gm, inputs = _traced()
-    llmaccel(gm, inputs, options={})
+    llmaccel(gm, inputs, options={"canonicalize": True})
     hook = spy_compile_fx.patches[0]["post_grad_custom_pre_pass"]
     assert isinstance(hook, PipelinePass)
     assert isinstance(hook.uuid(), str)
@@ -189,8 +193,9 @@ def test_pipeline_uuid_keys_the_config_and_refuses_caching_process_state():
     def uuid(opts):
         return PipelinePass(parse_options(opts), None).uuid()
 
-    assert uuid({}) == uuid({}) == uuid({"canonicalize": True})
-    assert len({uuid({}), uuid({"canonicalize": True, "inner": "inductor", "anda": {"mantissa_bits": 6}}),
+    canon = {"canonicalize": True}
+    assert uuid(canon) == uuid(canon) == uuid({**canon, "inner": "inductor"})
+    assert len({uuid(canon), uuid({"canonicalize": True, "inner": "inductor", "anda": {"mantissa_bits": 6}}),
                 uuid({"anda": {"mantissa_bits": 7}})}) == 3
     # graphs that bake a runtime handle (numbered per process) must never come from the disk cache
     for opts in ({"offload": {"workers": 1}}, {"swa": {"sparsity": 0.8}}, {"kv_store": True}):
@@ -222,7 +227,7 @@ def test_modes_compile_and_run_on_cpu(mode):
     f = lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x) * 2  # noqa: E731
     x = torch.randn(1, 2, 6, 8)
     with record_compiles() as rec:
-        out = torch.compile(f, backend="llmaccel", mode=mode)(x)
+        out = torch.compile(f, backend="llmaccel", options={"canonicalize": True, "mode": mode})(x)
     torch.testing.assert_close(out, f(x))
     assert rec[0]["inner"] == "inductor" and sites(rec[0]) == 1
 
@@ -237,7 +242,7 @@ def test_inductor_cache_hit_restores_pass_records(tmp_path, monkeypatch):
     for _ in range(2):
         torch._dynamo.reset()
         with record_compiles() as rec:
-            torch.testing.assert_close(torch.compile(f, backend="llmaccel")(q), f(q))
+            torch.testing.assert_close(torch.compile(f, backend="llmaccel", options={"canonicalize": True})(q), f(q))
         recs += rec
     assert "cache" not in recs[0] and recs[1]["cache"] == "hit"
     assert sites(recs[0]) == sites(recs[1]) == 1
@@ -250,7 +255,8 @@ def test_inductor_debug_dump_layout(tmp_path):
     with torch.no_grad():
         ref = m(ids).logits
         with record_compiles() as rec:
-            out = torch.compile(m.forward, backend="llmaccel", options={"debug_dir": str(tmp_path)})(ids).logits
+            out = torch.compile(m.forward, backend="llmaccel",
+                                options={"canonicalize": True, "debug_dir": str(tmp_path)})(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert rec[0]["inner"] == "inductor" and sites(rec[0]) == 2
     d = next(tmp_path.glob("run_*/graph_*"))

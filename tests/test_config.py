@@ -8,8 +8,21 @@ from llm_compile.config import AndaConfig, LLMAccelConfig, OptionsError, SWAConf
 
 def test_defaults_all_passes_off():
     cfg = parse_options(None)
-    assert cfg == LLMAccelConfig() and cfg.swa is None and cfg.anda is None and cfg.offload is None
-    assert cfg.inner == "inductor" and cfg.canonicalize
+    assert cfg == parse_options(LLMAccelConfig()) and cfg.swa is None and cfg.anda is None and cfg.offload is None
+    assert cfg.inner == "inductor" and not cfg.canonicalize  # {} is stock Inductor (issue 17)
+
+
+@pytest.mark.parametrize("options, want", [({}, False), ({"canonicalize": True}, True),
+                                           ({"swa": True}, True), ({"kv_store": True}, True),
+                                           ({"anda": True}, False), ({"swa": True, "canonicalize": None}, True)])
+def test_canonicalize_only_when_a_pass_needs_it(options, want):
+    """``canonicalize`` defaults to "when swa, kv_store or offload needs it": ``{}`` (and anda
+    alone) leave attention to Inductor, so no custom-op call per layer costs decode speed."""
+    from llm_compile.backend import passes_enabled
+
+    cfg = parse_options(options)
+    assert cfg.canonicalize is want
+    assert passes_enabled(cfg) is (want or "anda" in options)
 
 
 def test_sections_on_with_dict_or_true_and_frozen():

@@ -130,8 +130,10 @@ def test_a_config_object_is_checked_too():
     assert "swa.bucket=2.5" in str(e.value)
     with pytest.raises(OptionsError):
         parse_options({"swa": SWAConfig(sparsity="0.8")})
-    cfg = LLMAccelConfig(swa=SWAConfig(sparsity=0.5))
+    cfg = LLMAccelConfig(swa=SWAConfig(sparsity=0.5), canonicalize=True)
     assert parse_options(cfg) == cfg
+    auto = parse_options(LLMAccelConfig(swa=SWAConfig(sparsity=0.5)))  # canonicalize=None: resolved
+    assert auto == cfg and parse_options(auto) == auto
 
 
 def test_env_debug_dir_is_checked(monkeypatch):

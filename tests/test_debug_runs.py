@@ -36,7 +36,7 @@ def test_reused_debug_dir_gets_a_fresh_run_folder(tmp_path, monkeypatch, caplog)
     assert (first[0] / "graph_000" / "03_sparse_window_attention.py").exists()
 
     _new_run(monkeypatch)  # a second run, other options, same folder
-    torch.compile(_sdpa, backend="llmaccel", options={"inner": "eager", "debug_dir": str(tmp_path)})(x)
+    torch.compile(_sdpa, backend="llmaccel", options={"inner": "eager", "canonicalize": True, "debug_dir": str(tmp_path)})(x)
     runs = sorted(p for p in tmp_path.iterdir() if p.name.startswith("run_"))
     assert len(runs) == 2
     second = next(p for p in runs if p != first[0])

@@ -46,3 +46,22 @@ def test_repro_of_a_stateful_decode_graph_runs_in_a_fresh_process(tmp_path, opti
     r = _run(decode)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stateful site(s) given a fresh sequence state" in r.stdout
+
+
+def test_repro_of_an_offloaded_decode_graph_runs_in_a_fresh_process(tmp_path):
+    """An offload graph names its worker pool (and the workers' SWA config) by a runtime handle:
+    repro.py starts a pool of the same configuration under that handle, prefills the sequence its
+    cache inputs name, runs, and shuts the pool down (before: 'unknown runtime handle')."""
+    from llm_compile.runtime.offload.shared import shutdown_pools
+
+    try:
+        repros = _dump(tmp_path, {"offload": {"workers": 1, "timeout_s": 60},
+                                  "swa": {"sparsity": 0.5, "bucket": 4, "selection": "kv_head"}})
+    finally:
+        shutdown_pools()
+    assert len(repros) >= 2
+    text = repros[-1].read_text()
+    assert "offload_attention" in text and '"pool_cfg"' in text.replace("'", '"')
+    r = _run(repros[-1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stateful site(s) given a fresh sequence state" in r.stdout

@@ -22,8 +22,20 @@ def register_handle(obj: Any) -> int:
     """Give ``obj`` an int handle that a pass can bake into a graph as an op argument."""
     with _lock:
         h = next(_next_handle)
+        while h in _handles:  # taken by register_handle_at
+            h = next(_next_handle)
         _handles[h] = obj
     return h
+
+
+def register_handle_at(handle: int, obj: Any) -> None:
+    """Bind a given handle number to ``obj`` (the dump's ``repro.py`` recreates, in a fresh
+    process, the objects a graph's baked handles named when it was compiled)."""
+    with _lock:
+        old = _handles.get(handle, obj)
+        if old is not obj and old != obj:
+            raise RuntimeError(f"llmaccel: runtime handle {handle} is already bound to another object")
+        _handles[handle] = obj
 
 
 def lookup_handle(handle: int) -> Any:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import op_delta, pass_record, record_compiles, sites
 from model_zoo import FAMILIES, build
 
-EAGER = {"inner": "eager"}
+EAGER = {"inner": "eager", "canonicalize": True}
 OP = "llmaccel.attention.default"
 
 
@@ -154,7 +154,7 @@ def test_inductor_compiles_canonical_op():
     ids = torch.randint(0, 128, (1, 6))
     with torch.no_grad():
         ref = m.generate(ids, max_new_tokens=4, do_sample=False)
-        m.forward = torch.compile(m.forward, backend="llmaccel")
+        m.forward = torch.compile(m.forward, backend="llmaccel", options={"canonicalize": True})
         out = m.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.tolist() == ref.tolist()
 

@@ -45,7 +45,7 @@ VARIANTS = {
 def test_variant_recognised(name):
     op, extra, kw, causal, _ = VARIANTS[name]
     gm = _graph(op, extra, kw, gqa=name in ("flash_cpu", "math"))
-    res = run(gm, parse_options({}), PassContext("g", []))
+    res = run(gm, parse_options({"canonicalize": True}), PassContext("g", []))
     ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert res.stats["sites"] == 1 and torch.ops.llmaccel.attention.default in ops
     m = res.matched[0]
@@ -57,7 +57,7 @@ def test_variant_with_used_logsumexp_is_skipped():
     lse = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.getitem][1]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     out_node.args = ((out_node.args[0][0], lse),)
-    res = run(gm, parse_options({}), PassContext("g", []))
+    res = run(gm, parse_options({"canonicalize": True}), PassContext("g", []))
     assert res.stats["sites"] == 0 and "logsumexp" in res.skipped[0]["reason"]
 
 
@@ -67,7 +67,7 @@ def test_math_variant_numerics():
     gm.recompile()
     q, k, v = torch.randn(B, HQ, L, D), torch.randn(B, HKV, L, D), torch.randn(B, HKV, L, D)
     ref = gm(q, k, v)[0]
-    run(gm, parse_options({}), PassContext("g", []))
+    run(gm, parse_options({"canonicalize": True}), PassContext("g", []))
     gm.graph.eliminate_dead_code()
     gm.recompile()
     torch.testing.assert_close(gm(q, k, v)[0], ref, rtol=1e-5, atol=1e-5)

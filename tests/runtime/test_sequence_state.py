@@ -100,7 +100,7 @@ def test_two_models_sharing_a_module_do_not_collide():
             torch.testing.assert_close(o2.logits, e2.logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("options", [STORE, {"inner": "eager"}], ids=["kv_store", "canonical"])
+@pytest.mark.parametrize("options", [STORE, {"inner": "eager", "canonicalize": True}], ids=["kv_store", "canonical"])
 @pytest.mark.parametrize("how", ["cache_implementation", "StaticCache"])
 def test_static_cache_greedy_equals_eager(options, how):
     """Failure 3: with HF's StaticCache the decode graph was taken for a prefill (|dlogit| 0.67)."""
@@ -279,7 +279,7 @@ def test_state_dies_with_the_cache():
     assert ref() is None
 
 
-@pytest.mark.parametrize("options", [{}, {"kv_store": True}], ids=["canonical", "kv_store"])
+@pytest.mark.parametrize("options", [{"canonicalize": True}, {"kv_store": True}], ids=["canonical", "kv_store"])
 def test_static_cache_decode_writes_in_place_under_inductor(options):
     """A decode step over a StaticCache writes its row in place: the compiled code allocates no
     buffer of ``max_cache_len`` rows. Before, ``static_attention`` also took the key buffer as it
