@@ -1,0 +1,51 @@
+"""Overlapped host gathers: a step's host rows are gathered (and, for CUDA models, copied to the
+device on a side stream from pinned memory) on one worker thread while the calling thread gathers
+the device rows. ``torch.index_select`` releases the GIL, so on CPU the two gathers (one from RAM
+or the mmap file, one from the device tier) run at the same time on two cores.
+
+The executor is process infrastructure shared by every cache (one thread; no per-sequence state).
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+_POOL: ThreadPoolExecutor | None = None
+_STREAMS: dict = {}
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(1, thread_name_prefix="llmaccel-kv-fetch")
+    return _POOL
+
+
+def _gather(src: Tensor, idx: Tensor, device: torch.device):
+    rows = src.index_select(0, idx)
+    if device.type != "cuda":
+        return rows, None
+    stream = _STREAMS.setdefault(device, torch.cuda.Stream(device))
+    rows = rows.pin_memory()
+    with torch.cuda.stream(stream):
+        out = rows.to(device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return out, done
+
+
+def start(src: Tensor, idx: Tensor, device: torch.device, overlap: bool) -> Future | tuple:
+    """Begin gathering ``src[idx]`` onto ``device``; :func:`finish` returns the rows."""
+    if not overlap:
+        return _gather(src, idx, device)
+    return _pool().submit(_gather, src, idx, device)
+
+
+def finish(pending) -> Tensor:
+    out, done = pending.result() if isinstance(pending, Future) else pending
+    if done is not None:
+        torch.cuda.current_stream(out.device).wait_event(done)
+        out.record_stream(torch.cuda.current_stream(out.device))
+    return out
