@@ -258,3 +258,57 @@ def test_passes_json_shows_the_plan(tmp_path):
     p = plans[0]
     assert p["p1"] == 24 and p["alpha"] == 0.5 and p["beta"] == 0 and p["predicted_step_s"] > 0
     assert "frees no memory" in p["reasons"]["beta"] and p["batch"] == 2
+
+
+def test_beam_search_over_tiers_equals_beam_search_on_the_device(tmp_path):
+    """LLMAccelCache reorders the tiered KV with the SWA state (map_batch rebuilds the tiers)."""
+    from llm_compile import LLMAccelCache
+
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(7))
+    outs, caches = [], []
+    for tiers in (None, _tiers(tmp_path, device_budget=_budget(build("llama"), 2, 30))):
+        torch._dynamo.reset()
+        model = build("llama")
+        opts = {"swa": {"sparsity": 0.6}, "inner": "eager", **({"kv_tiers": tiers} if tiers else {})}
+        model.forward = torch.compile(model.forward, backend="llmaccel", options=opts)
+        cache = LLMAccelCache()
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                       num_beams=2, do_sample=False, past_key_values=cache))
+        caches.append(cache)
+    assert torch.equal(outs[0], outs[1])
+    assert all(isinstance(kv, TieredKV) and kv.host_tokens() > 0 for kv in _kvs(caches[1]))
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_llama_recompute_path_equals_the_models_kv(kv_heads):
+    """Phase 3's recompute (Llama): K/V from the kept layer input equal the K/V the model cached."""
+    import transformers as tf
+    from transformers import DynamicCache
+
+    from llm_compile.runtime.tiers.recompute import LlamaKVRecompute, RecomputeRows
+
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, vocab_size=128, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    inputs = {}
+
+    def grab(mod, args, kw):
+        inputs["x"] = kw.get("hidden_states", args[0] if args else None)
+
+    hook = model.model.layers[1].self_attn.register_forward_pre_hook(grab, with_kwargs=True)
+    ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(8))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    hook.remove()
+    rec = LlamaKVRecompute(model.model.layers[1].self_attn, model.model.rotary_emb)
+    tier = RecomputeRows(rec)
+    tier.keep(inputs["x"], torch.arange(30))
+    slots = torch.tensor([0, 5, 17, 29])
+    k, v = tier.kv(slots)
+    torch.testing.assert_close(k, cache.layers[1].keys[:, :, slots], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v, cache.layers[1].values[:, :, slots], rtol=1e-5, atol=1e-6)
+    # memory: GQA (2 KV heads x 16 x 2 = 64 values) keeps as much as it frees; MHA (4 heads: 128) frees half
+    assert rec.kept_values_per_token() == 64 and rec.kv_values_per_token() == kv_heads * 32
