@@ -7,6 +7,7 @@ The executor is process infrastructure shared by every cache (one thread; no per
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -36,9 +37,26 @@ def _gather(src: Tensor, idx: Tensor, device: torch.device):
     return out, done
 
 
+MIN_OVERLAP_BYTES = 1 << 18
+"""Smaller host gathers run inline: handing them to the thread costs more than it hides."""
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worth_overlapping(nbytes: int, device: torch.device) -> bool:
+    """A thread helps only with a second core to run on (or a CUDA copy to hide) and a big gather."""
+    return nbytes >= MIN_OVERLAP_BYTES and (device.type == "cuda" or _cores() > 1)
+
+
 def start(src: Tensor, idx: Tensor, device: torch.device, overlap: bool) -> Future | tuple:
-    """Begin gathering ``src[idx]`` onto ``device``; :func:`finish` returns the rows."""
-    if not overlap:
+    """Begin gathering ``src[idx]`` onto ``device``; :func:`finish` returns the rows. With
+    ``overlap`` the gather runs on the worker thread when :func:`worth_overlapping`."""
+    if not (overlap and worth_overlapping(idx.numel() * src.shape[-1] * src.element_size(), device)):
         return _gather(src, idx, device)
     return _pool().submit(_gather, src, idx, device)
 

@@ -75,7 +75,7 @@ class Rows:
         m = rows.shape[0]
         self.reserve(self.used + m)
         first = self.used
-        self.buf[first: first + m].copy_(rows, non_blocking=self.kind == "pinned")
+        self.buf[first: first + m].copy_(rows)  # blocking: the fetch thread may read these rows next
         self.used += m
         return first
 

@@ -28,6 +28,9 @@ from llm_compile.runtime.tiers.host import Rows
 from llm_compile.runtime.tiers.plan import Plan
 
 
+_NONE = torch.zeros(0, dtype=torch.int64)
+
+
 class HostTierFullError(RuntimeError):
     """The host tier reached ``kv_tiers.host_budget`` (phase 3, recompute, is not executed yet)."""
 
@@ -45,7 +48,8 @@ class TieredKV:
         self.loc = torch.zeros(0, dtype=torch.int8)
         self.slot = torch.zeros(0, dtype=torch.int64)
         self.free: list[int] = []
-        self.length = self.decided = self.spilled = self.moved = self.grown = 0
+        self.length = self.decided = self.spilled = self.moved = self.grown = self.n_dev = 0
+        self._bh = (torch.arange(batch)[:, None, None] * heads + torch.arange(heads)[None, :, None])
         self.host_fetched = self.dev_fetched = 0
         """Rows gathered by sparse steps from each tier (counters for tests and benchmarks)."""
 
@@ -62,13 +66,11 @@ class TieredKV:
         p = self.plan
         edge = n - p.recent
         if n <= p.p1 or edge <= self.decided:
-            return torch.zeros(0, dtype=torch.int64)
-        pos = torch.arange(self.decided, edge)
-        pick = [t for t in pos.tolist() if p.host_share(t)] if 0 < p.alpha < 1 else (
-            pos.tolist() if p.alpha >= 1 else [])
+            return _NONE
+        pick = [t for t in range(self.decided, edge) if p.host_share(t)]
         self.decided = edge
         chosen = torch.tensor(pick, dtype=torch.int64)
-        on_dev = (self.loc[:n] == 0).sum().item() - chosen.numel()
+        on_dev = self.n_dev + (n - self.length) - chosen.numel()
         if on_dev > p.cap:  # spill the oldest device rows left outside the recent window
             keep = torch.ones(n, dtype=torch.bool)
             keep[chosen] = False
@@ -88,9 +90,18 @@ class TieredKV:
         self._grow_index(n)
         self.loc[n0:n] = 0
         host_pos = self._to_host(n)
+        rows = torch.cat([k, v.to(k.dtype)], -1).permute(2, 0, 1, 3)  # [m, B, H, W]
+        if not host_pos.numel() and m == 1:  # the common decode step: one new row to the device
+            slot = self.free.pop() if self.free else self.dev.used
+            if slot == self.dev.used:
+                self.dev.reserve(slot + 1)
+                self.dev.used += 1
+            self.dev.buf[slot] = rows[0]
+            self.loc[n0], self.slot[n0] = 0, slot
+            self.length, self.n_dev = n, self.n_dev + 1
+            return
         old = host_pos[host_pos < n0]
         new_host = host_pos[host_pos >= n0]
-        rows = torch.cat([k, v.to(k.dtype)], -1).permute(2, 0, 1, 3)  # [m, B, H, W]
         if self.plan.host_cap is not None and self.host.used + host_pos.numel() > self.plan.host_cap:
             raise HostTierFullError(
                 f"llmaccel kv_tiers: the host tier is full at {n} tokens (host_budget: {self.plan.host_cap} "
@@ -103,6 +114,7 @@ class TieredKV:
             self.loc[old], self.slot[old] = 1, torch.arange(first, first + old.numel())
             self.free.extend(slots.tolist())
             self.moved += old.numel()
+            self.n_dev -= old.numel()
         is_host = torch.zeros(m, dtype=torch.bool)
         is_host[new_host - n0] = True
         if new_host.numel():
@@ -118,6 +130,7 @@ class TieredKV:
             self.dev.used += fresh
             self.dev.write(slots, rows[(~is_host).to(rows.device)])
             self.loc[dev_pos], self.slot[dev_pos] = 0, slots
+            self.n_dev += dev_pos.numel()
         self.length = n
 
     # -- reads -------------------------------------------------------------------------------
@@ -145,7 +158,7 @@ class TieredKV:
         P = idx.shape[-1]
         ii = idx.expand(B, H, P).cpu()
         loc, slot = self.loc[ii], self.slot[ii]
-        flat = slot * (B * H) + (torch.arange(B)[:, None, None] * H + torch.arange(H)[None, :, None])
+        flat = slot * (B * H) + self._bh
         host = (loc == 1).flatten()
         nh = int(host.sum())
         pending = fetch.start(self.host.flat(), flat.flatten()[host], self.device, self.prefetch) if nh else None
@@ -184,7 +197,7 @@ class TieredKV:
 
     # -- accounting ----------------------------------------------------------------------------
     def device_tokens(self) -> int:
-        return int((self.loc[: self.length] == 0).sum())
+        return self.n_dev
 
     def host_tokens(self) -> int:
         return int((self.loc[: self.length] == 1).sum())
