@@ -312,3 +312,20 @@ def test_llama_recompute_path_equals_the_models_kv(kv_heads):
     torch.testing.assert_close(v, cache.layers[1].values[:, :, slots], rtol=1e-5, atol=1e-6)
     # memory: GQA (2 KV heads x 16 x 2 = 64 values) keeps as much as it frees; MHA (4 heads: 128) frees half
     assert rec.kept_values_per_token() == 64 and rec.kv_values_per_token() == kv_heads * 32
+
+
+def test_swa_over_tiers_under_inductor_equals_swa_on_the_device(tmp_path):
+    """The default ``inner="inductor"``: the op with its ``tiers`` argument goes through Inductor."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    outs, cache = [], DynamicCache()
+    for extra in ({}, {"kv_tiers": _tiers(tmp_path, device_budget=_budget(build("llama"), 2, 30))}):
+        torch._dynamo.reset()
+        model = build("llama")
+        model.forward = torch.compile(model.forward, backend="llmaccel", options={"swa": {"sparsity": 0.6}, **extra})
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                       do_sample=False, past_key_values=cache if extra else None))
+    assert torch.equal(outs[0], outs[1])
+    assert all(isinstance(kv, TieredKV) and kv.host_tokens() > 0 and kv.host_fetched > 0 for kv in _kvs(cache))
