@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from llm_compile.option_rules import OptionsError, Rule, OutOfRange, is_int
 
 __all__ = ["OptionsError", "LLMAccelConfig", "SWAConfig", "AndaConfig", "OffloadConfig", "KVStoreConfig",
-           "parse_options", "POLICY_DEFAULTS", "RULES", "STAGE_NAMES", "options_table"]
+           "KVTiersConfig", "parse_options", "POLICY_DEFAULTS", "RULES", "STAGE_NAMES", "options_table"]
 
 ANDA_MODULE_KINDS = ("qkv", "o", "gate_up", "down")
 
@@ -115,6 +115,37 @@ class KVStoreConfig:
 
 
 @dataclass(frozen=True)
+class KVTiersConfig:
+    """ALISA's system level: each site's KV in tiers (model device -> host memory), placed by a
+    plan (p1, p2, alpha, beta) from a cost model measured on the machine (README: KV tiers)."""
+
+    device_budget: int = 512 * 1024 * 1024
+    """Bytes of KV (all layers, whole batch) kept on the model's device; past that (p1) rows move to the host tier."""
+    host_budget: int | None = None
+    """Bytes of KV the host tier may hold (all layers); `None` = unlimited. Past it (p2) a step raises: phase 3 (recompute) is not wired into compiled graphs yet."""
+    mmap_dir: str | None = None
+    """CPU models only: the host tier is a memory-mapped file in this folder (KV larger than RAM); deleted with the cache. `None`: host RAM (pinned for CUDA models)."""
+    recent: int = 64
+    """Most recent tokens of each layer that always stay on the device."""
+    max_context: int = 8192
+    """Context the plan is made for: alpha is the smallest host share that fits the budget there (longer: the oldest device rows spill)."""
+    recompute: str = "auto"
+    """Phase 3: `"auto"` (the cost model decides and says why in the plan) or `"off"` (beta = 0)."""
+    p1: int | None = None
+    """Override the plan: tokens kept all on the device before rows move to the host (`None`: from the budget)."""
+    p2: int | None = None
+    """Override the plan: tokens after which recompute would start (`None`: from `host_budget`)."""
+    alpha: float | None = None
+    """Override the plan: share of the tokens outside the recent window that move to the host past p1 (`None`: planned)."""
+    beta: float | None = None
+    """Override the plan: share of the tokens past p2 recomputed; only `0`/`None` run today (phase 3 is planned, not executed)."""
+    prefetch: bool = True
+    """Gather the host rows of a step on a worker thread (CUDA: a side stream) while the device rows are gathered."""
+    cost_cache_dir: str | None = None
+    """Folder of the measured cost model (JSON per machine and model shape); `None`: `~/.cache/llm_compile/kv_tiers`."""
+
+
+@dataclass(frozen=True)
 class LLMAccelConfig:
     swa: SWAConfig | None = None
     """Sparse window attention; off unless given."""
@@ -124,6 +155,8 @@ class LLMAccelConfig:
     """Attention offload; off unless given."""
     kv_store: KVStoreConfig | None = None
     """In-process in-place KV store: on by default with `swa` (not with `offload`), else off unless given; `False` turns it off."""
+    kv_tiers: KVTiersConfig | None = None
+    """Tiered KV (device -> host, ALISA's three phases) inside the KV store; off unless given; turns `kv_store` on."""
     canonicalize: bool | None = None
     """Rewrite attention sites to ``llmaccel::attention``: on when swa, kv_store or offload is on (they need it), else off, so that `{}` is stock Inductor; `True` forces it (e.g. to see the canonical graph in a dump)."""
     inner: str = "inductor"
@@ -138,7 +171,8 @@ class LLMAccelConfig:
     """Only dump the stages of these passes (names as in ``passes.json``); ``None`` = all."""
 
 
-_SECTIONS = {"swa": SWAConfig, "anda": AndaConfig, "offload": OffloadConfig, "kv_store": KVStoreConfig}
+_SECTIONS = {"swa": SWAConfig, "anda": AndaConfig, "offload": OffloadConfig, "kv_store": KVStoreConfig,
+             "kv_tiers": KVTiersConfig}
 
 STAGE_NAMES = ("dynamo", "aten", "canonicalize_attention", "sparse_window_attention", "anda_lowering",
                "local_kv_store", "attention_offload")
@@ -188,6 +222,18 @@ RULES: dict[str, Rule] = {
     "offload.init_method": Rule.url(("tcp", "env", "file")),
     "kv_store.reserve_tokens": Rule.int_(lo=0),
     "kv_store.growth": Rule.float_(lo=1, lo_open=True),
+    "kv_tiers.device_budget": Rule.int_(lo=1, note=" (bytes)"),
+    "kv_tiers.host_budget": Rule.int_(lo=1, optional=True, note=" (bytes)"),
+    "kv_tiers.mmap_dir": Rule.path(),
+    "kv_tiers.recent": Rule.int_(lo=1),
+    "kv_tiers.max_context": Rule.int_(lo=2),
+    "kv_tiers.recompute": Rule.choice("auto", "off"),
+    "kv_tiers.p1": Rule.int_(lo=1, optional=True),
+    "kv_tiers.p2": Rule.int_(lo=1, optional=True),
+    "kv_tiers.alpha": replace(Rule.float_(0, 1), optional=True, text=Rule.float_(0, 1).text + " or None"),
+    "kv_tiers.beta": replace(Rule.float_(0, 1), optional=True, text=Rule.float_(0, 1).text + " or None"),
+    "kv_tiers.prefetch": Rule.bool_(),
+    "kv_tiers.cost_cache_dir": Rule.path(),
     "canonicalize": Rule.bool_(optional=True),
     "inner": Rule.choice("inductor", "eager"),
     "mode": replace(Rule.choice(*INDUCTOR_MODES), optional=True,
@@ -254,6 +300,8 @@ def parse_options(options: Mapping[str, Any] | LLMAccelConfig | None) -> LLMAcce
                            "expected a dict such as {\"swa\": {\"sparsity\": 0.8}} (or an LLMAccelConfig)")
     _check_keys("options", options, LLMAccelConfig)
     kw: dict[str, Any] = {k: _section(k, options.get(k)) for k in _SECTIONS}
+    if not explicit_kv and kw["kv_tiers"] is not None and kw["offload"] is None:
+        kw["kv_store"] = KVStoreConfig()  # the tiers live inside the in-place store
     if not explicit_kv and kw["swa"] is not None and kw["offload"] is None:
         kw["kv_store"] = KVStoreConfig()  # SWA's speed needs the in-place cache (README: kv_store)
     if options.get("debug_dir") is None and os.environ.get("LLMACCEL_DEBUG"):
@@ -271,7 +319,34 @@ def parse_options(options: Mapping[str, Any] | LLMAccelConfig | None) -> LLMAcce
                            "under offload it already lives in the attention workers (appended in place "
                            "there): drop kv_store")
     _validate_swa_offload(cfg)
+    _validate_tiers(cfg)
     return cfg
+
+
+def _validate_tiers(cfg: LLMAccelConfig) -> None:
+    """kv_tiers: needs the in-place store, and its plan overrides must agree with each other."""
+    t = cfg.kv_tiers
+    if t is None:
+        return
+    if cfg.offload is not None:
+        raise OptionsError("llmaccel: kv_tiers and offload both place the KV cache; under offload it lives "
+                           "in the attention workers: drop kv_tiers (or offload)")
+    if cfg.kv_store is None:
+        raise OptionsError("llmaccel: kv_tiers keeps the KV in tiers inside the in-place store: it needs "
+                           "kv_store; drop \"kv_store\": False")
+    if t.p1 is not None and t.p2 is not None and t.p2 < t.p1:
+        raise OptionsError(f"llmaccel: kv_tiers.p2={t.p2} < kv_tiers.p1={t.p1}: phase 3 (recompute) starts "
+                           "after phase 2 (host); give p2 >= p1")
+    if t.p1 is not None and t.p1 <= t.recent:
+        raise OptionsError(f"llmaccel: kv_tiers.p1={t.p1} <= kv_tiers.recent={t.recent}: the recent window "
+                           "always stays on the device, so p1 must be larger; lower recent or raise p1")
+    if t.beta:
+        raise OptionsError(f"llmaccel: kv_tiers.beta={t.beta}: phase 3 (recompute of part beta of the tokens) "
+                           "is planned and reported but not executed in compiled graphs yet; use beta=0 or None "
+                           "(the plan in the debug dump says what recompute would save)")
+    if t.mmap_dir is not None and not os.path.isdir(t.mmap_dir):
+        raise OptionsError(f"llmaccel: kv_tiers.mmap_dir={t.mmap_dir!r} is not an existing folder; create it "
+                           "(on a local disk) or drop mmap_dir to keep the host tier in RAM")
 
 
 def _validate_swa_offload(cfg: LLMAccelConfig) -> None:

@@ -74,7 +74,7 @@ def state_spec(gm: torch.fx.GraphModule) -> list[dict]:
                              "swa": a["swa"]})
             continue
         if a.get("k_cache") in index and a.get("v_cache") in index:
-            extra = [a["reserve"], a["growth"], a["swa"]] if name == "stored_attention" else [a["swa"]]
+            extra = ([a["reserve"], a["growth"], a["swa"], a.get("tiers", "")] if name == "stored_attention" else [a["swa"]])
             spec.append({"op": name, "k": index[a["k_cache"]], "v": index[a["v_cache"]],
                          "q_heads": q_heads, "site": a["site"], "scale": a["scale"], "extra": extra})
     return spec

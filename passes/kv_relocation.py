@@ -10,7 +10,7 @@ phantom: either one the new call returns (``stored_attention``: the phantoms car
 
     before:  attention = llmaccel.attention(q, k, v, past_k, past_v, ..., cat, cat_1)
              return (cat_1, cat, ..., logits)
-    after:   stored = llmaccel.stored_attention(q, k, v, past_k, past_v, ..., 256, 1.5, '')
+    after:   stored = llmaccel.stored_attention(q, k, v, past_k, past_v, ..., 256, 1.5, '', '')
              out, k_ph, v_ph = stored[0], stored[1], stored[2]
              return (v_ph, k_ph, ..., logits)
 

@@ -133,3 +133,19 @@ def test_bench_backend_args_and_table(capsys):
     assert "| llmaccel-off `{}` | 11.55 [9.90-12.00] | 1.00 [0.99-1.05]x |" in text
     assert "| 44.0 | 22.0 | 1.10x | 1.10x | -/33 |" in text
     assert "| eager | 5.50 [5.00-6.00] | 0.50 [0.50-0.50]x |" in text
+
+
+def test_bench_kv_tiers_runs_at_a_tiny_size(tmp_path):
+    """Every config gives a row (or its error), the targets and the plan are reported, JSON + PNG."""
+    import json
+
+    m = _load("bench_kv_tiers")
+    out = m.main(["--context", "40", "--layers", "1", "--steps", "1", "--warmup", "1", "--batches", "1,2",
+                  "--budget-mib", "1", "--recent", "8", "--json", str(tmp_path / "r.json"),
+                  "--png", str(tmp_path / "r.png")])
+    assert (tmp_path / "r.png").stat().st_size > 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["partial"] is False and set(data["configs"]) >= {"dense_device", "host_all", "swa_tiers"}
+    c = out["configs"]["swa_tiers"][0]
+    assert c["batch"] == 2 and c["tokens_per_s"] > 0 and c["plan"]["beta"] == 0
+    assert "batch_c_over_a" in out["targets"] and "tok_s_c_over_b" in out["targets"]

@@ -72,3 +72,35 @@ def test_smollm2_hf_generate_with_swa_0_8(smollm2):
     new, new_ref = out[0, ids.shape[1]:], ref[0, ids.shape[1]:]
     assert new[0] == new_ref[0]                     # the first token comes from the exact prefill
     assert any(c.isalpha() for c in tok.decode(new))
+
+
+def test_smollm2_generate_with_swa_and_kv_tiers_equals_swa_on_the_device(smollm2, tmp_path):
+    """Issue 14's "done when": HF ``generate`` on SmolLM2 with SWA 0.8 and most of its KV off the
+    device (a budget of 96 tokens per layer for a 300-token passage + 16 new tokens) gives the same
+    tokens as SWA with everything on the device (``inner: eager``: Inductor over tiers is covered by
+    ``tests/runtime/test_kv_tiers.py`` on a small model; here it would add ~8 min of compiling)."""
+    from transformers import DynamicCache
+
+    from llm_compile.eval.data import load_tokens
+    from llm_compile.runtime.tiers.store import TieredKV
+
+    model, tok = smollm2
+    ids = load_tokens(tok, "evaluation", 300)
+    per_token = 30 * 3 * 128 * model.dtype.itemsize           # layers x KV heads x (K + V) x bytes
+    tiers = {"device_budget": 96 * per_token, "recent": 32, "cost_cache_dir": str(tmp_path)}
+    outs, cache = [], DynamicCache()
+    try:
+        for extra in ({}, {"kv_tiers": tiers}):
+            torch._dynamo.reset()
+            model.forward = torch.compile(model.forward, backend="llmaccel",
+                                          options={"inner": "eager", "swa": {"sparsity": 0.8}, **extra})
+            with torch.no_grad():
+                outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                           do_sample=False, past_key_values=cache if extra else None))
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+    assert outs[0].tolist() == outs[1].tolist()
+    kvs = [layer.keys.llmaccel_kv for layer in cache.layers]
+    assert len(kvs) == 30 and all(isinstance(kv, TieredKV) for kv in kvs)
+    assert all(kv.device_tokens() <= 96 and kv.host_tokens() >= 200 and kv.host_fetched > 0 for kv in kvs)

@@ -40,7 +40,9 @@ def test_modules_import_alone_in_a_fresh_interpreter():
     mods = ["llm_compile.runtime.swa", "llm_compile.runtime.kv", "llm_compile.runtime.kv.cache",
             "llm_compile.passes.kv_relocation", "llm_compile.repro_state",
             "llm_compile.runtime.offload.pool", "llm_compile.passes.manager",
-            "llm_compile.codegen.anda_kernels", "llm_compile.quantize"]
+            "llm_compile.codegen.anda_kernels", "llm_compile.quantize",
+            "llm_compile.runtime.tiers.plan", "llm_compile.runtime.tiers.store",
+            "llm_compile.runtime.kv.store", "llm_compile.passes.local_kv_store"]
     code = "import importlib, subprocess, sys\n" \
            f"for m in {mods!r}:\n" \
            "    r = subprocess.run([sys.executable, '-c', 'import ' + m], capture_output=True, text=True)\n" \

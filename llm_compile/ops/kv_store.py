@@ -3,7 +3,7 @@
 Contract::
 
     stored_attention(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site,
-                     reserve, growth, swa) -> (out, k_phantom, v_phantom)
+                     reserve, growth, swa, tiers="") -> (out, k_phantom, v_phantom)
 
 * ``out``: llmaccel::attention's result ([B, Hq, Lq, Dv], layout of ``attention_out_like``).
 * The KV of this site lives in a :class:`~llm_compile.runtime.kv.buffer.SiteKV` (preallocated
@@ -15,6 +15,9 @@ Contract::
   place. Anything else (a real tensor, a phantom without state, a length or site mismatch) raises.
 * ``swa``: ``""`` for dense attention, else the SWAConfig as JSON (sparse window attention over
   the stored KV; its state lives next to the KV in the SiteKV).
+* ``tiers``: ``""`` (all KV on the model's device), else the ``kv_tiers`` options as JSON plus the
+  graph's number of sites (``"sites"``): the KV lives in a
+  :class:`~llm_compile.runtime.tiers.store.TieredKV` (device and host tiers, ALISA's phases).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from llm_compile.ops.swa import cache_after
 torch.library.define(
     "llmaccel::stored_attention",
     "(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, Tensor? attn_mask, float scale, "
-    "bool is_causal, int site, int reserve, float growth, str swa) -> (Tensor, Tensor, Tensor)")
+    "bool is_causal, int site, int reserve, float growth, str swa, str tiers=\"\") -> (Tensor, Tensor, Tensor)")
 
 
 def phantom_like(t):
@@ -34,7 +37,7 @@ def phantom_like(t):
 
 
 @torch.library.register_fake("llmaccel::stored_attention")
-def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve, growth, swa):
+def _(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve, growth, swa, tiers=""):
     return (attention_out_like(q, v), phantom_like(cache_after(k_cache, k)),
             phantom_like(cache_after(v_cache, v)))
 

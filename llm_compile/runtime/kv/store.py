@@ -17,6 +17,8 @@ over the stored KV (``swa`` != ``""``) keeps its state in ``SiteKV.state``.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,8 @@ from llm_compile.runtime.kv.buffer import SiteKV
 from llm_compile.runtime.swa.op import FIX, SequenceStateError
 from llm_compile.runtime.swa.policies import config_from_json
 from llm_compile.runtime.swa.step import new_state, swa_step
+from llm_compile.runtime.tiers.plan import plan_from_json
+from llm_compile.runtime.tiers.store import TieredKV
 
 KV_ATTR = "llmaccel_kv"
 
@@ -76,27 +80,48 @@ def site_kv(k_cache: Tensor, site: int, batch: int) -> SiteKV:
     return kv
 
 
-def _attend(kv: SiteKV, q, attn_mask, scale, is_causal) -> Tensor:
+def _attend(kv: SiteKV | TieredKV, q, attn_mask, scale, is_causal) -> Tensor:
     cfg = config_from_json(kv.swa)
+    if isinstance(kv, TieredKV):  # dense reads every row of both tiers; SWA gathers its selection
+        if cfg is None or cfg.sparsity == 0:
+            return dense_attention(q, *kv.full(), attn_mask, scale, is_causal)
+        return swa_step(kv.state, q, None, None, scale, cfg, attn_mask=attn_mask, is_causal=is_causal,
+                        source=kv)
     if cfg is None or cfg.sparsity == 0:
         return dense_attention(q, kv.keys(), kv.values(), attn_mask, scale, is_causal)
     return swa_step(kv.state, q, kv.keys(), kv.values(), scale, cfg, attn_mask=attn_mask,
                     is_causal=is_causal)
 
 
+def _tiered(tiers: str, q: Tensor, k: Tensor, v: Tensor, state, swa: str) -> TieredKV:
+    """A new TieredKV for this prefill, with the plan for its batch (cached per shape)."""
+    B, hkv, _, D = k.shape
+    opts = json.loads(tiers)
+
+    def replan(batch: int):
+        return plan_from_json(tiers, batch, hkv, q.shape[1], D, v.shape[-1], k.dtype, k.device, swa)
+
+    return TieredKV(B, hkv, D, v.shape[-1], k.dtype, k.device, state, replan(B), replan,
+                    mmap_dir=opts.get("mmap_dir"), prefetch=opts.get("prefetch", True))
+
+
 @torch.library.impl("llmaccel::stored_attention", "CompositeExplicitAutograd")
 def stored_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
                      attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
-                     reserve: int, growth: float, swa: str):
+                     reserve: int, growth: float, swa: str, tiers: str = ""):
     B, hkv, _, D = k.shape
     if q.shape[1] % hkv:
         raise ValueError(f"llmaccel kv_store: {q.shape[1]} query heads is not a multiple of {hkv} KV heads")
     if k_cache is None:
         cfg = config_from_json(swa)
         state = new_state(B, hkv, k.device, cfg) if cfg is not None and cfg.sparsity > 0 else None
-        kv = SiteKV(B, hkv, D, v.shape[-1], k.dtype, k.device, None, state, reserve=reserve, growth=growth)
+        kv = (_tiered(tiers, q, k, v, state, swa) if tiers else
+              SiteKV(B, hkv, D, v.shape[-1], k.dtype, k.device, None, state, reserve=reserve, growth=growth))
         kv.site, kv.swa = site, swa
-        if state is None:  # dense prefill: attend over k/v directly, then store them
+        if tiers and state is not None:  # tiered SWA prefill: attend over k/v, then store them
+            out = swa_step(state, q, k, v, scale, cfg, attn_mask=attn_mask, is_causal=is_causal)
+            kv.append(k, v)
+        elif state is None:  # dense prefill: attend over k/v directly, then store them
             out = dense_attention(q, k, v, attn_mask, scale, is_causal)
             kv.append(k, v)
         else:

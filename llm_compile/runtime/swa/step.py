@@ -174,11 +174,16 @@ def gather_attend_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, bias: Te
     index ``n`` is the new token. Returns out [B, Hq, Dv] (dtype of q) and weights [B, Hq, P]
     fp32 (same contract as :func:`llm_compile.codegen.swa_kernels.swa_decode_attention`).
     """
+    return attend_rows(q, gather_rows(kf, idx, k_new), gather_rows(vf, idx, v_new), bias, scale)
+
+
+def attend_rows(q: Tensor, kg: Tensor, vg: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Dense attention of q [B, Hq, D] over gathered rows kg/vg [B, Hkv, P, D|Dv] with ``bias``
+    [B, 1|Hq, P]; returns out [B, Hq, Dv] and weights [B, Hq, P] (see :func:`gather_attend_torch`)."""
     B, Hq, D = q.shape
-    Hkv, Dv, P = kf.shape[1], vf.shape[-1], idx.shape[-1]
+    Hkv, Dv, P = kg.shape[1], vg.shape[-1], kg.shape[2]
     grp = Hq // Hkv
-    kg = gather_rows(kf, idx, k_new).float()
-    vg = gather_rows(vf, idx, v_new).float()
+    kg, vg = kg.float(), vg.float()
     logits = torch.matmul(q.float().reshape(B, Hkv, grp, D), kg.transpose(-1, -2)).mul_(scale)
     logits += bias.expand(B, Hq, P).reshape(B, Hkv, grp, P)
     w = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
@@ -237,14 +242,17 @@ def _use_triton(cfg, q: Tensor) -> bool:
 
 
 def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tensor | None,
-                   vn: Tensor | None, attn_mask, scale, cfg):
-    """One-query step. ``kc``/``vc``: the full cache, or (with ``kn``/``vn``) the old part."""
+                   vn: Tensor | None, attn_mask, scale, cfg, source=None):
+    """One-query step. ``kc``/``vc``: the full cache, or (with ``kn``/``vn``) the old part; or
+    (``source``, tiered KV) none: rows are read from the source (see :func:`swa_step`)."""
     B, Hq, _, _ = q.shape
-    n = kc.shape[-2] + (0 if kn is None else kn.shape[-2])
+    n = source.length if source is not None else kc.shape[-2] + (0 if kn is None else kn.shape[-2])
     b = compute_budget(n, cfg)
     state.trim(b.window)
     triton_path = _use_triton(cfg, q)
     dense = b.dense or n < cfg.min_context  # issue 17: short context runs dense (swa.min_context)
+    if source is not None and dense:
+        kc, vc = source.full()
     if kn is not None and (dense or triton_path):
         kc, vc = full_kv(kn, vn, kc, vc)
         kn = vn = None
@@ -257,7 +265,17 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
             state.add(idx, _group_sum(w, state.groups))
         return out
     idx = state.select(b)
-    if triton_path:
+    if source is not None:  # tiered KV: one gather per tier, then attend over the gathered rows
+        bias = _slot_bias(attn_mask, idx, b.total, Hq, n)
+        kg, vg = source.rows(idx)
+        if triton_path:
+            from llm_compile.codegen.swa_kernels import swa_decode_attention
+
+            seq = torch.arange(idx.shape[-1], device=q.device).expand(B, 1, idx.shape[-1])
+            out, w = swa_decode_attention(q[:, :, 0], kg, vg, seq, bias, scale)
+        else:
+            out, w = attend_rows(q[:, :, 0], kg, vg, bias, scale)
+    elif triton_path:
         from llm_compile.codegen.swa_kernels import swa_decode_attention
 
         bias = _slot_bias(attn_mask, idx, b.total, Hq, n)
@@ -285,14 +303,27 @@ def _scores_wanted(n: int, cfg) -> bool:
 
 def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: float, cfg, *,
              attn_mask: Tensor | None = None, is_causal: bool = False,
-             k_new: Tensor | None = None, v_new: Tensor | None = None) -> Tensor:
+             k_new: Tensor | None = None, v_new: Tensor | None = None, source=None) -> Tensor:
     """One attention call under SWA on an explicit state (mutated); returns [B, Hq, Lq, Dv].
 
     ``k_full``/``v_full`` hold the whole cache including this call's tokens; or, if ``k_new``/
     ``v_new`` are given, only the cached tokens before the call, the call's tokens being
     ``k_new``/``v_new`` (the sparse decode path then never concatenates the cache).
+
+    ``source`` (tiered KV, :class:`~llm_compile.runtime.tiers.store.TieredKV`; then ``k_full``/
+    ``v_full`` are None): the cache including this call's tokens, read by ``source.rows(idx)``
+    (the selected rows) on a sparse step and ``source.full()`` (every row) on any dense one.
     """
     B, Hq, Lq, _ = q.shape
+    if source is not None:
+        if cfg.sparsity == 0 or Lq != 1 or source.length == 1 or (is_causal and attn_mask is None):
+            k_full, v_full = source.full()  # a dense call reads every row
+            source = None
+        else:
+            Hkv, n = source.shape[1], source.length
+            _check_state(state, B, Hkv, n - 1, q.device, cfg)
+            state.grow(n)
+            return _sparse_decode(state, q, None, None, None, None, attn_mask, scale, cfg, source)
     Hkv = k_full.shape[1]
     n = k_full.shape[2] + (0 if k_new is None else k_new.shape[2])
     if Hq % Hkv:
@@ -307,14 +338,7 @@ def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: 
         out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
         _seed(state, q, k_full, attn_mask, scale, is_causal and attn_mask is None, cfg, False)
         return out
-    groups = Hkv if cfg.selection == "kv_head" else 1
-    if not state.matches(B, groups, n - Lq, q.device):
-        raise RuntimeError(
-            f"llmaccel swa: the SWA state covers {state.n} tokens of {state.batch} sequence(s), but "
-            f"this call's cache holds {n - Lq} tokens of {B}: the cache was changed outside the "
-            "compiled model (cropped, reordered, or taken from another sequence). Use "
-            "llm_compile.LLMAccelCache for beam search and assisted decoding, or start the "
-            "sequence again with a prefill")
+    _check_state(state, B, Hkv, n - Lq, q.device, cfg)
     if Lq > 1 or (is_causal and attn_mask is None):
         log.debug("llmaccel swa: %d-query call on a %d-token cache runs dense", Lq, n - Lq)
         if k_new is not None:
@@ -324,3 +348,14 @@ def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: 
         return out
     state.grow(n)
     return _sparse_decode(state, q, k_full, v_full, k_new, v_new, attn_mask, scale, cfg)
+
+
+def _check_state(state: SWAState, B: int, Hkv: int, cached: int, device, cfg) -> None:
+    groups = Hkv if cfg.selection == "kv_head" else 1
+    if not state.matches(B, groups, cached, device):
+        raise RuntimeError(
+            f"llmaccel swa: the SWA state covers {state.n} tokens of {state.batch} sequence(s), but "
+            f"this call's cache holds {cached} tokens of {B}: the cache was changed outside the "
+            "compiled model (cropped, reordered, or taken from another sequence). Use "
+            "llm_compile.LLMAccelCache for beam search and assisted decoding, or start the "
+            "sequence again with a prefill")

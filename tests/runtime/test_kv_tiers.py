@@ -1,0 +1,331 @@
+"""Tiered KV (kv_tiers, ALISA's system level): placement, plan and cost model, exactness against
+the KV all on the device (SWA and dense, Llama GQA and GPT-2 MHA), the mmap host tier, errors."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+
+import pytest
+import torch
+
+from model_zoo import build
+from llm_compile.config import KVTiersConfig, OptionsError, parse_options
+from llm_compile.runtime.tiers.plan import TiersPlanError, make_plan
+from llm_compile.runtime.tiers.store import HostTierFullError, TieredKV
+
+
+pytestmark = pytest.mark.filterwarnings("error::llm_compile.passes.manager.PassNotAppliedWarning")
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _plan(tmp_path, **kw):
+    cfg = KVTiersConfig(**{"device_budget": 1 << 20, "cost_cache_dir": str(tmp_path), "recent": 4, **kw})
+    return make_plan(cfg, batch=2, heads=3, q_heads=6, d=8, dv=8, dtype=torch.float32,
+                     device=torch.device("cpu"), sites=1)
+
+
+def _tiers(tmp_path, **kw):
+    """Options that force phase 2 early: p1 = 24 tokens, recent 8, half the older rows on the host,
+    and a device budget of 30 tokens per layer (so the oldest device rows spill as well)."""
+    return {"p1": 24, "recent": 8, "alpha": 0.5, "cost_cache_dir": str(tmp_path), **kw}
+
+
+def _budget(model, batch: int, tokens: int) -> int:
+    cfg = model.config
+    layers = cfg.num_hidden_layers
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    d = cfg.hidden_size // cfg.num_attention_heads
+    return layers * batch * heads * 2 * d * 4 * tokens
+
+
+def _kvs(cache):
+    return [layer.keys.llmaccel_kv for layer in cache.layers]
+
+
+# ---- the store itself --------------------------------------------------------------------------
+
+def test_tiered_kv_places_rows_and_reads_them_back(tmp_path):
+    plan = _plan(tmp_path, p1=12, alpha=0.5)
+    kv = TieredKV(2, 3, 8, 8, torch.float32, torch.device("cpu"), None, plan)
+    k, v = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
+    kv.append(k[:, :, :10], v[:, :, :10])
+    assert kv.host_tokens() == 0                                  # phase 1: n <= p1
+    for t in range(10, 40):
+        kv.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert kv.host_tokens() == 18 and kv.device_tokens() == 22   # half of the 36 outside recent 4
+    assert kv.loc[36:40].eq(0).all()                             # the recent window stays
+    fk, fv = kv.full()
+    assert torch.equal(fk, k) and torch.equal(fv, v)
+    idx = torch.tensor([[[0, 3, 17, 38]], [[1, 2, 30, 39]]])     # [B, 1, P]
+    gk, gv = kv.rows(idx)
+    ref = torch.gather(k, 2, idx.expand(2, 3, 4)[..., None].expand(2, 3, 4, 8))
+    assert torch.equal(gk, ref) and kv.host_fetched > 0 and kv.dev_fetched > 0
+    assert torch.equal(gv, torch.gather(v, 2, idx.expand(2, 3, 4)[..., None].expand(2, 3, 4, 8)))
+
+
+def test_device_rows_never_exceed_the_budget(tmp_path):
+    """alpha 0 past p1: the oldest device rows spill to the host instead of overflowing the budget."""
+    row = 2 * 3 * 16 * 4
+    plan = _plan(tmp_path, device_budget=20 * row, alpha=0.0)
+    assert plan.cap == 20 and plan.p1 == 20
+    kv = TieredKV(2, 3, 8, 8, torch.float32, torch.device("cpu"), None, plan)
+    k = torch.randn(2, 3, 64, 8)
+    kv.append(k[:, :, :50], k[:, :, :50])
+    for t in range(50, 64):
+        kv.append(k[:, :, t:t + 1], k[:, :, t:t + 1])
+        assert kv.device_tokens() <= 20
+    assert kv.spilled == 44 and kv.dev.capacity <= 20
+    assert torch.equal(kv.full()[0], k)
+
+
+def test_mmap_host_tier_is_a_file_deleted_with_the_cache(tmp_path):
+    d = tmp_path / "kv"
+    d.mkdir()
+    plan = make_plan(KVTiersConfig(device_budget=1 << 20, p1=8, recent=4, alpha=1.0, mmap_dir=str(d),
+                                   cost_cache_dir=str(tmp_path)),
+                     batch=1, heads=2, q_heads=2, d=4, dv=4, dtype=torch.float32, device=torch.device("cpu"),
+                     sites=1)
+    assert plan.host == "mmap"
+    kv = TieredKV(1, 2, 4, 4, torch.float32, torch.device("cpu"), None, plan, mmap_dir=str(d))
+    k = torch.randn(1, 2, 300, 4)
+    for t in range(0, 300, 10):
+        kv.append(k[:, :, t:t + 10], -k[:, :, t:t + 10])
+    files = list(d.iterdir())
+    assert len(files) == 1 and kv.host_tokens() == 296 and files[0].stat().st_size >= 296 * 2 * 8 * 4
+    assert torch.equal(kv.full()[0], k) and torch.equal(kv.full()[1], -k)
+    del kv
+    gc.collect()
+    assert list(d.iterdir()) == []
+
+
+# ---- plan and cost model -----------------------------------------------------------------------
+
+def test_plan_gqa_keeps_beta_zero_and_says_why(tmp_path):
+    """SmolLM2's shape: 3 KV heads of 9, head dim 64: K+V per token (384) < layer input (576)."""
+    plan = make_plan(KVTiersConfig(cost_cache_dir=str(tmp_path)), batch=4, heads=3, q_heads=9, d=64, dv=64,
+                     dtype=torch.float32, device=torch.device("cpu"), sites=30, swa={"sparsity": 0.8})
+    assert plan.beta == 0 and "frees no memory" in plan.reasons["beta"] and "576" in plan.reasons["beta"]
+    assert plan.p1 == plan.cap == (512 << 20) // (30 * 4 * 3 * 128 * 4)
+    assert 0 < plan.alpha < 1
+    lo, hi = sorted([plan.predicted_all_device_s, plan.predicted_all_host_s])   # on CPU both tiers are RAM
+    assert lo * (1 - 1e-9) <= plan.predicted_step_s <= hi * (1 + 1e-9)
+
+
+def test_plan_mha_says_what_recompute_would_save(tmp_path):
+    plan = make_plan(KVTiersConfig(cost_cache_dir=str(tmp_path)), batch=1, heads=12, q_heads=12, d=64, dv=64,
+                     dtype=torch.float32, device=torch.device("cpu"), sites=12)
+    assert plan.beta == 0 and "would free 768 of 1536" in plan.reasons["beta"]
+    off = make_plan(KVTiersConfig(cost_cache_dir=str(tmp_path), recompute="off"), batch=1, heads=12,
+                    q_heads=12, d=64, dv=64, dtype=torch.float32, device=torch.device("cpu"), sites=12)
+    assert "recompute off" in off.reasons["beta"]
+
+
+def test_cost_model_is_measured_once_and_cached_on_disk(tmp_path):
+    first = _plan(tmp_path)
+    files = list(tmp_path.glob("cost-*.json"))
+    assert len(files) == 1 and first.cost["measured"]
+    data = json.loads(files[0].read_text())
+    assert set(data) == {"dev_row_s", "host_row_s", "h2d_bytes_s", "recompute_tok_s"}
+    assert all(v > 0 for v in data.values())
+    second = _plan(tmp_path)
+    assert not second.cost["measured"] and second.cost["host_row_s"] == data["host_row_s"]
+
+
+def test_plan_overrides_and_their_errors(tmp_path):
+    assert _plan(tmp_path, p1=100, alpha=0.25).alpha == 0.25
+    with pytest.raises(TiersPlanError, match="raise device_budget"):
+        _plan(tmp_path, device_budget=1000)
+    with pytest.raises(TiersPlanError, match="exceeds what device_budget holds"):
+        _plan(tmp_path, device_budget=2 * 3 * 16 * 4 * 50, p1=60)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"kv_tiers": {"p1": 100, "p2": 50}}, "p2=50 < kv_tiers.p1=100"),
+    ({"kv_tiers": {"p1": 10, "recent": 10}}, "p1=10 <= kv_tiers.recent=10"),
+    ({"kv_tiers": {"beta": 0.5}}, "not executed in compiled graphs"),
+    ({"kv_tiers": {"mmap_dir": "/nonexistent/dir"}}, "not an existing folder"),
+    ({"kv_tiers": True, "kv_store": False}, "needs kv_store"),
+    ({"kv_tiers": True, "offload": True}, "drop kv_tiers"),
+])
+def test_inconsistent_options_are_clear_errors(options, match):
+    with pytest.raises(OptionsError, match=match):
+        parse_options(options)
+
+
+def test_kv_tiers_turns_the_store_on():
+    cfg = parse_options({"kv_tiers": {"device_budget": 1 << 20}})
+    assert cfg.kv_store is not None and cfg.kv_tiers.device_budget == 1 << 20
+
+
+# ---- exactness on real model code --------------------------------------------------------------
+
+def _run(model, options, ids, steps):
+    model.forward = torch.compile(model.forward, backend="llmaccel", options={"inner": "eager", **options})
+    from transformers import DynamicCache
+
+    cache, logits = DynamicCache(), []
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True).logits
+        for _ in range(steps):
+            tok = out[:, -1:].argmax(-1)
+            out = model(tok, past_key_values=cache, use_cache=True).logits
+            logits.append(out)
+    return torch.cat(logits, 1), cache
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_swa_over_tiers_equals_swa_on_the_device(family, tmp_path):
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    ref, _ = _run(build(family), {"swa": {"sparsity": 0.6}}, ids, 16)
+    torch._dynamo.reset()
+    model = build(family)
+    tiers = _tiers(tmp_path, device_budget=_budget(model, 2, 30))
+    got, cache = _run(model, {"swa": {"sparsity": 0.6}, "kv_tiers": tiers}, ids, 16)
+    assert torch.equal(got, ref)                                  # same selections, same numbers
+    for kv in _kvs(cache):
+        assert isinstance(kv, TieredKV) and kv.length == 56
+        assert kv.device_tokens() <= 30 and kv.host_tokens() >= 26   # most KV off the device
+        assert kv.host_fetched > 0 and kv.spilled > 0 and kv.state.last_budget is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dense_over_tiers_equals_dense(family, tmp_path):
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))
+    ref, _ = _run(build(family), {"kv_store": True}, ids, 12)
+    torch._dynamo.reset()
+    model = build(family)
+    got, cache = _run(model, {"kv_tiers": _tiers(tmp_path, device_budget=_budget(model, 2, 30))}, ids, 12)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert all(kv.host_tokens() > 0 for kv in _kvs(cache))
+
+
+def test_generate_with_swa_and_tiers_on_mmap_equals_swa(tmp_path):
+    d = tmp_path / "kv"
+    d.mkdir()
+    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(3))
+    ref_model, model = build("llama"), build("llama")
+    ref_model.forward = torch.compile(ref_model.forward, backend="llmaccel",
+                                      options={"swa": {"sparsity": 0.8}, "inner": "eager"})
+    tiers = _tiers(tmp_path, mmap_dir=str(d), device_budget=_budget(model, 2, 32))
+    model.forward = torch.compile(model.forward, backend="llmaccel",
+                                  options={"swa": {"sparsity": 0.8}, "kv_tiers": tiers, "inner": "eager"})
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        a = ref_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+        torch._dynamo.reset()
+        b = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                           past_key_values=cache)
+    assert torch.equal(a, b)
+    kvs = _kvs(cache)
+    assert all(isinstance(kv, TieredKV) and kv.host.kind == "mmap" and kv.host_fetched > 0 for kv in kvs)
+    assert len(list(d.iterdir())) == len(kvs)                     # one host file per layer
+
+
+def test_budget_too_small_for_the_batch_is_a_clear_error(tmp_path):
+    model = build("llama")
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(Exception, match="raise device_budget"):
+        _run(model, {"kv_tiers": _tiers(tmp_path, device_budget=_budget(model, 2, 8))}, ids, 1)
+
+
+def test_full_host_tier_raises(tmp_path):
+    model = build("llama")
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(5))
+    tiers = _tiers(tmp_path, device_budget=_budget(model, 1, 30), host_budget=_budget(model, 1, 4))
+    with pytest.raises(Exception, match="host tier is full"):
+        _run(model, {"swa": {"sparsity": 0.5}, "kv_tiers": tiers}, ids, 8)
+
+
+def test_passes_json_shows_the_plan(tmp_path):
+    model = build("llama")
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(6))
+    _run(model, {"swa": {"sparsity": 0.8}, "debug_dir": str(tmp_path / "dump"),
+                 "kv_tiers": _tiers(tmp_path, device_budget=_budget(model, 2, 64))}, ids, 2)
+    recs = [r for p in (tmp_path / "dump").glob("run_*/graph_*/passes.json")
+            for r in json.loads(p.read_text()) if r.get("pass") == "local_kv_store" or r.get("name") == "local_kv_store"]
+    plans = [r["stats"]["kv_tiers_plan"] for r in recs if "kv_tiers_plan" in r.get("stats", {})]
+    assert plans, recs
+    p = plans[0]
+    assert p["p1"] == 24 and p["alpha"] == 0.5 and p["beta"] == 0 and p["predicted_step_s"] > 0
+    assert "frees no memory" in p["reasons"]["beta"] and p["batch"] == 2
+
+
+def test_beam_search_over_tiers_equals_beam_search_on_the_device(tmp_path):
+    """LLMAccelCache reorders the tiered KV with the SWA state (map_batch rebuilds the tiers)."""
+    from llm_compile import LLMAccelCache
+
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(7))
+    outs, caches = [], []
+    for tiers in (None, _tiers(tmp_path, device_budget=_budget(build("llama"), 2, 30))):
+        torch._dynamo.reset()
+        model = build("llama")
+        opts = {"swa": {"sparsity": 0.6}, "inner": "eager", **({"kv_tiers": tiers} if tiers else {})}
+        model.forward = torch.compile(model.forward, backend="llmaccel", options=opts)
+        cache = LLMAccelCache()
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                       num_beams=2, do_sample=False, past_key_values=cache))
+        caches.append(cache)
+    assert torch.equal(outs[0], outs[1])
+    assert all(isinstance(kv, TieredKV) and kv.host_tokens() > 0 for kv in _kvs(caches[1]))
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_llama_recompute_path_equals_the_models_kv(kv_heads):
+    """Phase 3's recompute (Llama): K/V from the kept layer input equal the K/V the model cached."""
+    import transformers as tf
+    from transformers import DynamicCache
+
+    from llm_compile.runtime.tiers.recompute import LlamaKVRecompute, RecomputeRows
+
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, vocab_size=128, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    inputs = {}
+
+    def grab(mod, args, kw):
+        inputs["x"] = kw.get("hidden_states", args[0] if args else None)
+
+    hook = model.model.layers[1].self_attn.register_forward_pre_hook(grab, with_kwargs=True)
+    ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(8))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    hook.remove()
+    rec = LlamaKVRecompute(model.model.layers[1].self_attn, model.model.rotary_emb)
+    tier = RecomputeRows(rec)
+    tier.keep(inputs["x"], torch.arange(30))
+    slots = torch.tensor([0, 5, 17, 29])
+    k, v = tier.kv(slots)
+    torch.testing.assert_close(k, cache.layers[1].keys[:, :, slots], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v, cache.layers[1].values[:, :, slots], rtol=1e-5, atol=1e-6)
+    # memory: GQA (2 KV heads x 16 x 2 = 64 values) keeps as much as it frees; MHA (4 heads: 128) frees half
+    assert rec.kept_values_per_token() == 64 and rec.kv_values_per_token() == kv_heads * 32
+
+
+def test_swa_over_tiers_under_inductor_equals_swa_on_the_device(tmp_path):
+    """The default ``inner="inductor"``: the op with its ``tiers`` argument goes through Inductor."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    outs, cache = [], DynamicCache()
+    for extra in ({}, {"kv_tiers": _tiers(tmp_path, device_budget=_budget(build("llama"), 2, 30))}):
+        torch._dynamo.reset()
+        model = build("llama")
+        model.forward = torch.compile(model.forward, backend="llmaccel", options={"swa": {"sparsity": 0.6}, **extra})
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                       do_sample=False, past_key_values=cache if extra else None))
+    assert torch.equal(outs[0], outs[1])
+    assert all(isinstance(kv, TieredKV) and kv.host_tokens() > 0 and kv.host_fetched > 0 for kv in _kvs(cache))
