@@ -155,6 +155,35 @@ def model_configs(args) -> dict:
     }
 
 
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        return 1 << 62
+
+
+def _check_memory(names, table, cfg, args, max_len: int) -> None:
+    """Every config keeps its cache alive for the interleaved rounds: refuse up front (instead of
+    being OOM-killed an hour in) when their KV, plus the largest prefill transient, exceeds 80 %
+    of the available memory. Stock Inductor over a StaticCache builds a [B, 1, context, max_len]
+    fp32 mask and attends over all max_len rows at prefill."""
+    row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 64 * 4 * args.batch  # K+V, fp32
+    rows = {"dynamic": args.context, "llmaccel": int(args.context * 1.5), "static": max_len}
+    kv = sum(rows[table[n][2]] * row for n in names)
+    transient = max(args.batch * args.context * max_len * 4 * 3 if table[n][0] == "inductor" and table[n][2] == "static"
+                    else args.batch * 9 * args.context * 64 * 4 * 8 for n in names)
+    need, have = kv + transient, _available_bytes()
+    print(f"memory: caches {kv / 2**30:.1f} GiB + largest prefill transient {transient / 2**30:.1f} GiB "
+          f"(available {have / 2**30:.1f} GiB)", flush=True)
+    if need > 0.8 * have:
+        raise SystemExit(f"bench_swa: {len(names)} configs at context {args.context} need about "
+                         f"{need / 2**30:.1f} GiB, more than 80 % of the {have / 2**30:.1f} GiB available: "
+                         "run fewer --configs per process (e.g. the StaticCache rows apart), or a smaller "
+                         "--static-len / --batch")
+
+
 def _median(v: list[float]) -> float:
     v = sorted(v)
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
@@ -187,6 +216,7 @@ def cpu_bench(args) -> dict:
     if unknown:
         raise SystemExit(f"unknown --configs {sorted(unknown)}; choose from {sorted(table)}")
     max_len = max(args.static_len, args.context + (args.steps + 1) * args.repeats + args.warmup + args.profile + 8)
+    _check_memory(names, table, cfg, args, max_len)
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(names))
     dec = {}
