@@ -1,7 +1,7 @@
 """Anda adaptive precision search on SmolLM2-135M-Instruct: evaluators, evaluation cache, CLI.
 
-    python -m llm_compile.anda_search --delta 0.01 --out anda_tuple.json
-    python -m llm_compile.anda_search --delta 0.001 --out anda_tuple_0.1.json   # reuses the cache
+    python -m llm_compile.anda_cli --delta 0.01 --out anda_tuple.json
+    python -m llm_compile.anda_cli --delta 0.001 --out anda_tuple_0.1.json   # reuses the cache
 
 Steps: load SmolLM2-135M-Instruct with INT4 weights in every linear but ``lm_head``: by default the
 shipped GGUF file's own Q4_1 integers (``--weights gguf``, :func:`llm_compile.load_quantized`:
@@ -319,7 +319,7 @@ def run_search(evaluator: Evaluator, macs, delta: float, *, start=11, max_evals:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m llm_compile.anda_search", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m llm_compile.anda_cli", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--delta", type=float, default=0.01, help="tolerance: ppl <= (1+delta)*ppl(W4A16)")
     ap.add_argument("--out", default="anda_tuple.json", help="chosen tuple, for options={'anda': ...}")

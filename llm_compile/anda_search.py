@@ -17,7 +17,7 @@ processes one mantissa plane per cycle, so cost grows linearly with ``M``).
 
 The perplexity callback takes ``{"qkv": m, "o": m, "gate_up": m, "down": m}`` (the value of
 ``options={"anda": {"mantissa_bits": ...}}``) and returns a float; ``llm_compile.eval`` provides
-one for real models. ``python -m llm_compile.anda_search`` runs the search on SmolLM2-135M
+one for real models. ``python -m llm_compile.anda_cli`` runs the search on SmolLM2-135M
 (:mod:`llm_compile.anda_cli`).
 """
 from __future__ import annotations
@@ -113,14 +113,3 @@ def adaptive_precision_search(perplexity: Callable[[dict[str, int]], float], ref
                     heapq.heappush(queue, (cost(nb), nb))
     return SearchResult(_as_dict(best_t), best_ppl, cost(best_t), reference_ppl, feasible, len(history),
                         history)
-
-
-def main(argv=None) -> dict:
-    """``python -m llm_compile.anda_search``: the search on SmolLM2-135M (see :mod:`llm_compile.anda_cli`)."""
-    from llm_compile.anda_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    main()
