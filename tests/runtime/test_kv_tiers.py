@@ -183,12 +183,17 @@ def _run(model, options, ids, steps):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_swa_over_tiers_equals_swa_on_the_device(family, tmp_path):
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
-    ref, _ = _run(build(family), {"swa": {"sparsity": 0.6}}, ids, 16)
+    ref, ref_cache = _run(build(family), {"swa": {"sparsity": 0.6}}, ids, 16)
     torch._dynamo.reset()
     model = build(family)
     tiers = _tiers(tmp_path, device_budget=_budget(model, 2, 30))
     got, cache = _run(model, {"swa": {"sparsity": 0.6}, "kv_tiers": tiers}, ids, 16)
-    assert torch.equal(got, ref)                                  # same selections, same numbers
+    # same selections at every site; the numbers agree to rounding (the device path reads the
+    # recent window in place, the tiers attend over gathered rows: another summation order)
+    for a, b in zip(_kvs(ref_cache), _kvs(cache), strict=True):
+        assert torch.equal(a.state.last_indices, b.state.last_indices)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
     for kv in _kvs(cache):
         assert isinstance(kv, TieredKV) and kv.length == 56
         assert kv.device_tokens() <= 30 and kv.host_tokens() >= 26   # most KV off the device
