@@ -140,13 +140,6 @@ class LLMAccelConfig:
     """Rewrite attention sites to ``llmaccel::attention`` (needed by swa/offload)."""
     inner: str = "inductor"
     """What compiles the rewritten graph: ``"inductor"`` (Inductor's ``compile_fx``, our passes in its post-grad hook) or ``"eager"``."""
-    # --- issue 15: query-aware recall ---------------------------------------------------------------
-    page_size: int = 16
-    """Tokens per page of the key summaries (elementwise min/max of keys) that ``quest``/``recall`` score against the query (Quest: 16). The summaries count in the budget."""
-    query_fraction: float = 0.5
-    """``recall``: share of the attended rows picked by the query from the page summaries; the rest is split recent/history as ``alisa`` (``recent_fraction``)."""
-    seed: str = "window"
-    """How prefill seeds the history scores: ``"window"`` (attention of the last prompt rows, as many as the score window) or ``"snapkv"`` (SnapKV: the last 32 prompt rows, each max-pooled over 7 neighbouring tokens)."""
     # --- issue 17 (engineer F): Inductor mode as an option -------------------------------------
     mode: str | None = None
     """Inductor mode (`"reduce-overhead"`, `"max-autotune"`, ...), as `torch.compile(mode=...)`, which torch.compile does not allow together with `options=`."""

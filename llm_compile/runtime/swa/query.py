@@ -40,7 +40,7 @@ def page_bounds(state: SWAState, q: Tensor, kc: Tensor, kn: Tensor | None, scale
     pages = state.pages
     pages.update(kc, kn)
     if use_triton:
-        from llm_compile.codegen.swa_kernels import swa_page_bounds  # triton imported on use only
+        from llm_compile.codegen.swa_page_kernels import swa_page_bounds  # triton imported on use only
 
         return swa_page_bounds(q, pages.kmin, pages.kmax, scale)
     return pages.bounds(q, scale)
