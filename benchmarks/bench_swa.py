@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from llm_compile.config import SWAConfig
+from llm_compile.config import POLICY_DEFAULTS, SWAConfig
 from llm_compile.runtime import swa
 from llm_compile.runtime.swa.state import SWAState, compute_budget
 
@@ -125,19 +125,20 @@ def cpu_bench(args) -> dict:
         runs[f"dense_{cache}"] = _decode_run(model, ids, args.steps, args.warmup, dict(base), args.profile)
         runs[f"swa_{cache}"] = _decode_run(
             model, ids, args.steps, args.warmup,
-            dict(base, swa={"sparsity": args.sparsity, "bucket": args.bucket}), args.profile)
+            dict(base, swa={"sparsity": args.sparsity, "bucket": args.bucket, "policy": args.policy}), args.profile)
     if not args.no_stock:  # what a user would pick instead: stock Inductor, HF's caches
         for name, hf in STOCK.items():
             runs[name] = _decode_run(model, ids, args.steps, args.warmup, None, args.profile,
                                      backend="inductor", hf_cache=hf)
     n = runs[f"swa_{caches[0]}"]["final_n"]
-    b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket))
+    b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket, policy=args.policy))
     row_bytes = 2 * cfg.num_key_value_heads * 64 * 4 * args.batch * args.layers  # K+V, fp32
     res = {"device": "cpu", "threads": torch.get_num_threads(), "layers": args.layers,
            "batch": args.batch, "context": args.context, "steps": args.steps, "inner": args.inner,
-           "sparsity": args.sparsity, "final_n": n, "budget": b.describe(),
+           "sparsity": args.sparsity, "policy": args.policy, "final_n": n, "budget": b.describe(),
            "runs": {k: {k2: v2 for k2, v2 in r.items() if k2 != "budget"} for k, r in runs.items()},
            "kv_bytes_read_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes,
+                                      "swa_reads_incl_summaries": b.reads * row_bytes,
                                       "swa_padded": b.padded * row_bytes},
            "kv_bytes_written_per_step": {"hf": n * row_bytes, "store": row_bytes},
            "speedup": {c: runs[f"dense_{c}"]["step_ms_median"] / runs[f"swa_{c}"]["step_ms_median"]
@@ -165,7 +166,7 @@ def short_bench(args) -> dict:
     torch.manual_seed(0)
     cfg = smollm2_config(args.layers)
     model = LlamaForCausalLM(cfg).eval()
-    swa_opts = {"sparsity": args.sparsity, "bucket": args.bucket}
+    swa_opts = {"sparsity": args.sparsity, "bucket": args.bucket, "policy": args.policy}
     configs = {"llmaccel_dense": ("llmaccel", {"inner": args.inner}, "dynamic"),
                "swa": ("llmaccel", {"inner": args.inner, "swa": dict(swa_opts)}, "dynamic"),
                f"swa_min{args.min_context}": ("llmaccel", {"inner": args.inner,
@@ -238,7 +239,7 @@ def cpu_op_bench(args) -> dict:
     g = torch.Generator().manual_seed(0)
     kc, vc = torch.randn(B, Hkv, n0 + steps, D, generator=g), torch.randn(B, Hkv, n0 + steps, D, generator=g)
     qs = torch.randn(steps, B, Hq, 1, D, generator=g)
-    cfg = SWAConfig(sparsity=args.sparsity, bucket=args.bucket, kernel="torch")
+    cfg = SWAConfig(sparsity=args.sparsity, bucket=args.bucket, kernel="torch", policy=args.policy)
     st = swa.new_state(B, Hkv, "cpu", cfg)
     st.grow(n0)
     st.score[:] = torch.randint(0, 1 << 30, (B, 1, n0), generator=g)
@@ -256,7 +257,7 @@ def cpu_op_bench(args) -> dict:
     med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
     b = compute_budget(n0 + steps, cfg)
     row = 2 * Hkv * D * 4 * B
-    return {"context": n0, "batch": B, "budget": b.describe(), "dense_ms": med["dense"],
+    return {"context": n0, "batch": B, "policy": args.policy, "budget": b.describe(), "dense_ms": med["dense"],
             "swa_ms": med["swa"], "speedup": med["dense"] / med["swa"],
             "kv_bytes": {"dense": n0 * row, "swa_padded": b.padded * row}}
 
@@ -308,6 +309,9 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--bucket", type=int, default=64)
+    p.add_argument("--policy", default="alisa", choices=sorted(POLICY_DEFAULTS),
+                   help="SWA policy of the swa rows (CPU model and op benchmarks; the GPU kernel "
+                        "benchmark times alisa's selection)")
     p.add_argument("--inner", default="eager", choices=["eager", "inductor"])
     p.add_argument("--cache", default="both", choices=["both", "store", "hf"],
                    help="KV cache of the model runs: the in-place store (kv_store), HF DynamicCache, or both")

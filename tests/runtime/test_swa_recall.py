@@ -230,3 +230,61 @@ def test_seed_changes_the_selection():
         st, *_ = _run(cfg, L=200, steps=1, seed=5)
         picks[seed] = st.last_indices
     assert not torch.equal(picks["window"], picks["snapkv"])
+
+
+# ---- through the compiled model: generate() with HF caches, beam search --------------------------
+
+RECALL = {"inner": "eager", "swa": {"sparsity": 0.5, "policy": "recall", "page_size": 8, "bucket": 4,
+                                    "kernel": "torch"}}
+
+
+def test_the_model_tests_use_pages():
+    for n in (61, 67):
+        b = compute_budget(n, SWAConfig(**{k: v for k, v in RECALL["swa"].items()}))
+        assert b.pages and b.query and b.global_
+
+
+def _model(options):
+    import model_zoo
+
+    m = model_zoo.build("llama", layers=2, seed=0)
+    m.forward = torch.compile(m.forward, backend="llmaccel", options=options)
+    return m
+
+
+def _ids(n=60):
+    import model_zoo
+
+    return torch.randint(0, model_zoo.VOCAB, (2, n), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("policy", ["recall", "quest", "oracle"])
+def test_generate_with_dynamic_cache_and_llmaccel_cache(policy):
+    """The in-place store (default with swa) and SWA over HF's DynamicCache pick the same tokens;
+    LLMAccelCache gives the same tokens as a plain DynamicCache."""
+    from llm_compile import LLMAccelCache
+
+    opts = {**RECALL, "swa": {**RECALL["swa"], "policy": policy}}
+    kw = dict(max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        want = _model({**opts, "kv_store": False}).generate(_ids(), **kw)
+        torch._dynamo.reset()
+        got = _model(opts).generate(_ids(), **kw)
+        torch._dynamo.reset()
+        got2 = _model(opts).generate(_ids(), past_key_values=LLMAccelCache(), **kw)
+    assert torch.equal(got, want) and torch.equal(got2, want)
+    assert got.shape[1] == 68
+
+
+def test_beam_search_reorders_the_page_summaries():
+    """Beam search reorders the SWA state (scores and page summaries) with the KV: recall over the
+    in-place store gives the tokens recall over the model's own reordered KV gives."""
+    from llm_compile import LLMAccelCache
+
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False)
+    ids = _ids()[:1]
+    with torch.no_grad():
+        want = _model({**RECALL, "kv_store": False}).generate(ids, past_key_values=LLMAccelCache(), **kw)
+        torch._dynamo.reset()
+        got = _model(RECALL).generate(ids, past_key_values=LLMAccelCache(), **kw)
+    assert torch.equal(got, want)
