@@ -288,3 +288,15 @@ def test_beam_search_reorders_the_page_summaries():
         torch._dynamo.reset()
         got = _model(RECALL).generate(ids, past_key_values=LLMAccelCache(), **kw)
     assert torch.equal(got, want)
+
+
+def test_static_cache_equals_dynamic_cache():
+    """Recall over HF's StaticCache (state on the cache layer) picks the tokens it picks over a
+    DynamicCache."""
+    kw = dict(max_new_tokens=6, do_sample=False)
+    ids = _ids()[:1]
+    with torch.no_grad():
+        want = _model({**RECALL, "kv_store": False}).generate(ids, **kw)
+        torch._dynamo.reset()
+        got = _model(RECALL).generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(got, want)
