@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from llm_compile.config import SWAConfig
+from llm_compile.config import POLICY_DEFAULTS, SWAConfig
 from llm_compile.runtime import swa
 from llm_compile.runtime.swa.state import SWAState, compute_budget
 
@@ -252,13 +252,14 @@ def cpu_bench(args) -> dict:
     n = max(d.L for d in dec.values())
     budget = next((b for b in map(_budget_of, (d.cache for d in dec.values())) if b is not None), None)
     row_bytes = 2 * cfg.num_key_value_heads * 64 * 4 * args.batch * args.layers  # K+V, fp32
-    b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket))
+    b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket, policy=args.policy))
     return {"device": "cpu", "threads": torch.get_num_threads(), "layers": args.layers,
             "batch": args.batch, "context": args.context, "steps": args.steps, "repeats": args.repeats,
             "inner": args.inner, "sparsity": args.sparsity, "policy": args.policy, "static_len": max_len,
             "final_n": n, "budget": b.describe(), "swa_state_budget": None if budget is None else budget.describe(),
             "runs": runs, "ratios": ratios,
-            "kv_bytes_read_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes},
+            "kv_bytes_read_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes,
+                                       "swa_reads_incl_summaries": b.reads * row_bytes},
             "kv_bytes_written_per_step": {"dynamic": n * row_bytes, "llmaccel": row_bytes, "static": row_bytes}}
 
 
@@ -362,7 +363,7 @@ def cpu_op_bench(args) -> dict:
     g = torch.Generator().manual_seed(0)
     kc, vc = torch.randn(B, Hkv, n0 + steps, D, generator=g), torch.randn(B, Hkv, n0 + steps, D, generator=g)
     qs = torch.randn(steps, B, Hq, 1, D, generator=g)
-    cfg = SWAConfig(sparsity=args.sparsity, bucket=args.bucket, kernel="torch")
+    cfg = SWAConfig(sparsity=args.sparsity, bucket=args.bucket, kernel="torch", policy=args.policy)
     st = swa.new_state(B, Hkv, "cpu", cfg)
     st.grow(n0)
     st.score[:] = torch.randint(0, 1 << 30, (B, 1, n0), generator=g)
@@ -380,7 +381,7 @@ def cpu_op_bench(args) -> dict:
     med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
     b = compute_budget(n0 + steps, cfg)
     row = 2 * Hkv * D * 4 * B
-    return {"context": n0, "batch": B, "budget": b.describe(), "dense_ms": med["dense"],
+    return {"context": n0, "batch": B, "policy": args.policy, "budget": b.describe(), "dense_ms": med["dense"],
             "swa_ms": med["swa"], "speedup": med["dense"] / med["swa"],
             "kv_bytes": {"dense": n0 * row, "swa_padded": b.padded * row}}
 
@@ -441,7 +442,9 @@ def main(argv=None) -> dict:
                         "inductor_static,inductor_dynamic")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of --steps steps per config")
     p.add_argument("--static-len", type=int, default=16384, help="StaticCache max_cache_len")
-    p.add_argument("--policy", default="alisa", help="SWA policy of the swa_* configs")
+    p.add_argument("--policy", default="alisa", choices=sorted(POLICY_DEFAULTS),
+                   help="SWA policy of the swa rows (CPU model and op benchmarks; the GPU kernel "
+                        "benchmark times alisa's selection)")
     p.add_argument("--prefill-threads", type=int, default=None,
                    help="threads for the (untimed) prefills; decode uses --threads")
     p.add_argument("--gpu-context", type=int, default=32768)

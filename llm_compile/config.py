@@ -30,6 +30,9 @@ POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
     "alisa": {"sink_tokens": 0},
     "streaming": {"sink_tokens": 4},
     "h2o": {"sink_tokens": 0},
+    "quest": {"sink_tokens": 0},
+    "recall": {"sink_tokens": 0},
+    "oracle": {"sink_tokens": 0},
 }
 """Per SWA policy, the values that give its published form where the user leaves them unset
 (``None``): StreamingLLM keeps 4 attention sinks; ALISA and H2O keep none. A user value wins."""
@@ -52,12 +55,21 @@ class SWAConfig:
     the policy's published default (``streaming``: 4, StreamingLLM; ``alisa``, ``h2o``: 0)."""
     policy: str = "alisa"
     """``"alisa"`` (recent + top-k by windowed scores), ``"streaming"`` (sinks + recent only),
-    ``"h2o"`` (recent + top-k by scores accumulated over the whole history)."""
+    ``"h2o"`` (recent + top-k by scores accumulated over the whole history), ``"quest"`` (pages picked
+    by the current query from per-page key min/max), ``"recall"`` (ALISA's recent + history tokens plus
+    query-picked pages), ``"oracle"`` (exact top-k of the current query; reads every key: analysis only)."""
     bucket: int = 64
     """Budgets are rounded up to multiples of this (masked) so decode does not recompile."""
     kernel: str = "auto"
     """``"torch"`` (gather + SDPA), ``"triton"`` (fused gather/attend/score kernel), ``"auto"``
     (Triton on GPU, torch on CPU)."""
+    # --- issue 15: query-aware recall ---------------------------------------------------------------
+    page_size: int = 16
+    """Tokens per page of the key summaries (elementwise min/max of keys) that ``quest``/``recall`` score against the query (Quest: 16). The summaries count in the budget."""
+    query_fraction: float = 0.5
+    """``recall``: share of the attended rows picked by the query from the page summaries; the rest is split recent/history as ``alisa`` (``recent_fraction``)."""
+    seed: str = "window"
+    """How prefill seeds the history scores: ``"window"`` (attention of the last prompt rows, as many as the score window) or ``"snapkv"`` (SnapKV: the last 32 prompt rows, each max-pooled over 7 neighbouring tokens)."""
     # --- issue 17 (engineer F): never slower than dense at short context ----------------------
     min_context: int = 0
     """Decode steps whose cache holds fewer tokens run dense (exact, no score bookkeeping except for the last window before it). 0 = off: sparse whenever the budget is below the context. Short prompts: set it (e.g. 1024, README: SWA at short context)."""
@@ -209,6 +221,9 @@ RULES: dict[str, Rule] = {
     "swa.bucket": Rule.int_(lo=1),
     "swa.kernel": Rule.choice("auto", "torch", "triton"),
     "swa.min_context": Rule.int_(lo=0),
+    "swa.page_size": Rule.int_(lo=1),
+    "swa.query_fraction": Rule.float_(0, 1),
+    "swa.seed": Rule.choice("window", "snapkv"),
     "anda.mantissa_bits": Rule("an int in [1, 16], or a dict of such ints over qkv, o, gate_up, down",
                                lambda v: is_int(v) or (isinstance(v, Mapping)
                                                         and all(is_int(b) for b in v.values())),
@@ -344,6 +359,10 @@ def _validate_tiers(cfg: LLMAccelConfig) -> None:
         raise OptionsError(f"llmaccel: kv_tiers.beta={t.beta}: phase 3 (recompute of part beta of the tokens) "
                            "is planned and reported but not executed in compiled graphs yet; use beta=0 or None "
                            "(the plan in the debug dump says what recompute would save)")
+    if cfg.swa is not None and cfg.swa.policy in ("quest", "recall", "oracle"):
+        raise OptionsError(f"llmaccel: kv_tiers with swa.policy={cfg.swa.policy!r}: the query-aware policies "
+                           "read page summaries of every key, which the tiers do not keep yet; use "
+                           "policy 'alisa', 'h2o' or 'streaming' with kv_tiers, or drop kv_tiers")
     if t.mmap_dir is not None and not os.path.isdir(t.mmap_dir):
         raise OptionsError(f"llmaccel: kv_tiers.mmap_dir={t.mmap_dir!r} is not an existing folder; create it "
                            "(on a local disk) or drop mmap_dir to keep the host tier in RAM")

@@ -199,14 +199,32 @@ def _swa_jobs():
     return jobs
 
 
+def _page_bound(cc, dtype, d, block_g, block_p, aligned=False):
+    dt = "*" + dtype
+    const = dict(D=d, BLOCK_G=block_g, BLOCK_P=block_p, BLOCK_D=max(16, 1 << (d - 1).bit_length()))
+    return dict(label=f"swa_page_bound sm_{cc} {dtype} {const} aligned={aligned}", cc=cc,
+                fn="_page_bound_kernel", module="llm_compile.codegen.swa_page_kernels",
+                signature=dict(Q=dt, KMIN=dt, KMAX=dt, OUT="*fp32", scale="fp32"), constexprs=const,
+                aligned=aligned)
+
+
+def _page_jobs():
+    """What ``swa_page_bounds`` passes (issue 15): BLOCK_P 16/32/64 (by pages), BLOCK_G =
+    pow2(query heads per KV head) >= 16, head dims 64/80/128; pairwise, plus MQA (BLOCK_G 128)."""
+    rows = [dict(cc=cc, BLOCK_P=bp) for cc in TARGETS for bp in (16, 32, 64)]
+    dims = dict(dtype=("fp16", "bf16", "fp32"), D=(64, 80, 128), BLOCK_G=(16, 32), aligned=(False, True))
+    jobs = [_page_bound(rows[i]["cc"], ch["dtype"], ch["D"], ch["BLOCK_G"], rows[i]["BLOCK_P"],
+                        ch["aligned"]) for i, ch in _cover(rows, dims)]
+    return jobs + [_page_bound(cc, "fp16", 128, 128, 64) for cc in TARGETS]
+
+
 def _fill_ints(job):
     """SWA kernels: every argument not typed above is an int32 scalar (sizes, strides)."""
     import ast
+    import importlib
     import inspect
 
-    from llm_compile.codegen import swa_kernels
-
-    fn = getattr(swa_kernels, job["fn"])
+    fn = getattr(importlib.import_module(job["module"]), job["fn"])
     src = inspect.getsource(fn.fn if hasattr(fn, "fn") else fn)
     args = [a.arg for a in ast.parse(textwrap.dedent(src)).body[0].args.args]
     for a in args:
@@ -220,6 +238,14 @@ def test_swa_kernels_compile_for_sm80_and_sm90(tmp_path):
     results = _run_jobs(jobs, tmp_path)
     bad = _failures(results)
     assert not bad, f"{len(bad)}/{len(jobs)} SWA kernels do not compile:\n" + "\n".join(
+        f"{k}: {v[-600:]}" for k, v in list(bad.items())[:8])
+
+
+def test_swa_page_bound_kernel_compiles_for_sm80_and_sm90(tmp_path):
+    jobs = [_fill_ints(j) for j in _page_jobs()]
+    results = _run_jobs(jobs, tmp_path)
+    bad = _failures(results)
+    assert not bad, f"{len(bad)}/{len(jobs)} page-bound kernels do not compile:\n" + "\n".join(
         f"{k}: {v[-600:]}" for k, v in list(bad.items())[:8])
 
 

@@ -334,3 +334,13 @@ def test_swa_over_tiers_under_inductor_equals_swa_on_the_device(tmp_path):
                                        do_sample=False, past_key_values=cache if extra else None))
     assert torch.equal(outs[0], outs[1])
     assert all(isinstance(kv, TieredKV) and kv.host_tokens() > 0 and kv.host_fetched > 0 for kv in _kvs(cache))
+
+
+def test_query_aware_policy_with_tiers_is_refused():
+    """quest/recall/oracle need page summaries of every key; the tiers do not keep them: a clear
+    error at parse time, not a crash (or a wrong selection) at the first decode step."""
+    from llm_compile.config import OptionsError, parse_options
+
+    for policy in ("quest", "recall", "oracle"):
+        with pytest.raises(OptionsError, match="query-aware"):
+            parse_options({"swa": {"sparsity": 0.8, "policy": policy}, "kv_tiers": {}})

@@ -10,14 +10,33 @@ budget's slots go to the most recent tokens, and which prompt rows seed the scor
 * :class:`Streaming` (``"streaming"``): no scores; ``sink_tokens`` sinks + the most recent tokens
   (StreamingLLM).
 
-Room for query-aware policies (``oracle``, ``quest``, ``recall``): they would add a ``select``
-hook that sees the current query; none is implemented here.
+Query-aware policies (issue 15) also pick tokens for the *current* query, so a token that fell
+out of the kept set can come back when a later query needs it (history scores cannot do that: a
+token that is not attended receives no new weight):
+
+* :class:`Quest` (``"quest"``): the current page + the tokens of the pages whose key min/max
+  summaries (:mod:`~llm_compile.runtime.swa.pages`) bound ``q . k`` highest (Quest).
+* :class:`Recall` (``"recall"``): ALISA's recent window and history-scored tokens, plus
+  ``query_fraction`` of the rows picked by the page bounds.
+* :class:`Oracle` (``"oracle"``): exact top-k of the current query's attention; it computes the full
+  ``q K^T`` (reads every key), so it is an accuracy bound for analysis, not a speed-up.
+
+For ``quest``/``recall`` the budget counts the summaries: a step reads at most ``n * (1 - sparsity)``
+token rows (K+V) *including* the summaries (``2 * D`` per page per KV head), see
+:func:`~llm_compile.runtime.swa.state.compute_budget`.
+
+Prefill seeding is a small object too (``swa.seed``): :class:`WindowSeed` (the last prompt rows, as
+many as the score window) or :class:`SnapKVSeed` (SnapKV's observation window of the last 32 prompt
+rows, each max-pooled over 7 neighbouring tokens and rescaled to its own mass).
 """
 from __future__ import annotations
 
 import json
 import math
 from functools import lru_cache
+
+import torch
+from torch import Tensor
 
 from llm_compile.config import SWAConfig
 
@@ -38,6 +57,15 @@ class Policy:
     """False: selection uses positions only, no attention weights are summed."""
     windowed = True
     """True: scores are a sliding-window sum (rows are kept so they can leave the window)."""
+    pages = False
+    """True: keeps page summaries of the keys and picks tokens by their bound for the query."""
+    exact = False
+    """True: picks tokens by the exact attention of the current query (reads every key)."""
+
+    def split(self, n: int, rest: int, cfg) -> tuple[int, int]:
+        """(recent, query) slots of the ``rest`` rows left after the sinks, for a query-aware
+        policy at a step over ``n`` tokens; the remainder is history-scored."""
+        return self.recent(rest, rest, cfg), 0
 
     def window(self, k: int, cfg) -> int | None:
         """Score window in steps at a step whose half budget is ``k`` (None: no window)."""
@@ -89,7 +117,94 @@ class Streaming(Policy):
         return f"{cfg.sink_tokens} sinks + recent"
 
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (Alisa(), H2O(), Streaming())}
+class Quest(Policy):
+    name = "quest"
+    needs_scores = False
+    windowed = False
+    pages = True
+
+    def split(self, n, rest, cfg):
+        recent = min(rest, (n - 1) % cfg.page_size + 1)  # the current (partial) page
+        return recent, rest - recent
+
+    def describe(self, cfg):
+        return (f"{cfg.sink_tokens} sinks + current page + top tokens by the page bound "
+                f"(key min/max per {cfg.page_size} tokens; summaries counted)")
+
+
+class Recall(Alisa):
+    name = "recall"
+    pages = True
+
+    def split(self, n, rest, cfg):
+        query = min(rest - 1, round_half_up(rest * cfg.query_fraction))
+        rem = rest - query
+        return min(rem, max(1, round_half_up(rem * cfg.recent_fraction))), query
+
+    def describe(self, cfg):
+        return (f"{cfg.query_fraction:.3g} of the rows by page bound (key min/max per "
+                f"{cfg.page_size} tokens; summaries counted), the rest {cfg.recent_fraction:.3g} recent "
+                f"+ top by attention summed over {self.history(cfg)} per {cfg.selection}; "
+                f"{cfg.sink_tokens} sinks")
+
+
+class Oracle(Policy):
+    name = "oracle"
+    needs_scores = False
+    windowed = False
+    exact = True
+
+    def split(self, n, rest, cfg):
+        return 0, rest
+
+    def describe(self, cfg):
+        return (f"{cfg.sink_tokens} sinks + exact top-k of the current query (reads every key: "
+                "an accuracy bound for analysis, not a speed-up)")
+
+
+POLICIES: dict[str, Policy] = {p.name: p for p in (Alisa(), H2O(), Streaming(), Quest(), Recall(),
+                                                   Oracle())}
+
+
+class WindowSeed:
+    """``seed="window"``: the policy's own rule (ALISA: the last ``W0`` prompt rows)."""
+
+    name = "window"
+
+    def first_row(self, policy: Policy, Lq: int, n: int, cfg) -> int:
+        return policy.first_seed_row(Lq, n, cfg)
+
+    def transform(self, rows: Tensor) -> Tensor:
+        return rows
+
+
+class SnapKVSeed:
+    """``seed="snapkv"`` (SnapKV, arXiv 2404.14469): the last ``window`` prompt rows (observation
+    window), each row max-pooled over ``kernel`` neighbouring tokens (keeps the neighbours of a
+    strongly attended token) and rescaled to the row's own mass, so every step counts the same in
+    the windowed sums."""
+
+    name = "snapkv"
+    window = 32
+    kernel = 7
+
+    def first_row(self, policy, Lq, n, cfg):
+        return max(0, Lq - self.window)
+
+    def transform(self, rows: Tensor) -> Tensor:
+        shape = rows.shape
+        flat = rows.reshape(-1, 1, shape[-1])
+        pooled = torch.nn.functional.max_pool1d(flat, self.kernel, stride=1, padding=self.kernel // 2)
+        mass = flat.sum(-1, keepdim=True)
+        pooled = pooled * (mass / pooled.sum(-1, keepdim=True).clamp_min(1e-30))
+        return pooled.reshape(shape)
+
+
+SEEDS = {s.name: s for s in (WindowSeed(), SnapKVSeed())}
+
+
+def seed_of(cfg) -> WindowSeed | SnapKVSeed:
+    return SEEDS[cfg.seed]
 
 
 def policy_of(cfg) -> Policy:

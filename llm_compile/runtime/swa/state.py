@@ -14,6 +14,17 @@ Budget (ALISA Algorithm 1), at a decode step whose cache holds ``n`` tokens incl
     global = total - sinks - recent                 top-``global`` older tokens by score
     ("streaming": global = 0, recent = total - sinks)
 
+Query-aware policies ("quest", "recall"; issue 15) count every row a step reads, the page summaries
+included (``2 * D`` values per page per KV head against ``D + Dv`` per token)::
+
+    cap     = floor(n * (1 - sparsity))           token rows (K+V) a step may read
+    summary = ceil(ceil(n / page_size) * 2D / (D + Dv))
+    total   = cap - summary                       rows attended (no summaries when < page_size + 1:
+                                                  then total = cap and nothing is query-picked)
+    sinks + recent + query + global = total       (recent/query from the policy's ``split``)
+
+``Budget.reads`` is the rows read (``total + summary``; "oracle": every key plus ``total`` values).
+
 Scores. Token ``j``'s score is the sum of the attention weights it received over the last ``W``
 steps (``W = score_window or k``; "h2o": over the whole history), summed over all query heads
 (``selection="layer"``, one score row per sequence) or over the query heads of each KV head
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,27 +89,67 @@ class Budget:
     window: int | None
     """Score window in steps (``None``: whole history, or no scores needed)."""
     dense: bool
+    query: int = 0
+    """Tokens picked for the current query (page bounds, or exact scores for "oracle")."""
+    pages: int = 0
+    """Page summaries read (0: none)."""
+    reads: float = 0.0
+    """Token rows (K+V of one token, all KV heads) the step reads, summaries included."""
+
+    @property
+    def read_fraction(self) -> float:
+        """``reads / n``: the step's share of a dense step's KV bytes."""
+        return self.reads / self.n
 
     def describe(self) -> str:
         if self.dense:
             return f"n={self.n}: dense"
+        q = f" + {self.query} query" if self.query else ""
+        pg = f", {self.pages} page summaries" if self.pages else ""
         return (f"n={self.n}: k={self.k}, {self.sinks} sink + {self.recent} recent + "
-                f"{self.global_} global = {self.total} (padded {self.padded})")
+                f"{self.global_} global{q} = {self.total} (padded {self.padded}){pg}; reads "
+                f"{self.reads:.1f} rows = {100 * self.read_fraction:.1f}% of dense")
 
 
-def compute_budget(n: int, cfg) -> Budget:
-    """The budget of a decode step over ``n`` tokens under ``cfg`` (an ``SWAConfig``)."""
+def compute_budget(n: int, cfg, head_dim: int | None = None, v_dim: int | None = None) -> Budget:
+    """The budget of a decode step over ``n`` tokens under ``cfg`` (an ``SWAConfig``).
+    ``head_dim``/``v_dim`` (K and V head sizes, equal when not given) weigh the page summaries."""
     policy = policy_of(cfg)
     k = half_budget(n, cfg)
     window = policy.window(k, cfg)
     if cfg.sparsity == 0 or 2 * k >= n:
-        return Budget(n, k, n, 0, n, 0, n, window, True)
+        return Budget(n, k, n, 0, n, 0, n, window, True, reads=float(n))
+    if policy.pages:
+        return _paged_budget(n, k, window, cfg, policy, head_dim, v_dim)
     total = max(2 * k, 1)
     sinks = min(cfg.sink_tokens, total - 1)
     rest = total - sinks
-    recent = policy.recent(rest, total, cfg)
+    recent, query = policy.split(n, rest, cfg) if policy.exact else (policy.recent(rest, total, cfg), 0)
     padded = -(-total // cfg.bucket) * cfg.bucket
-    return Budget(n, k, total, sinks, recent, rest - recent, padded, window, False)
+    reads = (n + total) / 2 if policy.exact else float(total)
+    if policy.exact and head_dim and v_dim:
+        reads = (n * head_dim + total * v_dim) / (head_dim + v_dim)
+    return Budget(n, k, total, sinks, recent, rest - recent - query, padded, window, False,
+                  query=query, reads=reads)
+
+
+def _paged_budget(n, k, window, cfg, policy, head_dim, v_dim) -> Budget:
+    cap = max(1, int(math.floor(round(n * (1.0 - cfg.sparsity), 9))))
+    pages = -(-n // cfg.page_size)
+    d, dv = head_dim or 1, v_dim or head_dim or 1
+    summary = -(-pages * 2 * d // (d + dv))
+    total = cap - summary
+    if total < cfg.page_size + 1:  # too small for pages to pay: no summaries, nothing query-picked
+        total, pages, summary = cap, 0, 0
+    sinks = min(cfg.sink_tokens, total - 1)
+    rest = total - sinks
+    recent, query = policy.split(n, rest, cfg) if pages else (policy.recent(rest, total, cfg), 0)
+    if not pages and not policy.needs_scores:
+        recent = rest
+    padded = -(-total // cfg.bucket) * cfg.bucket
+    reads = total + pages * 2 * d / (d + dv)
+    return Budget(n, k, total, sinks, recent, rest - recent - query, padded, window, False,
+                  query=query, pages=pages, reads=reads)
 
 
 def describe_policy(cfg) -> str:
@@ -207,6 +259,9 @@ class SWAState:
         self.last_indices: Tensor | None = None
         """Tokens kept at the last sparse step ([B, G, total], sorted), for tests and debugging."""
         self.last_budget: Budget | None = None
+        self.pages = None
+        """Page summaries of the keys (:class:`~llm_compile.runtime.swa.pages.PageSummary`) for
+        "quest"/"recall"; ``None`` for the other policies."""
 
     # -- cache operations (beam search, assisted decoding) ------------------------------------
     def map_batch(self, fn) -> "SWAState":
@@ -218,6 +273,7 @@ class SWAState:
         new.rows.map_batch(fn)
         new.prompt_rows = None if self.prompt_rows is None else fn(self.prompt_rows)
         new.last_indices = None if self.last_indices is None else fn(self.last_indices)
+        new.pages = None if self.pages is None else self.pages.map_batch(fn)
         return new
 
     def crop(self, n: int) -> "SWAState":
@@ -225,6 +281,8 @@ class SWAState:
         scores (decode rows newest first, then the prompt/chunk query rows at positions >= n).
         Exact for windowed scores ("alisa"); "h2o" totals can only be truncated."""
         new = self.map_batch(lambda t: t.clone())
+        if new.pages is not None:
+            new.pages = new.pages.crop(n)
         if n >= new.n:
             return new
         drop = new.n - n

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor
 
 from llm_compile.ops.attention import dense_attention, full_kv
-from llm_compile.runtime.swa.policies import policy_of
+from llm_compile.runtime.swa import query
+from llm_compile.runtime.swa.pages import PageSummary
+from llm_compile.runtime.swa.policies import policy_of, seed_of
 from llm_compile.runtime.swa.state import SWAState, compute_budget, quantize_weights
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,10 @@ _CHUNK_ELEMS = 1 << 22
 def new_state(batch: int, kv_heads: int, device, cfg) -> SWAState:
     """An empty state for ``batch`` sequences of a site with ``kv_heads`` KV heads."""
     groups = kv_heads if cfg.selection == "kv_head" else 1
-    return SWAState(batch, groups, device, windowed=policy_of(cfg).windowed)
+    state = SWAState(batch, groups, device, windowed=policy_of(cfg).windowed)
+    if policy_of(cfg).pages:
+        state.pages = PageSummary(cfg.page_size)
+    return state
 
 
 def _reinit(state: SWAState, batch: int, kv_heads: int, device, cfg) -> None:
@@ -98,8 +103,8 @@ def _seed(state: SWAState, q: Tensor, kf: Tensor, attn_mask: Tensor | None, scal
     state.grow(n)
     if not _needs_scores(cfg):
         return
-    policy = policy_of(cfg)
-    lo = policy.first_seed_row(Lq, n, cfg)
+    policy, seeding = policy_of(cfg), seed_of(cfg)
+    lo = seeding.first_row(policy, Lq, n, cfg)
     bias = _mask_bias(attn_mask, B, Lq, n)
     kf32 = kf.float()
     step = max(1, min(Lq, _CHUNK_ELEMS // max(1, B * Hq * n)))
@@ -108,7 +113,7 @@ def _seed(state: SWAState, q: Tensor, kf: Tensor, attn_mask: Tensor | None, scal
         r1 = min(Lq, r0 + step)
         w = query_weights(q[:, :, r0:r1], kf32, None if bias is None else bias[:, :, r0:r1],
                           scale, r0, is_causal)
-        g = _group_sum(w, state.groups)  # [B, G, C, n]
+        g = seeding.transform(_group_sum(w, state.groups))  # [B, G, C, n]
         if policy.windowed:
             rows.append(g)
         else:
@@ -247,7 +252,7 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
     (``source``, tiered KV) none: rows are read from the source (see :func:`swa_step`)."""
     B, Hq, _, _ = q.shape
     n = source.length if source is not None else kc.shape[-2] + (0 if kn is None else kn.shape[-2])
-    b = compute_budget(n, cfg)
+    b = compute_budget(n, cfg, q.shape[-1], vc.shape[-1] if vc is not None else q.shape[-1])
     state.trim(b.window)
     triton_path = _use_triton(cfg, q)
     dense = b.dense or n < cfg.min_context  # issue 17: short context runs dense (swa.min_context)
@@ -264,7 +269,12 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
             idx = torch.arange(n, device=q.device).expand(B, state.groups, n)
             state.add(idx, _group_sum(w, state.groups))
         return out
-    idx = state.select(b)
+    policy = policy_of(cfg)
+    query_aware = policy.pages or policy.exact  # quest / recall / oracle: slots in their own order
+    if query_aware:
+        idx = query.select(state, b, q[:, :, 0], kc, kn, scale, cfg, triton_path)
+    else:
+        idx = state.select(b)
     if source is not None:  # tiered KV: one gather per tier, then attend over the gathered rows
         bias = _slot_bias(attn_mask, idx, b.total, Hq, n)
         kg, vg = source.rows(idx)
@@ -275,6 +285,9 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
             out, w = swa_decode_attention(q[:, :, 0], kg, vg, seq, bias, scale)
         else:
             out, w = attend_rows(q[:, :, 0], kg, vg, bias, scale)
+    elif query_aware and not triton_path:  # no sinks/global/recent layout: plain gather
+        bias = _slot_bias(attn_mask, idx, b.total, Hq, n)
+        out, w = gather_attend_torch(q[:, :, 0], kc, vc, idx, bias, scale, kn, vn)
     elif triton_path:
         from llm_compile.codegen.swa_kernels import swa_decode_attention
 
@@ -295,7 +308,7 @@ def _scores_wanted(n: int, cfg) -> bool:
     tokens covers the steps after ``n - W(n)``, and ``n - W(n)`` never decreases, so the steps
     from ``min_context - W(min_context)`` on are all any sparse step sums: the scores at the switch
     are those of SWA having kept them all along. Other policies (``h2o``: whole history) keep all."""
-    if cfg.policy != "alisa" or n >= cfg.min_context:
+    if not policy_of(cfg).windowed or n >= cfg.min_context:
         return True
     w = compute_budget(cfg.min_context, cfg).window
     return w is None or n >= cfg.min_context - w - 1
@@ -337,6 +350,8 @@ def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: 
         _reinit(state, B, Hkv, q.device, cfg)
         out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
         _seed(state, q, k_full, attn_mask, scale, is_causal and attn_mask is None, cfg, False)
+        if state.pages is not None:
+            state.pages.update(k_full)
         return out
     _check_state(state, B, Hkv, n - Lq, q.device, cfg)
     if Lq > 1 or (is_causal and attn_mask is None):

@@ -1,0 +1,89 @@
+"""Token selection of the query-aware policies ("quest", "recall", "oracle"; issue 15).
+
+One decode step over ``n`` tokens with budget ``b`` (:func:`~llm_compile.runtime.swa.state.compute_budget`)
+picks, with no token twice and exactly ``b.total`` tokens per sequence (and per KV head with
+``selection="kv_head"``)::
+
+    sinks   first b.sinks tokens
+    recent  last b.recent tokens
+    query   top b.query other tokens by the query's score of their page:
+              quest/recall: per head, softmax over pages of the page bounds (key min/max summaries,
+                            :mod:`~llm_compile.runtime.swa.pages`), summed over the heads of the
+                            group; a token inherits its page's score, so whole pages are taken in
+                            order of score (the last one possibly in part)
+              oracle:       the exact attention weights of the query over every key (reads all keys)
+    global  top b.global_ remaining tokens by the history scores (recall: ALISA's windowed sums)
+
+Nothing here computes ``q K^T`` over the whole cache except "oracle": quest/recall read the
+summaries (``ceil(n / page_size)`` rows of min and max per KV head) and then the selected rows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llm_compile.runtime.swa.policies import policy_of
+from llm_compile.runtime.swa.state import Budget, SWAState
+
+_NEG_INF = float("-inf")
+
+
+def _group_sum(w: Tensor, groups: int) -> Tensor:
+    B, Hq = w.shape[:2]
+    return w.reshape(B, groups, Hq // groups, *w.shape[2:]).sum(2)
+
+
+def page_bounds(state: SWAState, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
+                use_triton: bool) -> Tensor:
+    """Bring the summaries up to date with the cache, then ``scale * max_k q.k`` bounds per page:
+    q [B, Hq, D] -> [B, Hq, pages] fp32."""
+    pages = state.pages
+    pages.update(kc, kn)
+    if use_triton:
+        from llm_compile.codegen.swa_page_kernels import swa_page_bounds  # triton imported on use only
+
+        return swa_page_bounds(q, pages.kmin, pages.kmax, scale)
+    return pages.bounds(q, scale)
+
+
+def query_scores(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
+                 cfg, use_triton: bool) -> Tensor:
+    """Per-token scores [B, G, n] fp32 of the current query (see the module docstring)."""
+    G = state.groups
+    if policy_of(cfg).exact:
+        kf = kc if kn is None else torch.cat([kc, kn], dim=-2)
+        logits = torch.matmul(q.float().reshape(q.shape[0], kf.shape[1], -1, q.shape[-1]),
+                              kf.float().transpose(-1, -2)).mul_(scale)
+        w = torch.softmax(logits, dim=-1).reshape(q.shape[0], q.shape[1], -1)
+        return _group_sum(w, G)
+    ub = page_bounds(state, q, kc, kn, scale, use_triton)
+    ps = _group_sum(torch.softmax(ub, dim=-1), G)  # [B, G, pages]
+    P = cfg.page_size
+    return ps.repeat_interleave(P, dim=-1)[..., : b.n]
+
+
+def select(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
+           cfg, use_triton: bool = False) -> Tensor:
+    """Kept tokens [B, G, b.padded] int64 of a query-aware step, sorted, first ``b.total`` valid,
+    padding slots pointing at token 0. ``q`` [B, Hq, D]; ``kc`` the key cache (without the new token
+    when ``kn`` is given)."""
+    B, G, n, dev = state.batch, state.groups, b.n, state.device
+    taken = torch.zeros(B, G, n, dtype=torch.bool, device=dev)
+    taken[..., : b.sinks] = True
+    taken[..., n - b.recent:] = True
+    parts = [torch.arange(b.sinks, device=dev).expand(B, G, b.sinks),
+             torch.arange(n - b.recent, n, device=dev).expand(B, G, b.recent)]
+    if b.query:
+        sc = query_scores(state, b, q, kc, kn, scale, cfg, use_triton).masked_fill_(taken, _NEG_INF)
+        top = torch.topk(sc, b.query, dim=-1, sorted=False).indices
+        taken.scatter_(2, top, True)
+        parts.append(top)
+    if b.global_:
+        hist = state.score.masked_fill(taken, torch.iinfo(torch.int64).min)
+        parts.append(torch.topk(hist, b.global_, dim=-1, sorted=False).indices)
+    idx = torch.sort(torch.cat(parts, dim=-1), dim=-1).values
+    if b.padded > b.total:
+        idx = torch.cat([idx, torch.zeros(B, G, b.padded - b.total, dtype=torch.int64, device=dev)], -1)
+    state.last_indices = idx[:, :, : b.total]
+    state.last_budget = b
+    return idx
