@@ -26,6 +26,15 @@ import torch
 from torch import Tensor
 
 
+def check_new_rows(shape: tuple[int, int, int, int], k: Tensor, v: Tensor) -> None:
+    """New K/V rows ``[B, H, m, D]`` / ``[B, H, m, Dv]`` must fit a cache of ``shape`` (B, H, D, Dv)."""
+    B, H, D, Dv = shape
+    if (k.dim() != 4 or v.dim() != 4 or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D
+            or tuple(v.shape[:3]) != tuple(k.shape[:3]) or v.shape[3] != Dv):
+        raise RuntimeError(f"k_new {tuple(k.shape)} / v_new {tuple(v.shape)} do not fit the cache "
+                           f"[B={B}, h={H}, *, D={D}] / [.., Dv={Dv}]")
+
+
 class SiteKV:
     """One site's ``[B, h, n, D]`` K and V, in buffers with ``reserve`` free slots after the first
     append and growing by ``growth`` (at least to the needed length) when full."""
@@ -52,13 +61,10 @@ class SiteKV:
         return max(n, math.ceil(cap * self.growth), cap + 16)
 
     def append(self, k: Tensor, v: Tensor) -> None:
-        B, H, D, Dv = self.shape
-        if (k.dim() != 4 or v.dim() != 4 or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D
-                or tuple(v.shape[:3]) != tuple(k.shape[:3]) or v.shape[3] != Dv):
-            raise RuntimeError(f"k_new {tuple(k.shape)} / v_new {tuple(v.shape)} do not fit the cache "
-                               f"[B={B}, h={H}, *, D={D}] / [.., Dv={Dv}]")
+        check_new_rows(self.shape, k, v)
         n = self.length + k.shape[2]
         if n > self.k.shape[2]:
+            B, H, D, Dv = self.shape
             cap = self._capacity_for(n)
             for name, old, d in (("k", self.k, D), ("v", self.v, Dv)):
                 new = torch.empty(B, H, cap, d, dtype=self.dtype, device=self.device)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llm_compile.runtime.kv.buffer import check_new_rows
 from llm_compile.runtime.tiers import fetch
 from llm_compile.runtime.tiers.host import Rows
 from llm_compile.runtime.tiers.plan import Plan
@@ -80,11 +81,7 @@ class TieredKV:
         return chosen
 
     def append(self, k: Tensor, v: Tensor) -> None:
-        B, H, D, Dv = self.shape
-        if (k.dim() != 4 or v.dim() != 4 or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D
-                or tuple(v.shape[:3]) != tuple(k.shape[:3]) or v.shape[3] != Dv):
-            raise RuntimeError(f"k_new {tuple(k.shape)} / v_new {tuple(v.shape)} do not fit the cache "
-                               f"[B={B}, h={H}, *, D={D}] / [.., Dv={Dv}]")
+        check_new_rows(self.shape, k, v)
         n0, m = self.length, k.shape[2]
         n = n0 + m
         self._grow_index(n)
