@@ -28,6 +28,7 @@ import torch
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
 import llm_compile.ops  # noqa: F401  (registers llmaccel:: ops)
+from llm_compile import context_dispatch
 from llm_compile.config import INDUCTOR_MODES, LLMAccelConfig, OptionsError, parse_options
 from llm_compile.debug import DebugDump
 from llm_compile.inductor_hook import PipelinePass, RecordStore
@@ -207,7 +208,34 @@ def llmaccel(gm: torch.fx.GraphModule, example_inputs, *, options=None, mode=Non
     if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs):
         return _training_graph(gm, example_inputs, config, graph_id)
     # --- end training mode ---
+    if context_dispatch.applies(config):  # issue 17: dense graph below swa.min_context
+        return _compile_with_dense_prefix(gm, example_inputs, config, pipeline, inner, mode)
     return inner.compile(gm, example_inputs, pipeline, mode)  # no per-call wrapper: state rides on the cache
+
+
+def _compile_with_dense_prefix(gm, example_inputs, config, pipeline: _Pipeline, inner, mode):
+    """``swa.min_context``: the SWA graph and a dense one (passes off), chosen per call by the
+    sequence's length (:mod:`llm_compile.context_dispatch`); one graph when the shapes decide."""
+    probe = context_dispatch.probe(gm, example_inputs)
+    if (probe is None or probe.carries_state(example_inputs)  # traced on phantoms: never dense
+            or (probe.static_length is not None and probe.static_length >= config.swa.min_context)):
+        if probe is None:
+            log.info("llmaccel: %s: context length not readable from the input shapes (no cat-appended "
+                     "KV cache); swa.min_context applies inside the attention ops", pipeline.graph_id)
+        return inner.compile(gm, example_inputs, pipeline, mode)
+    dense_id = f"{pipeline.graph_id}.dense"
+    dense = _Pipeline(context_dispatch.dense_config(config), dense_id, DebugDump(config.debug_dir, dense_id, config.debug_passes),
+                      pipeline.dynamo_names, inner.name)
+    dense_fn = inner.compile(gm, example_inputs, dense, mode)
+    # Shapes that fix the length below min_context need the SWA graph only for a cache carrying
+    # state; under kv_store that state rides on phantoms, which Dynamo guards into another graph.
+    only_dense = probe.static_length is not None and config.kv_store is not None
+    swa_fn = None if only_dense else inner.compile(gm, example_inputs, pipeline, mode)
+    fn = context_dispatch.ContextDispatch(probe, config.swa.min_context, swa_fn, dense_fn, pipeline.graph_id)
+    for record in COMPILED:  # calls per form, readable next to the pass records
+        if record["graph_id"] in (pipeline.graph_id, dense_id):
+            record["calls"] = fn.calls
+    return fn
 
 
 class TrainingModeError(RuntimeError):

@@ -72,7 +72,7 @@ class SWAConfig:
     """How prefill seeds the history scores: ``"window"`` (attention of the last prompt rows, as many as the score window) or ``"snapkv"`` (SnapKV: the last 32 prompt rows, each max-pooled over 7 neighbouring tokens)."""
     # --- issue 17 (engineer F): never slower than dense at short context ----------------------
     min_context: int = 0
-    """Decode steps whose cache holds fewer tokens run dense (exact, no score bookkeeping except for the last window before it). 0 = off: sparse whenever the budget is below the context. Short prompts: set it (e.g. 1024, README: SWA at short context)."""
+    """Below this many tokens a sequence runs a dense graph compiled alongside the SWA one (stock Inductor speed; the first call at or past it adopts the cache and starts the scores); 0 = off: sparse whenever the budget is below the context. Short prompts: set it (e.g. 4096; README: Short context)."""
     # --- end issue 17 ------------------------------------------------------------------------------
 
     def __post_init__(self):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from llm_compile.runtime import dense_prefix
 from llm_compile.runtime.kv.store import kv_of, phantoms
 from llm_compile.runtime.swa.op import attach, state_of
 
@@ -38,6 +39,9 @@ class LLMAccelLayer(DynamicLayer):
         if st is not None:
             new = st.map_batch(fn)
             self.keys, self.values = attach(fn(self.keys), new), attach(fn(self.values), new)
+            return True
+        if dense_prefix.is_marked(self.keys):  # filled by the dense graph below swa.min_context
+            self.keys, self.values = dense_prefix.mark(fn(self.keys)), dense_prefix.mark(fn(self.values))
             return True
         return False
 
@@ -66,8 +70,11 @@ class LLMAccelLayer(DynamicLayer):
             kv.crop(n)
             self.keys, self.values = phantoms(kv, self.keys, self.values)
             return
-        st = state_of(self.keys)
+        st, marked = state_of(self.keys), dense_prefix.is_marked(self.keys)
         super().crop(tokens_to_remove)
+        if marked:
+            dense_prefix.mark(self.keys)
+            dense_prefix.mark(self.values)
         if st is not None:
             new = st.crop(n)
             attach(self.keys, new)

@@ -24,10 +24,11 @@ from torch import Tensor
 
 import llm_compile.ops.kv_store  # noqa: F401  (declares the op)
 from llm_compile.ops.attention import dense_attention, to_out_layout
+from llm_compile.runtime import dense_prefix
 from llm_compile.runtime.kv.buffer import SiteKV
 from llm_compile.runtime.swa.op import FIX, SequenceStateError
 from llm_compile.runtime.swa.policies import config_from_json
-from llm_compile.runtime.swa.step import new_state, swa_step
+from llm_compile.runtime.swa.step import new_state, restart_step, swa_step
 from llm_compile.runtime.tiers.plan import plan_from_json
 from llm_compile.runtime.tiers.store import TieredKV
 
@@ -105,6 +106,26 @@ def _tiered(tiers: str, q: Tensor, k: Tensor, v: Tensor, state, swa: str) -> Tie
                     mmap_dir=opts.get("mmap_dir"), prefetch=opts.get("prefetch", True))
 
 
+def _adopt(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve, growth, swa):
+    """The first call on a cache a dense graph filled below ``swa.min_context``
+    (:mod:`llm_compile.runtime.dense_prefix`): its KV moves into a new SiteKV (one copy), and the
+    SWA state starts over from this call (:func:`~llm_compile.runtime.swa.step.restart_step`)."""
+    B, hkv, _, D = k.shape
+    if not dense_prefix.is_marked(v_cache) or v_cache.shape[-2] != k_cache.shape[-2]:
+        raise SequenceStateError(f"llmaccel kv_store: site {site}: the key cache was filled by the dense "
+                                 f"graph below swa.min_context but the value cache was not. {FIX}")
+    cfg = config_from_json(swa)
+    state = new_state(B, hkv, k.device, cfg) if cfg is not None and cfg.sparsity > 0 else None
+    kv = SiteKV(B, hkv, D, v.shape[-1], k.dtype, k.device, None, state, reserve=reserve, growth=growth)
+    kv.site, kv.swa = site, swa
+    kv.append(k_cache, v_cache)
+    kv.append(k, v)
+    if state is None:
+        return kv, dense_attention(q, kv.keys(), kv.values(), attn_mask, scale, is_causal)
+    return kv, restart_step(state, q, kv.keys(), kv.values(), scale, cfg, attn_mask=attn_mask,
+                            is_causal=is_causal)
+
+
 @torch.library.impl("llmaccel::stored_attention", "CompositeExplicitAutograd")
 def stored_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
                      attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
@@ -127,6 +148,8 @@ def stored_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_
         else:
             kv.append(k, v)
             out = _attend(kv, q, attn_mask, scale, is_causal)
+    elif kv_of(k_cache) is None and dense_prefix.is_marked(k_cache) and not tiers:
+        kv, out = _adopt(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve, growth, swa)
     else:
         kv = site_kv(k_cache, site, B)
         kv.append(k, v)

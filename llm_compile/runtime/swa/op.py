@@ -24,7 +24,8 @@ import llm_compile.ops.swa  # noqa: F401  (declares the ops)
 from llm_compile.ops.attention import (check_not_phantom, dense_attention, filled_length, filled_rows,
                                        to_out_layout)
 from llm_compile.runtime.swa.policies import config_from_json
-from llm_compile.runtime.swa.step import new_state, swa_step
+from llm_compile.runtime import dense_prefix
+from llm_compile.runtime.swa.step import new_state, restart_step, swa_step
 
 STATE_ATTR = "llmaccel_state"
 FIX = ("Use llm_compile.LLMAccelCache for beam search and assisted decoding (it reorders and crops "
@@ -87,11 +88,17 @@ def swa_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cac
     if cfg is None or cfg.sparsity == 0:
         out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
         return to_out_layout(out), k_full, v_full
-    if k_cache is None:
+    adopt = k_cache is not None and state_of(k_cache) is None and dense_prefix.is_marked(k_cache)
+    if k_cache is None or adopt:
         holder = SiteState(site, new_state(q.shape[0], k.shape[1], q.device, cfg))
     else:
         holder = _checked(state_of(k_cache), site, k_cache.shape[-2], "KV cache")
-    out = swa_step(holder.state, q, k_full, v_full, scale, cfg, attn_mask=attn_mask, is_causal=is_causal)
+    if adopt:  # a cache filled by the dense graph below swa.min_context
+        out = restart_step(holder.state, q, k_full, v_full, scale, cfg, attn_mask=attn_mask,
+                           is_causal=is_causal)
+    else:
+        out = swa_step(holder.state, q, k_full, v_full, scale, cfg, attn_mask=attn_mask,
+                       is_causal=is_causal)
     attach(k_full, holder)
     attach(v_full, holder)
     return to_out_layout(out), k_full, v_full

@@ -365,6 +365,20 @@ def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: 
     return _sparse_decode(state, q, k_full, v_full, k_new, v_new, attn_mask, scale, cfg)
 
 
+def restart_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: float, cfg, *,
+                 attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """A call on a cache this state has never seen: one that a dense graph filled below
+    ``swa.min_context`` (:mod:`llm_compile.context_dispatch`). The state starts over as after a
+    prompt: dense attention (exact), and the scores are seeded from this call's query rows."""
+    B, Hq, Lq, _ = q.shape
+    _reinit(state, B, k_full.shape[1], q.device, cfg)
+    out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
+    _seed(state, q, k_full, attn_mask, scale, is_causal and attn_mask is None, cfg, False)
+    if state.pages is not None:
+        state.pages.update(k_full)
+    return out
+
+
 def _check_state(state: SWAState, B: int, Hkv: int, cached: int, device, cfg) -> None:
     groups = Hkv if cfg.selection == "kv_head" else 1
     if not state.matches(B, groups, cached, device):
