@@ -459,6 +459,9 @@ def main(argv=None) -> dict:
           f"W4A16 (M=16) = {1 / summary['bops_vs_fp16_act']:.3f}x fewer; {res.evaluations} evaluations "
           f"(cap {args.max_evals}; {prior + res.evaluations} with the start's search), {ev.misses} new, "
           f"{ev.hits} from cache; -> {args.out}")
+    if not res.feasible:
+        print(f"INFEASIBLE: the start widths already fail the tolerance (ppl {res.best_ppl:.4f} > "
+              f"{summary['limit']:.4f}); {args.out} holds the start, not a searched tuple: start higher")
     if args.evaluator == "eager" and not args.no_verify:
         ev.close()
         cv = Evaluator(model, ids, context=args.context, stride=args.stride, mode="compile",
