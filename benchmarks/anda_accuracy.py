@@ -6,8 +6,11 @@
 Rows: FP32 (the model as loaded: the GGUF file dequantized to float), W4A16 (eager, float
 activations; ``--weights gguf``, the default: the GGUF file's own Q4_1 integers, so W4A16 equals
 FP32; ``--weights requant``: ``quantize_weights`` symmetric INT4, group 64, the old baseline), uniform Anda widths ``M`` (``--uniform``, default 4..8, every module kind) and the
-searched tuples (``--tuple NAME=PATH`` files written by ``python -m llm_compile.anda_search``, or
-``--delta`` to search here with the same calibration settings and cache). Every Anda row is the
+searched tuples (``--tuple NAME=PATH`` files written by ``python -m llm_compile.anda_cli``: a kind
+dict or, from a layer-band search, a per-layer list; or ``--delta`` to search here with the same
+calibration settings and cache). ``--calib`` adds each row's calibration-split perplexity with the
+eager evaluator (the search's own numbers, from the cache) and the evaluations its search spent
+(from the tuple file's ``.search.json``), side by side with the evaluation split. Every Anda row is the
 model compiled with ``backend="llmaccel"``, ``options={"anda": {"mantissa_bits": ..., "kernel":
 "reference"}, "inner": "eager"}`` (the reference kernel is the generated Triton kernels' math in
 torch, fast on CPU); the table says how many linears each compiled graph lowered.
@@ -33,33 +36,52 @@ import time
 
 import torch
 
+from pathlib import Path
+
 from llm_compile.anda_cli import (DEFAULT_CONTEXT, DEFAULT_GROUP, DEFAULT_TOKENS, MODEL_NAME, WEIGHTS,
                                   EvalCache, Evaluator, load_w4_model, model_macs, relative_bops,
                                   run_search, weights_setting)
-from llm_compile.config import ANDA_MODULE_KINDS
+from llm_compile.anda_widths import ANDA_MODULE_KINDS, describe, normalise
 
 
 def _row(name, widths, ppl, ref, macs, last, n_quant):
-    return {"config": name, "widths": widths, "ppl": ppl,
+    return {"config": name, "widths": widths, "widths_text": None if widths is None else describe(widths),
+            "ppl": ppl,
             "vs_w4a16": None if ref is None else ppl / ref - 1.0,
             "bops_vs_w4a16": None if widths is None else relative_bops(widths, macs),
             "lowered": last.get("lowered"), "quantized": n_quant, "seconds": last.get("seconds"),
             "cached": last.get("cached")}
 
 
+def _pct(v):
+    return "—" if v is None else f"{100 * v:+.2f}%"
+
+
 def markdown(rows, args) -> str:
+    calib = any("calib_ppl" in r for r in rows)
     out = [f"SmolLM2-135M-Instruct, evaluation split (Luke, John), {args.tokens} tokens, context "
            f"{args.context}; INT4 weights: "
            f"{'GGUF Q4_1 (lossless)' if args.weights == 'gguf' else f're-quantized, group {args.group_size}'}; Anda rows compiled with "
-           f"backend=\"llmaccel\" (kernel \"reference\").", "",
-           "| config | M (qkv, o, gate_up, down) | eval ppl | vs W4A16 | BOPs / W4A16 | linears lowered |",
-           "|---|---|---|---|---|---|"]
+           f"backend=\"llmaccel\" (kernel \"reference\")"
+           + (f"; calibration split (Genesis, Exodus) {args.calib_tokens} tokens, eager evaluator (as the "
+              f"search)." if calib else "."), ""]
+    if calib:
+        out += ["| config | M (qkv, o, gate_up, down) | calib ppl | vs W4A16 | eval ppl | vs W4A16 | "
+                "BOPs / W4A16 | fewer BOPs | evaluations | linears lowered |", "|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        out += ["| config | M (qkv, o, gate_up, down) | eval ppl | vs W4A16 | BOPs / W4A16 | linears lowered |",
+                "|---|---|---|---|---|---|"]
     for r in rows:
-        w = "—" if r["widths"] is None else ", ".join(str(r["widths"][k]) for k in ANDA_MODULE_KINDS)
-        vs = "—" if r["vs_w4a16"] is None else f"{100 * r['vs_w4a16']:+.2f}%"
+        w = r["widths_text"] or "—"
         b = "—" if r["bops_vs_w4a16"] is None else f"{r['bops_vs_w4a16']:.3f}"
         low = "—" if r["lowered"] is None else f"{r['lowered']}/{r['quantized']}"
-        out.append(f"| {r['config']} | {w} | {r['ppl']:.4f} | {vs} | {b} | {low} |")
+        if calib:
+            c = "—" if r.get("calib_ppl") is None else f"{r['calib_ppl']:.4f}"
+            x = "—" if not r["bops_vs_w4a16"] else f"{1 / r['bops_vs_w4a16']:.2f}×"
+            out.append(f"| {r['config']} | {w} | {c} | {_pct(r.get('calib_vs_w4a16'))} | {r['ppl']:.4f} | "
+                       f"{_pct(r['vs_w4a16'])} | {b} | {x} | {r.get('evaluations') or '—'} | {low} |")
+        else:
+            out.append(f"| {r['config']} | {w} | {r['ppl']:.4f} | {_pct(r['vs_w4a16'])} | {b} | {low} |")
     return "\n".join(out)
 
 
@@ -76,6 +98,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--weights", choices=WEIGHTS, default="gguf",
                     help="W4A16 baseline: GGUF Q4_1 integers (default) or 'requant' (symmetric RTN)")
     ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="requant: INT4 group")
+    ap.add_argument("--calib", action="store_true",
+                    help="also give each row's calibration-split ppl (eager evaluator, as the search: "
+                         "cached values from the search are reused) and the search's evaluations")
     ap.add_argument("--cache", default="anda_search_cache.json")
     ap.add_argument("--out", default="anda_accuracy.json")
     args = ap.parse_args(argv)
@@ -99,10 +124,16 @@ def main(argv=None) -> dict:
     macs = model_macs(model)
 
     tuples = []
+    evals = {}
     for spec in args.tuple:
         name, _, path = spec.rpartition("=")
+        name = name or os.path.basename(path)
         with open(path) as f:
-            tuples.append((name or os.path.basename(path), json.load(f)["mantissa_bits"]))
+            tuples.append((name, json.load(f)["mantissa_bits"]))
+        summary = Path(path).with_suffix(".search.json")
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            evals[name] = s.get("total_evaluations", s.get("evaluations"))
     searches = []
     if args.delta:
         calib = Evaluator(model, load_tokens(tok, "calibration", args.calib_tokens), context=args.context,
@@ -126,10 +157,19 @@ def main(argv=None) -> dict:
         rows.append(_row(f"Anda M={m}", w, ev(w), ref, macs, ev.last, n_quant))
         print(f"  {rows[-1]['config']}: ppl {rows[-1]['ppl']:.4f}", file=sys.stderr, flush=True)
     for name, w in tuples:
-        w = {k: int(w[k]) for k in ANDA_MODULE_KINDS}
+        w = normalise(w)
         rows.append(_row(name, w, ev(w), ref, macs, ev.last, n_quant))
+        rows[-1]["evaluations"] = evals.get(name)
         print(f"  {name}: ppl {rows[-1]['ppl']:.4f}", file=sys.stderr, flush=True)
     ev.close()
+    if args.calib:                   # calibration split, eager evaluator: the search's own numbers
+        cal = Evaluator(model, load_tokens(tok, "calibration", args.calib_tokens), context=args.context,
+                        mode="eager", cache=cache, setting=dict(setting, split="calibration"))
+        cref = cal.reference()
+        for r in rows[1:]:
+            r["calib_ppl"] = cref if r["widths"] is None else cal(r["widths"])
+            r["calib_vs_w4a16"] = r["calib_ppl"] / cref - 1.0
+        cal.close()
     table = markdown(rows, args)
     print(table)
     result = {"model": MODEL_NAME, "split": "evaluation", "tokens": args.tokens, "context": args.context,

@@ -1,7 +1,7 @@
 """Anda end to end on SmolLM2-135M-Instruct: INT4 weights, Anda activations, generated Triton kernels.
 
     python examples/anda_smollm2.py                              # M = 7 everywhere, Triton kernels
-    python examples/anda_smollm2.py --anda anda_tuple.json       # a tuple from the search CLI
+    python examples/anda_smollm2.py --anda anda_tuple.json       # a tuple (or per-layer list) from the search CLI
     python examples/anda_smollm2.py --kernel reference --tokens 16
 
 Quantizes every linear but ``lm_head`` to INT4 (group 64: SmolLM2's hidden size 576 is not a
@@ -23,7 +23,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from llm_compile.anda_cli import load_quantized, lowered_count  # noqa: E402
+from llm_compile.anda_cli import WEIGHTS, load_w4_model, lowered_count  # noqa: E402
 from llm_compile.backend import COMPILED  # noqa: E402
 from llm_compile.eval.metrics import greedy_generate  # noqa: E402
 
@@ -52,9 +52,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--kernel", choices=("triton", "reference"), default="triton")
     ap.add_argument("--tokens", type=int, default=8, help="new tokens (greedy)")
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--weights", choices=WEIGHTS, default="requant",
+                    help="INT4 weights: 'requant' (symmetric RTN, group 64; the default, as documented) "
+                         "or 'gguf' (the shipped Q4_1 file's own integers)")
     args = ap.parse_args(argv)
 
-    model, tok = load_quantized(bits=4, group_size=64)
+    model, tok = load_w4_model(args.weights, bits=4, group_size=64)
     ids = tok(args.prompt, return_tensors="pt")["input_ids"]
     ref, t_ref = run(model, ids, args.tokens)
 

@@ -2,6 +2,7 @@
 
     python -m llm_compile.anda_cli --delta 0.01 --out anda_tuple.json
     python -m llm_compile.anda_cli --delta 0.001 --out anda_tuple_0.1.json   # reuses the cache
+    python -m llm_compile.anda_cli --delta 0.01 --bands 3 --start anda_tuple.json --out bands3.json
 
 Steps: load SmolLM2-135M-Instruct with INT4 weights in every linear but ``lm_head``: by default the
 shipped GGUF file's own Q4_1 integers (``--weights gguf``, :func:`llm_compile.load_quantized`:
@@ -11,6 +12,14 @@ SmolLM2's hidden size 576 is not a multiple of 128); measure the W4A16 reference
 perplexity (the quantized model, eager, float activations) on the *calibration* split, run
 :func:`llm_compile.anda_search.adaptive_precision_search` at ``--delta`` and write the chosen tuple as
 ``{"mantissa_bits": {...}}``, which ``options={"anda": json.load(f)}`` accepts as is.
+
+Layer bands (``--bands N``): the decoder layers are split into N contiguous bands and the search
+gets one width per (module kind, band) (:mod:`llm_compile.anda_bands`); N = 1 is the per-kind tuple,
+N = the number of layers a per-layer search. The output is then a per-layer list
+(``{"mantissa_bits": [{...}, ... one per layer]}``, :mod:`llm_compile.anda_widths`), which the
+backend takes as is. With 4N slots a search from M = 11 needs many more evaluations than the cap
+allows, so ``--start`` takes an earlier search's output (a warm start: ``--start
+gguf_b1_d1.json``); the summary counts the evaluations of both (``total_evaluations``).
 
 Evaluators (``--evaluator``). All run every quantized linear as ``llmaccel::anda_linear`` with
 ``kernel="reference"``: pure torch (fake-quantize the activations to Anda, dequantize the weights,
@@ -49,7 +58,8 @@ from typing import Mapping
 
 import torch
 
-from llm_compile.config import ANDA_MODULE_KINDS
+from llm_compile import anda_widths
+from llm_compile.anda_widths import ANDA_MODULE_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +69,7 @@ CACHE_VERSION = 1
 MODES = ("compile", "recompile", "eager")
 
 __all__ = ["load_w4_model", "WEIGHTS", "weights_setting", "linear_kinds", "anda_options", "anda_eager", "EvalCache", "Evaluator",
-           "model_macs", "relative_bops", "lowered_count", "run_search", "main"]
+           "model_macs", "relative_bops", "lowered_count", "run_search", "parse_start", "write_tuple", "main"]
 
 
 WEIGHTS = ("gguf", "requant")
@@ -102,30 +112,40 @@ def linear_kinds(model) -> dict[str, str]:
     return out
 
 
-def _widths(widths) -> dict[str, int]:
+def _widths(widths) -> dict[str, int] | list[dict[str, int]]:
+    """An int, kind dict or per-layer list -> a kind dict, or a list of kind dicts (one per layer)."""
+    if anda_widths.is_per_layer(widths):
+        return [{k: anda_widths.bits_for(e, k) for k in ANDA_MODULE_KINDS} for e in widths]
     if isinstance(widths, Mapping):
         return {k: int(widths[k]) for k in ANDA_MODULE_KINDS}
     return dict.fromkeys(ANDA_MODULE_KINDS, int(widths))
 
 
 def anda_options(widths, kernel: str = "reference", inner: str = "eager") -> dict:
-    """The backend options that lower every FP-INT linear with ``widths`` (an int or a kind dict)."""
+    """The backend options that lower every FP-INT linear with ``widths`` (an int, a kind dict or a
+    per-layer list, :mod:`llm_compile.anda_widths`)."""
     return {"anda": {"mantissa_bits": _widths(widths), "kernel": kernel}, "inner": inner}
 
 
 @contextlib.contextmanager
 def anda_eager(model, widths, kernel: str = "reference"):
     """Inside the block every ``QuantLinear`` of ``model`` runs ``llmaccel::anda_linear`` with the
-    width of its kind (what the lowering pass puts in the graph), without compiling. Yields the count."""
+    width of its kind and layer (what the lowering pass puts in the graph), without compiling. Yields
+    the count."""
     w = _widths(widths)
     kinds = linear_kinds(model)
     if None in kinds.values():
         raise ValueError(f"unknown Anda kind for {[n for n, k in kinds.items() if k is None]}")
-    mods = []
+    mods, widths_of = [], {}
+    for name, kind in kinds.items():
+        try:
+            widths_of[name] = anda_widths.bits_for(w, kind, anda_widths.layer_index(name))
+        except LookupError as e:
+            raise ValueError(f"{name}: {e}") from None
     for name, kind in kinds.items():
         mod = model.get_submodule(name)
 
-        def fwd(x, mod=mod, m=w[kind]):
+        def fwd(x, mod=mod, m=widths_of[name]):
             return torch.ops.llmaccel.anda_linear(x, mod.qweight, mod.scales, mod.mins, mod.bias, m,
                                                   mod.bits, mod.group_size, kernel)
         mod.forward = fwd
@@ -147,10 +167,12 @@ def model_macs(model) -> dict[str, int]:
 
 
 def relative_bops(widths, macs: Mapping[str, float]) -> float:
-    """BOPs of ``widths`` over BOPs of FP16 activations (M = 16) with the same INT4 weights."""
-    from llm_compile.anda_search import bops
-
-    return bops(_widths(widths), macs) / bops(_widths(16), macs)
+    """BOPs of ``widths`` (int, kind dict or per-layer list; ``macs`` per kind over all layers, layers
+    alike) over BOPs of FP16 activations (M = 16) with the same INT4 weights."""
+    w = _widths(widths)
+    layers = w if isinstance(w, list) else [w]
+    num = sum(macs[k] * e[k] for e in layers for k in ANDA_MODULE_KINDS) / len(layers)
+    return num / (16 * sum(macs[k] for k in ANDA_MODULE_KINDS))
 
 
 def lowered_count(records) -> int:
@@ -258,7 +280,12 @@ class Evaluator:
 
     def __call__(self, widths) -> float:
         w = _widths(widths)
-        key = json.dumps({"mode": self.mode, "widths": [w[k] for k in ANDA_MODULE_KINDS]})
+        uni = anda_widths.uniform_kind_dict(w)
+        if uni is not None:          # same key as a per-kind tuple: layer-band runs reuse its evaluations
+            w = uni
+            key = json.dumps({"mode": self.mode, "widths": [w[k] for k in ANDA_MODULE_KINDS]})
+        else:
+            key = json.dumps({"mode": self.mode, "layers": [[e[k] for k in ANDA_MODULE_KINDS] for e in w]})
         return self._cached(key, lambda: self._run(w))
 
     def _run(self, w) -> tuple[float, dict]:
@@ -294,25 +321,38 @@ class Evaluator:
 
 
 def run_search(evaluator: Evaluator, macs, delta: float, *, start=11, max_evals: int = 32,
-               min_bits: int = 1, progress: bool = True):
-    """W4A16 reference + :func:`adaptive_precision_search` with a tqdm bar; returns the result."""
+               min_bits: int = 1, progress: bool = True, bands: int = 1, num_layers: int | None = None):
+    """W4A16 reference + :func:`adaptive_precision_search` with a tqdm bar; returns the result, whose
+    widths are over the search slots (the kinds, or ``kind@first-last`` with ``bands > 1``:
+    :mod:`llm_compile.anda_bands`; :func:`llm_compile.anda_bands.to_mantissa_bits` gives the option
+    value). ``macs`` are per kind over all ``num_layers`` layers (needed for bands or a per-layer
+    ``start``); ``start`` is an int, a kind dict or a per-layer list."""
     from tqdm.auto import tqdm
 
+    from llm_compile.anda_bands import slot_macs, slots_from, to_mantissa_bits
     from llm_compile.anda_search import adaptive_precision_search
 
+    if num_layers is None:
+        if bands != 1 or anda_widths.is_per_layer(start):
+            raise ValueError("num_layers is needed for bands > 1 or a per-layer start")
+        num_layers = 1
+    smacs = slot_macs(macs, num_layers, bands)
+    if not isinstance(start, int):
+        start = slots_from(start, num_layers, bands)
     ref = evaluator.reference()
-    bar = tqdm(total=max_evals, desc=f"anda search d={delta:g}", disable=not progress,
+    bar = tqdm(total=max_evals, desc=f"anda search d={delta:g} bands={bands}", disable=not progress,
                dynamic_ncols=True)
 
-    def ppl(widths):
-        v = evaluator(widths)
-        bar.set_postfix_str(f"{[widths[k] for k in ANDA_MODULE_KINDS]} ppl={v:.4f}"
+    def ppl(slot_widths):
+        mb = to_mantissa_bits(slot_widths, num_layers, bands)
+        v = evaluator(mb)
+        bar.set_postfix_str(f"[{anda_widths.describe(mb)}] ppl={v:.4f}"
                             f"{' (cached)' if evaluator.last.get('cached') else ''} "
                             f"limit={(1 + delta) * ref:.4f}")
         bar.update(1)
         return v
     try:
-        return adaptive_precision_search(ppl, ref, macs, delta=delta, start=start,
+        return adaptive_precision_search(ppl, ref, smacs, delta=delta, start=start,
                                          max_evals=max_evals, min_bits=min_bits)
     finally:
         bar.close()
@@ -331,9 +371,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="W4A16 baseline: the GGUF file's own Q4_1 integers (default) or 'requant' "
                          "(float model re-quantized, symmetric RTN, --group-size)")
     ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="INT4 weight group (requant)")
-    ap.add_argument("--start", type=int, default=11, help="start width for every kind")
+    ap.add_argument("--bands", type=int, default=1,
+                    help="layer bands: one width per (module kind, band of contiguous layers); 1 = per "
+                         "kind (the paper's tuple), the number of layers = per layer. With > 1 the "
+                         "output is a per-layer list")
+    ap.add_argument("--start", default="11",
+                    help="start widths: an int for every slot, 'qkv,o,gate_up,down', or a JSON file "
+                         "({'mantissa_bits': ...}, e.g. an earlier search's --out: a warm start)")
     ap.add_argument("--min-bits", type=int, default=1)
-    ap.add_argument("--max-evals", type=int, default=32)
+    ap.add_argument("--max-evals", type=int, default=32, help="evaluation cap (Anda: 32)")
     ap.add_argument("--evaluator", choices=MODES, default="eager",
                     help="eager (default: fast), compile (exact backend graphs, 1-3 min per candidate "
                          "on 2 shared cores), recompile (a fresh torch.compile per candidate)")
@@ -343,40 +389,84 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_start(text: str):
+    """``--start``: an int, ``"qkv,o,gate_up,down"`` or a JSON file -> ``(value, file summary)``; the
+    summary is the file's ``.search.json`` (its evaluations count toward a warm start) or ``None``."""
+    if text.strip().isdigit():
+        return int(text), None
+    parts = text.split(",")
+    if len(parts) == len(ANDA_MODULE_KINDS) and all(p.strip().isdigit() for p in parts):
+        return dict(zip(ANDA_MODULE_KINDS, map(int, parts))), None
+    with open(text) as f:
+        data = json.load(f)
+    value = data["mantissa_bits"] if isinstance(data, Mapping) and "mantissa_bits" in data else data
+    summary = Path(text).with_suffix(".search.json")
+    return anda_widths.normalise(value), (json.loads(summary.read_text()) if summary.is_file() else None)
+
+
+def write_tuple(path, mantissa_bits) -> None:
+    """``{"mantissa_bits": ...}`` with one line per layer for a per-layer list."""
+    if anda_widths.is_per_layer(mantissa_bits):
+        body = ",\n  ".join(json.dumps(e) for e in mantissa_bits)
+        text = '{"mantissa_bits": [\n  ' + body + "\n]}\n"
+    else:
+        text = json.dumps({"mantissa_bits": mantissa_bits}, indent=1) + "\n"
+    Path(path).write_text(text)
+
+
 def main(argv=None) -> dict:
+    from llm_compile.anda_bands import band_ranges, to_mantissa_bits
+
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     from llm_compile.eval.data import load_tokens
 
+    start, start_summary = parse_start(args.start)
     model, tok = load_w4_model(args.weights, 4, args.group_size)
+    num_layers = model.config.num_hidden_layers
+    band_ranges(num_layers, args.bands)           # checks --bands before any evaluation
     ids = load_tokens(tok, "calibration", args.tokens)
     setting = {"model": MODEL_NAME, "weights": weights_setting(args.weights, args.group_size),
                "split": "calibration"}
     ev = Evaluator(model, ids, context=args.context, stride=args.stride, mode=args.evaluator,
                    cache=EvalCache(args.cache or None), setting=setting, progress=False)
     macs = model_macs(model)
-    res = run_search(ev, macs, args.delta, start=args.start, max_evals=args.max_evals,
-                     min_bits=args.min_bits, progress=not args.quiet)
-    out = {"mantissa_bits": res.best}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    summary = {"delta": args.delta, "w4a16_ppl": res.reference_ppl, "limit": (1 + args.delta) * res.reference_ppl,
-               "best": res.best, "best_ppl": res.best_ppl, "feasible": res.feasible,
-               "bops_vs_fp16_act": relative_bops(res.best, macs), "evaluations": res.evaluations,
-               "cache_hits": ev.hits, "new_evaluations": ev.misses, "history": res.history}
+    res = run_search(ev, macs, args.delta, start=start, max_evals=args.max_evals,
+                     min_bits=args.min_bits, progress=not args.quiet, bands=args.bands,
+                     num_layers=num_layers)
+    best = to_mantissa_bits(res.best, num_layers, args.bands)
+    write_tuple(args.out, best)
+    prior = int(start_summary.get("total_evaluations", start_summary.get("evaluations", 0))) \
+        if start_summary else 0
+    summary = {"delta": args.delta, "bands": args.bands, "band_layers": band_ranges(num_layers, args.bands),
+               "start": args.start, "tokens": args.tokens, "context": args.context,
+               "w4a16_ppl": res.reference_ppl, "limit": (1 + args.delta) * res.reference_ppl,
+               "best": best, "best_slots": res.best, "best_text": anda_widths.describe(best),
+               "best_ppl": res.best_ppl, "feasible": res.feasible,
+               "bops_vs_fp16_act": relative_bops(best, macs), "evaluations": res.evaluations,
+               "start_evaluations": prior, "total_evaluations": prior + res.evaluations,
+               "max_evals": args.max_evals, "cache_hits": ev.hits, "new_evaluations": ev.misses,
+               "history": res.history}
     print(f"W4A16 calibration ppl {res.reference_ppl:.4f} ({args.tokens} tokens, context {args.context}); "
-          f"limit {(1 + args.delta) * res.reference_ppl:.4f} (delta {args.delta:g})")
+          f"limit {(1 + args.delta) * res.reference_ppl:.4f} (delta {args.delta:g}); {args.bands} band(s) "
+          f"{band_ranges(num_layers, args.bands)}")
     for i, h in enumerate(res.history, 1):
-        print(f"  {i:2d} {[h['widths'][k] for k in ANDA_MODULE_KINDS]} ppl {h['ppl']:.4f} "
-              f"bops {relative_bops(h['widths'], macs):.4f} {'accept' if h['accepted'] else 'reject'}")
-    print(f"chosen {res.best} ppl {res.best_ppl:.4f}, BOPs {summary['bops_vs_fp16_act']:.4f} x W4A16 "
-          f"(M=16); {res.evaluations} evaluations, {ev.misses} new, {ev.hits} from cache; -> {args.out}")
+        mb = to_mantissa_bits(h["widths"], num_layers, args.bands)
+        print(f"  {i:2d} [{anda_widths.describe(mb)}] ppl {h['ppl']:.4f} "
+              f"bops {relative_bops(mb, macs):.4f} {'accept' if h['accepted'] else 'reject'}")
+    print(f"chosen [{summary['best_text']}] ppl {res.best_ppl:.4f}, BOPs {summary['bops_vs_fp16_act']:.4f} x "
+          f"W4A16 (M=16) = {1 / summary['bops_vs_fp16_act']:.3f}x fewer; {res.evaluations} evaluations "
+          f"(cap {args.max_evals}; {prior + res.evaluations} with the start's search), {ev.misses} new, "
+          f"{ev.hits} from cache; -> {args.out}")
+    if not res.feasible:
+        print(f"INFEASIBLE: the start widths already fail the tolerance (ppl {res.best_ppl:.4f} > "
+              f"{summary['limit']:.4f}); {args.out} holds the start, not a searched tuple: start higher")
     if args.evaluator == "eager" and not args.no_verify:
         ev.close()
         cv = Evaluator(model, ids, context=args.context, stride=args.stride, mode="compile",
                        cache=ev.cache, setting=setting)
-        ppl = cv(res.best)
+        ppl = cv(best)
         summary["verify"] = v = {"compiled_ppl": ppl, "within_limit": ppl <= summary["limit"],
                                  "lowered": cv.last["lowered"], "quantized": len(linear_kinds(model)),
                                  "seconds": cv.last["seconds"]}

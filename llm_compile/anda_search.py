@@ -1,7 +1,7 @@
 """Adaptive precision search (Anda, arXiv 2411.15982, Algorithm 1).
 
 Finds one mantissa width per module kind (``qkv``, ``o``, ``gate_up``, ``down``), shared by all
-layers, that minimises bit operations (BOPs) while the perplexity stays within ``(1 + delta)`` of the
+layers (or, with layer bands, per kind and band: :mod:`llm_compile.anda_bands`), that minimises bit operations (BOPs) while the perplexity stays within ``(1 + delta)`` of the
 W4A16 reference (INT4 weights, FP16 activations):
 
 1. Evaluate the start tuple (default ``M = 11`` everywhere: every FP16 group maximum is exact).
@@ -27,11 +27,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from llm_compile.config import ANDA_MODULE_KINDS
-
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchResult", "adaptive_precision_search", "bops", "macs_per_token", "main"]
+__all__ = ["SearchResult", "adaptive_precision_search", "bops", "macs_per_token"]
 
 
 def macs_per_token(hidden_size: int, intermediate_size: int, num_attention_heads: int,
@@ -47,8 +45,9 @@ def macs_per_token(hidden_size: int, intermediate_size: int, num_attention_heads
 
 
 def bops(widths: Mapping[str, int], macs: Mapping[str, float], weight_bits: int = 4) -> float:
-    """Bit operations per token of a width tuple."""
-    return float(sum(macs[k] * widths[k] * weight_bits for k in ANDA_MODULE_KINDS))
+    """Bit operations per token of a width assignment over the slots of ``macs`` (the four kinds, or
+    ``kind@first-last`` layer-band slots from :mod:`llm_compile.anda_bands`)."""
+    return float(sum(macs[k] * widths[k] * weight_bits for k in macs))
 
 
 @dataclass
@@ -65,22 +64,22 @@ class SearchResult:
     """One entry per evaluation, in order: ``{"widths", "ppl", "bops", "accepted"}``."""
 
 
-def _as_tuple(widths: Mapping[str, int]) -> tuple[int, ...]:
-    return tuple(int(widths[k]) for k in ANDA_MODULE_KINDS)
-
-
-def _as_dict(t: tuple[int, ...]) -> dict[str, int]:
-    return dict(zip(ANDA_MODULE_KINDS, t))
-
-
 def adaptive_precision_search(perplexity: Callable[[dict[str, int]], float], reference_ppl: float,
                               macs: Mapping[str, float], delta: float = 0.01,
                               start: int | Mapping[str, int] = 11, min_bits: int = 1,
                               max_evals: int = 32, weight_bits: int = 4) -> SearchResult:
-    """Anda Algorithm 1 (see the module docstring). ``reference_ppl`` is the W4A16 perplexity."""
+    """Anda Algorithm 1 (see the module docstring). ``reference_ppl`` is the W4A16 perplexity. The
+    slots searched are the keys of ``macs`` (per kind, or per kind and layer band); ``start`` is one
+    width for every slot or a dict over the slots."""
     if max_evals < 1 or delta < 0:
         raise ValueError("max_evals must be >= 1 and delta >= 0")
-    start_t = _as_tuple(start) if isinstance(start, Mapping) else (int(start),) * len(ANDA_MODULE_KINDS)
+    slots = list(macs)
+
+    def _as_dict(t: tuple[int, ...]) -> dict[str, int]:
+        return dict(zip(slots, t))
+
+    start_t = (tuple(int(start[k]) for k in slots) if isinstance(start, Mapping)
+               else (int(start),) * len(slots))
     if not all(min_bits <= m <= 16 for m in start_t) or not 1 <= min_bits <= 16:
         raise ValueError(f"start widths {start_t} and min_bits={min_bits} must lie in 1..16")
     limit = (1.0 + delta) * reference_ppl

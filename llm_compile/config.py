@@ -18,12 +18,12 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 
-from llm_compile.option_rules import OptionsError, Rule, OutOfRange, is_int
+from llm_compile import anda_widths
+from llm_compile.anda_widths import ANDA_MODULE_KINDS
+from llm_compile.option_rules import OptionsError, Rule
 
 __all__ = ["OptionsError", "LLMAccelConfig", "SWAConfig", "AndaConfig", "OffloadConfig", "KVStoreConfig",
            "KVTiersConfig", "parse_options", "POLICY_DEFAULTS", "RULES", "STAGE_NAMES", "options_table"]
-
-ANDA_MODULE_KINDS = ("qkv", "o", "gate_up", "down")
 
 
 POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -86,16 +86,16 @@ class AndaConfig:
     """Anda activations (group-shared exponent, M-bit mantissa) for FP-INT matmuls."""
 
     mantissa_bits: Any = 7
-    """One int 1..16 for every module kind, or a dict over ``qkv, o, gate_up, down``."""
+    """One int 1..16 for every linear, a dict over ``qkv, o, gate_up, down``, or a list with one int or such dict per decoder layer (layer-band search output; see `llm_compile.anda_widths`)."""
     group_size: int = 64
     """Activation group along K sharing one exponent (Anda: 64)."""
     kernel: str = "triton"
     """``"triton"`` (generated kernels; interpreted on CPU) or ``"reference"`` (torch math)."""
 
-    def bits_for(self, kind: str) -> int:
-        if isinstance(self.mantissa_bits, Mapping):
-            return int(self.mantissa_bits[kind])
-        return int(self.mantissa_bits)
+    def bits_for(self, kind: str, layer: int | None = None) -> int:
+        """Width of a linear of ``kind`` in decoder ``layer``; ``LookupError`` (with the reason) when
+        a per-layer value has no entry for it (:func:`llm_compile.anda_widths.bits_for`)."""
+        return anda_widths.bits_for(self.mantissa_bits, kind, layer)
 
 
 @dataclass(frozen=True)
@@ -192,22 +192,6 @@ STAGE_NAMES = ("dynamo", "aten", "canonicalize_attention", "sparse_window_attent
 ``llm_compile.passes.pipeline.PIPELINE`` (a test keeps the two lists equal)."""
 
 
-def _mantissa_bits(value):
-    if isinstance(value, Mapping):
-        missing = sorted(set(ANDA_MODULE_KINDS) - set(value))
-        extra = sorted(set(value) - set(ANDA_MODULE_KINDS))
-        if missing or extra:
-            raise OptionsError(
-                f"llmaccel: option anda.mantissa_bits={dict(value)!r}: the dict needs exactly the keys "
-                f"{list(ANDA_MODULE_KINDS)} (missing {missing}, unknown {extra})")
-        values = list(value.values())
-    else:
-        values = [value]
-    if any(not 1 <= b <= 16 for b in values):
-        raise OutOfRange
-    return dict(value) if isinstance(value, Mapping) else value
-
-
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """``mode=`` values handed to Inductor (``torch.compile(mode=...)`` or ``options={"mode": ...}``)."""
 
@@ -224,10 +208,7 @@ RULES: dict[str, Rule] = {
     "swa.page_size": Rule.int_(lo=1),
     "swa.query_fraction": Rule.float_(0, 1),
     "swa.seed": Rule.choice("window", "snapkv"),
-    "anda.mantissa_bits": Rule("an int in [1, 16], or a dict of such ints over qkv, o, gate_up, down",
-                               lambda v: is_int(v) or (isinstance(v, Mapping)
-                                                        and all(is_int(b) for b in v.values())),
-                               _mantissa_bits),
+    "anda.mantissa_bits": Rule(anda_widths.TEXT, anda_widths.type_ok, anda_widths.normalise),
     "anda.group_size": Rule.int_(64, 64),
     "anda.kernel": Rule.choice("triton", "reference"),
     "offload.workers": Rule.int_(lo=1),

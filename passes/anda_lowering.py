@@ -8,8 +8,11 @@ The weight bits come from the activations' K (asymmetric INT4 and INT8 are both 
 weight sub-graph is checked numerically once per distinct shape (it is run on random packed weights
 and compared with :func:`llm_compile.quantize.dequantize_weight`), so any other integer scheme or a
 transposed/permuted use is reported in ``skipped`` instead of being rewritten wrongly. The mantissa
-width comes from ``config.anda.bits_for(kind)``, the module kind (``qkv``, ``o``, ``gate_up``,
-``down``) from the Dynamo source of ``qweight`` (``ctx.placeholder_sources``).
+width comes from ``config.anda.bits_for(kind, layer)``: the module kind (``qkv``, ``o``, ``gate_up``,
+``down``) and the decoder layer (first integer of the module path) from the Dynamo source of
+``qweight`` (``ctx.placeholder_sources``); a per-layer ``mantissa_bits`` without an entry for the
+linear's layer leaves it unlowered, with the reason in ``skipped``
+(:mod:`llm_compile.anda_widths`).
 
 Before (INT4 ``q_proj``, group 64; view/permute of the dequantized weight, then ``mm``)::
 
@@ -41,6 +44,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 import llm_compile.ops.anda  # noqa: F401  (registers llmaccel::anda_linear)
 from llm_compile.codegen.anda_kernels import interpreter_active, kernel_source
 from llm_compile.codegen.anda_launch import GEMV_MAX_ROWS, plan
+from llm_compile.anda_widths import layer_index
 from llm_compile.config import LLMAccelConfig
 from llm_compile.passes.base import PassContext, PassResult
 from llm_compile.quantize import dequantize_weight
@@ -263,10 +267,15 @@ def _site(gm, node: torch.fx.Node, config: LLMAccelConfig, ctx: PassContext, ker
     kind = module_kind(source)
     if kind is None:
         return None, f"unknown module kind for {source or qw.name!r}"
-    m_bits = config.anda.bits_for(kind)
+    path = ".".join(module_path_from_source(source))
+    layer = layer_index(path)
+    try:
+        m_bits = config.anda.bits_for(kind, layer)
+    except LookupError as e:   # names quoted: one warning per kind of reason (manager.warn_once)
+        return None, f"{str(e).split(':')[0]}: no entry for '{path}' (layer '{layer}')"
     args = (node.args[xi], qw, sc, mn, bias, m_bits, bits, gs, kernel)
     info = {"node": node.name, "form": str(node.target.overloadpacket.__name__), "kind": kind,
-            "mantissa_bits": m_bits, "weight_bits": bits, "group_size": gs, "N": n_out, "K": k,
+            "layer": layer, "mantissa_bits": m_bits, "weight_bits": bits, "group_size": gs, "N": n_out, "K": k,
             "symmetric": mn is None,
             "source": source, "kernel": kernel}
     return args, info

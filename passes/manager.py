@@ -97,7 +97,10 @@ def unapplied_reasons(name: str, record: dict, records: list[dict], gm, ctx: Pas
         elif not record["matched"] and record["skipped"] and canon is not None and canon["matched"]:
             # a forward without a cache (use_cache=False) has nothing to relocate: not a miss
             out += [r for r in _reasons(record["skipped"]) if "nothing to store" not in r]
-    elif name == "anda_lowering" and not record["matched"]:
+    elif name == "anda_lowering" and record["matched"]:
+        # a per-layer width list too short for the model: a configuration error, not a miss
+        out += [r for r in _reasons(record["skipped"]) if r.startswith("anda.mantissa_bits")]
+    elif name == "anda_lowering":
         if not _has_quantized_weights(gm, ctx):
             if any(str(n.target).startswith(("aten.mm", "aten.addmm")) for n in gm.graph.nodes):
                 out.append("the graph has no quantized weights (no QuantLinear): call "
