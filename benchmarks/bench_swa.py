@@ -174,9 +174,14 @@ def _check_memory(names, table, cfg, args, max_len: int) -> None:
     kv = sum(rows[table[n][2]] * row for n in names)
     transient = max(args.batch * args.context * max_len * 4 * 3 if table[n][0] == "inductor" and table[n][2] == "static"
                     else args.batch * 9 * args.context * 64 * 4 * 8 for n in names)
-    need, have = kv + transient, _available_bytes()
-    print(f"memory: caches {kv / 2**30:.1f} GiB + largest prefill transient {transient / 2**30:.1f} GiB "
-          f"(available {have / 2**30:.1f} GiB)", flush=True)
+    # SWA state per layer and sequence (README "Limits"): the weight ring W x 2k x 12 bytes plus the
+    # prompt's last W0 = W weight rows over n tokens (fp32), with W = k = n (1 - sparsity) / 2
+    k = int(args.context * (1 - args.sparsity) / 2)
+    swa_state = cfg.num_hidden_layers * args.batch * (k * 2 * k * 12 + k * args.context * 4)
+    state = sum(swa_state for n in names if (table[n][1] or {}).get("swa"))
+    need, have = kv + transient + state, _available_bytes()
+    print(f"memory: caches {kv / 2**30:.1f} GiB + SWA state {state / 2**30:.1f} GiB + largest prefill "
+          f"transient {transient / 2**30:.1f} GiB (available {have / 2**30:.1f} GiB)", flush=True)
     if need > 0.8 * have:
         raise SystemExit(f"bench_swa: {len(names)} configs at context {args.context} need about "
                          f"{need / 2**30:.1f} GiB, more than 80 % of the {have / 2**30:.1f} GiB available: "
