@@ -21,7 +21,14 @@ class PassSpec:
     enabled: Callable[[LLMAccelConfig], bool]
 
     def load(self):
-        return importlib.import_module(f"llm_compile.passes.{self.module}").run
+        # Passes run inside AOTAutograd's fake-tensor mode, and a pass module (with the runtime
+        # modules it imports: op implementations, stores) may be imported here for the first time:
+        # import it with fake mode off, so that nothing made at import time is a fake tensor that
+        # real run-time code later touches (issue 14: TieredKV's empty-position constant was).
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            return importlib.import_module(f"llm_compile.passes.{self.module}").run
 
 
 PIPELINE: list[PassSpec] = [

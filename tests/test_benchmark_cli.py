@@ -135,9 +135,6 @@ def test_bench_backend_args_and_table(capsys):
     assert "| eager | 5.50 [5.00-6.00] | 0.50 [0.50-0.50]x |" in text
 
 
-@pytest.mark.xfail(reason="known bug (issue 14, open): at this tiny size the swa_tiers config fails while "
-                          "compiling (TieredKV.append runs under fake tensors: DynamicOutputShapeException "
-                          "on aten.nonzero); it depends on the plan the measured cost model gives", strict=False)
 def test_bench_kv_tiers_runs_at_a_tiny_size(tmp_path):
     """Every config gives a row (or its error), the targets and the plan are reported, JSON + PNG."""
     import json

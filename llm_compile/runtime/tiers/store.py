@@ -29,7 +29,12 @@ from llm_compile.runtime.tiers.host import Rows
 from llm_compile.runtime.tiers.plan import Plan
 
 
-_NONE = torch.zeros(0, dtype=torch.int64)
+def _no_positions() -> Tensor:
+    """An empty position list, made per call. Never a module-level tensor: the first import of this
+    module can happen while a pass runs under the compiler's fake-tensor mode, which would make
+    that tensor fake for the life of the process (issue 14: a fake constant reached this real
+    code at run time and ``aten.nonzero`` raised DynamicOutputShapeException)."""
+    return torch.empty(0, dtype=torch.int64)
 
 
 class HostTierFullError(RuntimeError):
@@ -67,7 +72,7 @@ class TieredKV:
         p = self.plan
         edge = n - p.recent
         if n <= p.p1 or edge <= self.decided:
-            return _NONE
+            return _no_positions()
         pick = [t for t in range(self.decided, edge) if p.host_share(t)]
         self.decided = edge
         chosen = torch.tensor(pick, dtype=torch.int64)
