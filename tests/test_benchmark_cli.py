@@ -135,6 +135,7 @@ def test_bench_backend_args_and_table(capsys):
     assert "| eager | 5.50 [5.00-6.00] | 0.50 [0.50-0.50]x |" in text
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (CI keeps the suite under ~15 min)
 def test_bench_kv_tiers_runs_at_a_tiny_size(tmp_path):
     """Every config gives a row (or its error), the targets and the plan are reported, JSON + PNG."""
     import json

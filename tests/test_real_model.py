@@ -14,6 +14,7 @@ def smollm2():
     return load_smollm2()
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (CI keeps the suite under ~15 min)
 def test_smollm2_logits_and_greedy_tokens_through_llmaccel(smollm2):
     model, tok = smollm2
     ids = tok("For God so loved the world, that he gave his one and only Son,", return_tensors="pt")["input_ids"]
@@ -35,6 +36,7 @@ def test_smollm2_logits_and_greedy_tokens_through_llmaccel(smollm2):
     assert len(tok.decode(out[0, ids.shape[1]:]).strip()) > 0
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (CI keeps the suite under ~15 min)
 def test_smollm2_hf_generate_with_swa_0_8(smollm2):
     """The issue's end-to-end line: HF ``generate`` on SmolLM2 through SWA at sparsity 0.8.
 
@@ -74,6 +76,7 @@ def test_smollm2_hf_generate_with_swa_0_8(smollm2):
     assert any(c.isalpha() for c in tok.decode(new))
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (CI keeps the suite under ~15 min)
 def test_smollm2_generate_with_swa_and_kv_tiers_equals_swa_on_the_device(smollm2, tmp_path):
     """Issue 14's "done when": HF ``generate`` on SmolLM2 with SWA 0.8 and most of its KV off the
     device (a budget of 96 tokens per layer for a 300-token passage + 16 new tokens) gives the same

@@ -33,9 +33,9 @@ def _run(path):
 
 
 @pytest.mark.parametrize("options, static", [
-    ({"kv_store": True}, False),
+    pytest.param({"kv_store": True}, False, marks=pytest.mark.slow),
     ({"swa": {"sparsity": 0.5, "bucket": 4}, "kv_store": False}, False),
-    ({"swa": {"sparsity": 0.5, "bucket": 4}}, True),
+    pytest.param({"swa": {"sparsity": 0.5, "bucket": 4}}, True, marks=pytest.mark.slow),
 ], ids=["kv_store", "swa", "swa-static"])
 def test_repro_of_a_stateful_decode_graph_runs_in_a_fresh_process(tmp_path, options, static):
     repros = _dump(tmp_path, options, static)

@@ -279,7 +279,8 @@ def test_state_dies_with_the_cache():
     assert ref() is None
 
 
-@pytest.mark.parametrize("options", [{"canonicalize": True}, {"kv_store": True}], ids=["canonical", "kv_store"])
+@pytest.mark.parametrize("options", [{"canonicalize": True}, pytest.param({"kv_store": True}, marks=pytest.mark.slow)],
+                         ids=["canonical", "kv_store"])
 def test_static_cache_decode_writes_in_place_under_inductor(options):
     """A decode step over a StaticCache writes its row in place: the compiled code allocates no
     buffer of ``max_cache_len`` rows. Before, ``static_attention`` also took the key buffer as it

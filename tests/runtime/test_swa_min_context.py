@@ -62,6 +62,7 @@ def test_min_context_option_is_checked():
             parse_options({"swa": {"min_context": bad}})
 
 
+@pytest.mark.slow  # the same path runs in tests/test_context_dispatch.py (the SWA graph's in-op rule)
 def test_model_below_min_context_generates_exactly_dense():
     """End to end: a generation that stays below min_context gives the dense model's tokens
     (with sparsity 0.8 and min_context 0 it would not: checked on the same prompt)."""

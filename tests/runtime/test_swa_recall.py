@@ -258,7 +258,8 @@ def _ids(n=60):
     return torch.randint(0, model_zoo.VOCAB, (2, n), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("policy", ["recall", "quest", "oracle"])
+@pytest.mark.parametrize("policy", ["recall", pytest.param("quest", marks=pytest.mark.slow),
+                                    pytest.param("oracle", marks=pytest.mark.slow)])
 def test_generate_with_dynamic_cache_and_llmaccel_cache(policy):
     """The in-place store (default with swa) and SWA over HF's DynamicCache pick the same tokens;
     LLMAccelCache gives the same tokens as a plain DynamicCache."""
@@ -276,6 +277,7 @@ def test_generate_with_dynamic_cache_and_llmaccel_cache(policy):
     assert got.shape[1] == 68
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (CI keeps the suite under ~15 min)
 def test_beam_search_reorders_the_page_summaries():
     """Beam search reorders the SWA state (scores and page summaries) with the KV: recall over the
     in-place store gives the tokens recall over the model's own reordered KV gives."""
@@ -290,6 +292,7 @@ def test_beam_search_reorders_the_page_summaries():
     assert torch.equal(got, want)
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with -m slow (CI keeps the suite under ~15 min)
 def test_static_cache_equals_dynamic_cache():
     """Recall over HF's StaticCache (state on the cache layer) picks the tokens it picks over a
     DynamicCache."""
