@@ -103,7 +103,33 @@ def table(results, sparsities, labels) -> str:
     return "\n".join(lines)
 
 
-def plot(results, sparsities, labels, path) -> None:
+KV_SHORT = {"ObservedAttentionPress": "H2O (Observed)", "ExpectedAttentionPress": "Expected",
+            "SnapKVPress": "SnapKV", "TOVAPress": "TOVA", "StreamingLLMPress": "StreamingLLM"}
+
+
+def kvpress_rows(path, sparsities) -> tuple[str, dict]:
+    """Markdown rows of ``kvpress_continuation.py``'s JSON (vs that venv's dense-sdpa) and its points."""
+    with open(path) as f:
+        res = [r for r in json.load(f)["results"] if not r.get("error")]
+    by = {r["name"]: r for r in res}
+    dense = by.get("dense-sdpa", {}).get("ppl")
+    lines, pts = [], {}
+    for d in ("dense-sdpa", "dense-eager"):
+        if d in by:
+            lines.append(f"| kvpress venv {d} | " + " | ".join(f"{by[d]['ppl']:.3f}" for _ in sparsities) + " |")
+    for press in dict.fromkeys(r["press"] for r in res if r.get("press")):
+        ref = (by.get("dense-eager", {}).get("ppl") if press == "ObservedAttentionPress" else None) or dense
+        cells = []
+        for s in sparsities:
+            v = by.get(f"{press}@{s}", {}).get("ppl")
+            cells.append("-" if v is None else f"{v:.3f} ({100 * (v / ref - 1):+.1f} %)")
+            if v is not None:
+                pts.setdefault(press, []).append((s, 100 * (v / ref - 1)))
+        lines.append(f"| kvpress {press} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), pts
+
+
+def plot(results, sparsities, labels, path, kv_points=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,13 +137,17 @@ def plot(results, sparsities, labels, path) -> None:
 
     by = {r["name"]: r for r in results if not r.get("error")}
     dense = by["dense"]["ppl"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     for p in labels:
         pts = [(s, 100 * (by[f"{p}@{s}"]["ppl"] / dense - 1)) for s in sparsities if f"{p}@{s}" in by]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=p)
+    for press, pts in (kv_points or {}).items():
+        ax.plot(*zip(*pts), marker="x", ls=":", label=f"kvpress {KV_SHORT.get(press, press)}")
     ax.axhline(0, ls="--", color="gray", label="dense")
-    ax.set_xlabel("KV sparsity (share of KV bytes not read per step)")
+    ax.set_xlabel("KV sparsity (share of KV bytes not read per step)"
+                  + ("\nkvpress (dotted): compression ratio of the 1024-token context; keeps all continuation tokens"
+                     if kv_points else ""), fontsize=8 if kv_points else None)
     ax.set_ylabel("continuation perplexity vs dense (%)")
     ax.set_title("SmolLM2-135M, context 1024 + 128 teacher-forced")
     ax.grid(alpha=0.3)
@@ -151,7 +181,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/out/swa_continuation.json")
     ap.add_argument("--plot", default="benchmarks/swa_continuation.png")
     ap.add_argument("--save-ids", default=None, help="write the windows' token ids (JSON) for kvpress")
+    ap.add_argument("--ids-only", action="store_true", help="with --save-ids: write the ids and stop")
     ap.add_argument("--merge", nargs="+", default=None, help="only print table/plot of these JSON files")
+    ap.add_argument("--kvpress", default=None, help="with --merge: add the rows/points of this "
+                    "kvpress_continuation.py JSON (change vs that venv's dense)")
     args = ap.parse_args(argv)
     if args.merge:
         results = []
@@ -181,6 +214,8 @@ def main(argv=None) -> None:
             json.dump({"context": args.context, "continuation": args.continuation,
                        "windows": [w[0].tolist() for w in wins]}, f)
         print(f"wrote {args.save_ids}")
+        if args.ids_only:
+            return
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     results = []
     for i, (name, options) in enumerate(cfgs):
@@ -197,9 +232,11 @@ def main(argv=None) -> None:
 
 def report(results, args) -> None:
     sp, labels = _sparsities(results), _labels(results)
-    print("\nContinuation perplexity (change vs dense):\n" + table(results, sp, labels))
+    kv_rows, kv_points = kvpress_rows(args.kvpress, sp) if getattr(args, "kvpress", None) else ("", None)
+    print("\nContinuation perplexity (change vs dense):\n" + table(results, sp, labels)
+          + ("\n" + kv_rows if kv_rows else ""))
     if args.plot and any(r["name"] == "dense" and not r.get("error") for r in results):
-        plot(results, sp, labels, args.plot)
+        plot(results, sp, labels, args.plot, kv_points)
         print(f"wrote {args.plot}")
 
 

@@ -150,3 +150,31 @@ def test_bench_kv_tiers_runs_at_a_tiny_size(tmp_path):
     c = out["configs"]["swa_tiers"][0]
     assert c["batch"] == 2 and c["tokens_per_s"] > 0 and c["plan"]["beta"] == 0
     assert "batch_c_over_a" in out["targets"] and "tok_s_c_over_b" in out["targets"]
+
+
+def test_kvpress_continuation_configs_table_and_unknown_only(tmp_path, capsys):
+    m = _load("kvpress_continuation")  # runs in its own venv; must import without kvpress
+    cfgs = m.configs((0.5, 0.8), ("SnapKVPress", "ObservedAttentionPress"))
+    assert [c[0] for c in cfgs] == ["dense-sdpa", "dense-eager", "SnapKVPress@0.5", "SnapKVPress@0.8",
+                                    "ObservedAttentionPress@0.5", "ObservedAttentionPress@0.8"]
+    res = [{"name": "dense-sdpa", "ppl": 10.0}, {"name": "dense-eager", "ppl": 10.1},
+           {"name": "SnapKVPress@0.8", "press": "SnapKVPress", "ppl": 11.0},
+           {"name": "ObservedAttentionPress@0.8", "press": "ObservedAttentionPress", "ppl": 11.11}]
+    t = m.table(res, (0.5, 0.8), ["SnapKVPress", "ObservedAttentionPress"])
+    assert "| SnapKVPress | - | 11.000 (+10.0 %) |" in t
+    assert "| ObservedAttentionPress | - | 11.110 (+10.0 %) |" in t  # vs the eager dense
+    path = tmp_path / "kv.json"
+    path.write_text(__import__("json").dumps({"results": res}))
+    s = _load("swa_continuation")
+    rows, pts = s.kvpress_rows(str(path), (0.5, 0.8))
+    assert "| kvpress SnapKVPress | - | 11.000 (+10.0 %) |" in rows
+    assert pts["SnapKVPress"] == [(0.8, pytest.approx(10.0))]
+    with pytest.raises(SystemExit):
+        m.main(["--only", "dense-sdpa,SnapKVPress@0.7", "--ids", str(path.with_name("missing.json"))])
+
+
+def test_swa_continuation_ids_only_and_unknown_only(capsys):
+    s = _load("swa_continuation")
+    with pytest.raises(SystemExit):
+        s.main(["--only", "dense,recall@0.7", "--sparsities", "0.8"])
+    assert "unknown configs ['recall@0.7']" in capsys.readouterr().err
