@@ -232,6 +232,10 @@ def main(argv=None) -> None:
 
 def report(results, args) -> None:
     sp, labels = _sparsities(results), _labels(results)
+    if getattr(args, "kvpress", None):
+        with open(args.kvpress) as f:
+            sp = tuple(sorted(set(sp) | {r["compression_ratio"] for r in json.load(f)["results"]
+                                         if r.get("compression_ratio") is not None}))
     kv_rows, kv_points = kvpress_rows(args.kvpress, sp) if getattr(args, "kvpress", None) else ("", None)
     print("\nContinuation perplexity (change vs dense):\n" + table(results, sp, labels)
           + ("\n" + kv_rows if kv_rows else ""))
