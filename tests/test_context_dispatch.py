@@ -13,7 +13,6 @@ import model_zoo
 from llm_compile import LLMAccelCache
 from llm_compile.backend import COMPILED
 from llm_compile.context_dispatch import probe
-from llm_compile.runtime.swa.op import SequenceStateError
 
 SWA = {"sparsity": 0.5, "bucket": 4, "kernel": "torch"}
 
@@ -31,13 +30,7 @@ def _ids(n=10, batch=1, seed=0):
 
 def _calls(first_graph: int) -> Counter:
     """Calls per form (dense / swa) of the graphs compiled since ``first_graph`` records ago."""
-    seen, total = set(), Counter()
-    for record in list(COMPILED)[first_graph:]:
-        calls = record.get("calls")
-        if calls is not None and id(calls) not in seen:
-            seen.add(id(calls))
-            total += calls
-    return total
+    return sum((r["calls"] for r in list(COMPILED)[first_graph:] if "calls" in r), start=Counter())
 
 
 def _teacher_forced(model, tokens, prompt, cache):
@@ -137,7 +130,6 @@ def test_a_real_cache_from_another_model_is_still_refused_at_the_switch():
         model = _model({"inner": "eager", "swa": {**SWA, "min_context": 10}})
         with pytest.raises(Exception, match="real KV cache|carries no SWA state"):
             model(ids[:, :1], past_key_values=cache)
-        assert isinstance(SequenceStateError("x"), RuntimeError)
 
 
 def test_probe_reads_the_context_length_from_the_input_shapes():

@@ -106,18 +106,25 @@ def _tiered(tiers: str, q: Tensor, k: Tensor, v: Tensor, state, swa: str) -> Tie
                     mmap_dir=opts.get("mmap_dir"), prefetch=opts.get("prefetch", True))
 
 
+def _new_kv(q, k, v, site, reserve, growth, swa, tiers=""):
+    """A new sequence's store for this site (and its SWA state, None when dense)."""
+    B, hkv, _, D = k.shape
+    cfg = config_from_json(swa)
+    state = new_state(B, hkv, k.device, cfg) if cfg is not None and cfg.sparsity > 0 else None
+    kv = (_tiered(tiers, q, k, v, state, swa) if tiers else
+          SiteKV(B, hkv, D, v.shape[-1], k.dtype, k.device, None, state, reserve=reserve, growth=growth))
+    kv.site, kv.swa = site, swa
+    return kv, cfg, state
+
+
 def _adopt(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve, growth, swa):
     """The first call on a cache a dense graph filled below ``swa.min_context``
     (:mod:`llm_compile.runtime.dense_prefix`): its KV moves into a new SiteKV (one copy), and the
     SWA state starts over from this call (:func:`~llm_compile.runtime.swa.step.restart_step`)."""
-    B, hkv, _, D = k.shape
     if not dense_prefix.is_marked(v_cache) or v_cache.shape[-2] != k_cache.shape[-2]:
         raise SequenceStateError(f"llmaccel kv_store: site {site}: the key cache was filled by the dense "
                                  f"graph below swa.min_context but the value cache was not. {FIX}")
-    cfg = config_from_json(swa)
-    state = new_state(B, hkv, k.device, cfg) if cfg is not None and cfg.sparsity > 0 else None
-    kv = SiteKV(B, hkv, D, v.shape[-1], k.dtype, k.device, None, state, reserve=reserve, growth=growth)
-    kv.site, kv.swa = site, swa
+    kv, cfg, state = _new_kv(q, k, v, site, reserve, growth, swa)
     kv.append(k_cache, v_cache)
     kv.append(k, v)
     if state is None:
@@ -130,15 +137,11 @@ def _adopt(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve
 def stored_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
                      attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
                      reserve: int, growth: float, swa: str, tiers: str = ""):
-    B, hkv, _, D = k.shape
+    B, hkv = k.shape[:2]
     if q.shape[1] % hkv:
         raise ValueError(f"llmaccel kv_store: {q.shape[1]} query heads is not a multiple of {hkv} KV heads")
     if k_cache is None:
-        cfg = config_from_json(swa)
-        state = new_state(B, hkv, k.device, cfg) if cfg is not None and cfg.sparsity > 0 else None
-        kv = (_tiered(tiers, q, k, v, state, swa) if tiers else
-              SiteKV(B, hkv, D, v.shape[-1], k.dtype, k.device, None, state, reserve=reserve, growth=growth))
-        kv.site, kv.swa = site, swa
+        kv, cfg, state = _new_kv(q, k, v, site, reserve, growth, swa, tiers)
         if tiers and state is not None:  # tiered SWA prefill: attend over k/v, then store them
             out = swa_step(state, q, k, v, scale, cfg, attn_mask=attn_mask, is_causal=is_causal)
             kv.append(k, v)

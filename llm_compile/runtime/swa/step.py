@@ -347,12 +347,7 @@ def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: 
     if cfg.sparsity == 0:
         return dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
     if Lq == n:  # prefill: reset and seed
-        _reinit(state, B, Hkv, q.device, cfg)
-        out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
-        _seed(state, q, k_full, attn_mask, scale, is_causal and attn_mask is None, cfg, False)
-        if state.pages is not None:
-            state.pages.update(k_full)
-        return out
+        return restart_step(state, q, k_full, v_full, scale, cfg, attn_mask=attn_mask, is_causal=is_causal)
     _check_state(state, B, Hkv, n - Lq, q.device, cfg)
     if Lq > 1 or (is_causal and attn_mask is None):
         log.debug("llmaccel swa: %d-query call on a %d-token cache runs dense", Lq, n - Lq)
@@ -367,9 +362,9 @@ def swa_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: 
 
 def restart_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, scale: float, cfg, *,
                  attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    """A call on a cache this state has never seen: one that a dense graph filled below
-    ``swa.min_context`` (:mod:`llm_compile.context_dispatch`). The state starts over as after a
-    prompt: dense attention (exact), and the scores are seeded from this call's query rows."""
+    """The state starts over as after a prompt: dense attention (exact), and the scores are seeded
+    from this call's query rows. For a prefill, and for a cache this state has never seen (one a
+    dense graph filled below ``swa.min_context``, :mod:`llm_compile.context_dispatch`)."""
     B, Hq, Lq, _ = q.shape
     _reinit(state, B, k_full.shape[1], q.device, cfg)
     out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
