@@ -165,9 +165,20 @@ def cacheable_outputs(config: LLMAccelConfig) -> bool:
     graph returns by phantoms. Inside the post-grad hook that is too late: Inductor has already
     recorded the graph's output strides and restores them, turning a phantom back into a dense
     tensor (the next step then refuses it: "got a real KV cache"). Such configs run the pipeline on
-    the AOT graph before ``compile_fx_inner``, as before the hook existed (not cached: they bake
-    runtime handles anyway)."""
+    the AOT graph before ``compile_fx_inner``, as before the hook existed. Inductor's FX graph
+    cache still serves those graphs (:func:`_fx_cache_patch`)."""
     return all(getattr(config, s) is None for s in ("kv_store", "offload", "swa"))
+
+
+def _fx_cache_patch(config: LLMAccelConfig) -> dict:
+    """Inductor's FX graph cache for a graph the pipeline rewrote before ``compile_fx_inner``: the
+    key is the rewritten graph, whose ops carry their configuration as literals (the SWA config
+    JSON, the site, the KV-tier options), and the state they use rides on the caller's cache, so
+    another process may reuse the compiled code (warm compile, issue 17 item 3). ``offload`` is
+    the exception: its graphs carry a handle into this process's worker pool (an integer that
+    means nothing, or another pool, elsewhere), so they are never cached. Otherwise Inductor's own
+    setting (``TORCHINDUCTOR_FX_GRAPH_CACHE``) decides."""
+    return {"fx_graph_cache": False} if config.offload is not None else {}
 
 
 def _compile_before_inductor(gm, example_inputs, pipeline: _Pipeline, patches: dict):
@@ -175,7 +186,7 @@ def _compile_before_inductor(gm, example_inputs, pipeline: _Pipeline, patches: d
 
     def fw_compiler(aten_gm: torch.fx.GraphModule, aten_inputs):
         pipeline(aten_gm, aten_inputs)
-        with torch._inductor.config.patch({**patches, "fx_graph_cache": False}):
+        with torch._inductor.config.patch({**patches, **_fx_cache_patch(pipeline.config)}):
             return compile_fx_inner(aten_gm, aten_inputs, is_inference=True)
 
     # keep_inference_input_mutations: as compile_fx does, the graph keeps the in-place update of a

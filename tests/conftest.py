@@ -10,6 +10,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/model_zoo.py
 
+# Under pytest-xdist (the README's command runs one worker per core) each worker gets its share of
+# the cores: torch's default (all cores per process) oversubscribes them and slows every test.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (excluded from the default run with -m 'not slow')")

@@ -9,15 +9,11 @@ from llm_compile.backend import COMPILED
 @contextlib.contextmanager
 def record_compiles():
     """Yields a list that fills with the ``COMPILED`` records made inside the block."""
-    start = len(COMPILED)
-    first_id = COMPILED[-1]["graph_id"] if COMPILED else None
+    held = list(COMPILED)  # COMPILED is bounded: once full its length stays put, so no index works;
+    before = {id(r) for r in held}  # held alive, so no new record reuses an old one's id
     out: list[dict] = []
     yield out
-    new = list(COMPILED)
-    if first_id is not None:
-        ids = [r["graph_id"] for r in new]
-        new = new[ids.index(first_id) + 1:] if first_id in ids else new[start:]
-    out.extend(new)
+    out.extend(r for r in COMPILED if id(r) not in before)
 
 
 def pass_record(compiled: dict, name: str) -> dict | None:

@@ -300,3 +300,20 @@ def test_failing_pass_rolls_back_inside_inductor(monkeypatch):
         out = torch.compile(_f, backend="llmaccel", options={"debug_dir": None})(x, w)
     torch.testing.assert_close(out, _f(x, w))
     assert "unsupported site xyz" in rec[0]["passes"][0]["error"] and rec[0]["inner"] == "inductor"
+
+
+def test_record_compiles_sees_new_graphs_once_the_log_is_full(monkeypatch):
+    """Regression (CI stop 20): with ``COMPILED`` full (late in a long suite) its length stays put,
+    and counting from ``len(COMPILED)`` saw no new graph."""
+    from collections import deque
+
+    import llm_compile.backend as backend
+
+    log = deque(({"graph_id": f"old_{i}", "passes": []} for i in range(256)), maxlen=256)
+    monkeypatch.setattr(backend, "COMPILED", log)
+    import helpers
+
+    monkeypatch.setattr(helpers, "COMPILED", log)
+    with record_compiles() as got:
+        log.append({"graph_id": "new", "passes": []})
+    assert [r["graph_id"] for r in got] == ["new"]

@@ -10,8 +10,8 @@ import torch
 from transformers import DynamicCache
 
 import model_zoo
+from helpers import record_compiles
 from llm_compile import LLMAccelCache
-from llm_compile.backend import COMPILED
 from llm_compile.context_dispatch import probe
 
 SWA = {"sparsity": 0.5, "bucket": 4, "kernel": "torch"}
@@ -28,9 +28,9 @@ def _ids(n=10, batch=1, seed=0):
     return torch.randint(0, model_zoo.VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _calls(first_graph: int) -> Counter:
-    """Calls per form (dense / swa) of the graphs compiled since ``first_graph`` records ago."""
-    return sum((r["calls"] for r in list(COMPILED)[first_graph:] if "calls" in r), start=Counter())
+def _calls(records: list[dict]) -> Counter:
+    """Calls per form (dense / swa) of the compiled graphs ``records`` (from ``record_compiles``)."""
+    return sum((r["calls"] for r in records if "calls" in r), start=Counter())
 
 
 def _teacher_forced(model, tokens, prompt, cache):
@@ -55,9 +55,9 @@ def test_below_min_context_equals_eager_and_after_the_switch_equals_in_op_min_co
     tokens, prompt, m = _ids(30), 8, 16
     with torch.no_grad():
         eager = _teacher_forced(_model(None, layers=1), tokens, prompt, DynamicCache())
-        first = len(COMPILED)
-        got = _teacher_forced(_model(options, layers=1), tokens, prompt, DynamicCache())
-        calls = _calls(first)
+        with record_compiles() as records:
+            got = _teacher_forced(_model(options, layers=1), tokens, prompt, DynamicCache())
+        calls = _calls(records)
         monkeypatch.setattr(cd, "applies", lambda config: False)  # one graph, min_context inside the ops
         in_op = _teacher_forced(_model(options, layers=1), tokens, prompt, DynamicCache())
     # row j: the call that attended over prompt + j tokens; the switch call is the first with >= m

@@ -80,6 +80,7 @@ def test_compile_helpers(smollm2):
     assert not is_compiled(model)
 
 
+@pytest.mark.slow  # ~5 min on 2 cores (CI budget); tests/test_backend.py checks passes-off = eager on tiny models
 def test_llmaccel_passes_off_matches_eager(smollm2, ids):
     """Prefill (8 tokens) + decode (7 steps) through llmaccel with no pass on, vs eager."""
     pytest.importorskip("llm_compile.backend")

@@ -82,20 +82,19 @@ def _llama():
 
 
 def test_llama_greedy_generation_matches_local_and_kv_lives_in_workers():
-    from llm_compile.backend import COMPILED
+    from helpers import record_compiles
 
     model = _llama()
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    n0 = len(COMPILED)
     model.forward = torch.compile(model.forward, backend="llmaccel", options=OPTIONS)
-    with torch.no_grad():
+    with torch.no_grad(), record_compiles() as compiled:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                              return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
-    records = [r for g in list(COMPILED)[n0:] for r in g["passes"] if r["pass"] == "attention_offload"]
+    records = [r for g in compiled for r in g["passes"] if r["pass"] == "attention_offload"]
     assert records and all(len(r["matched"]) == 2 and not r["skipped"] for r in records)
     assert any(not m["decode"] for r in records for m in r["matched"])  # the prefill graph
     assert any(m["decode"] for r in records for m in r["matched"])
