@@ -24,3 +24,16 @@ def test_ci_runs_the_readme_test_command_and_installs_cpu_torch_first():
 
 def test_readme_example_exists():
     assert "python examples/quickstart.py" in README and (ROOT / "examples" / "quickstart.py").exists()
+
+
+def test_quickstart_refuses_an_unknown_config_before_loading_anything(capsys):
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    with pytest.raises(SystemExit) as e:
+        quickstart.main(["--configs", "kv_store,fast"])
+    assert e.value.code == 2 and "unknown --configs ['fast']" in capsys.readouterr().err
