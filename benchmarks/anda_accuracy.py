@@ -39,8 +39,8 @@ import torch
 from pathlib import Path
 
 from llm_compile.anda_cli import (DEFAULT_CONTEXT, DEFAULT_GROUP, DEFAULT_TOKENS, MODEL_NAME, WEIGHTS,
-                                  EvalCache, Evaluator, load_w4_model, model_macs, relative_bops,
-                                  run_search, weights_setting)
+                                  load_w4_model, model_macs, relative_bops, run_search, weights_setting)
+from llm_compile.anda_eval import EvalCache, Evaluator
 from llm_compile.anda_widths import ANDA_MODULE_KINDS, describe, normalise
 
 

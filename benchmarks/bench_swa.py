@@ -20,7 +20,8 @@ the torch gather path), plus the cost of the token selection (top-k over the sco
     python benchmarks/bench_swa.py --context 8192 --threads 1  # the issue-12 table (about an hour)
     python benchmarks/bench_swa.py --layers 2 --context 256 --threads 1   # quick look
 
-Also (CPU, always, seconds): one attention site's decode at ``--op-context`` (default 8192).
+Also (CPU, always, seconds): one attention site's decode at ``--op-context`` (default 8192);
+that and the GPU part live in ``swa_site_bench.py``.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ import time
 import torch
 
 from llm_compile.config import POLICY_DEFAULTS, SWAConfig
-from llm_compile.runtime import swa
-from llm_compile.runtime.swa.state import SWAState, compute_budget
+from llm_compile.runtime.swa.state import compute_budget
+from swa_site_bench import cpu_op_bench, gpu_bench  # benchmarks/ (this script's folder)
 
 
 def smollm2_config(layers: int):
@@ -358,75 +359,6 @@ def print_cpu(c: dict) -> None:
     for name, r in c["runs"].items():
         for t in r["top_ops"] or []:
             print(f"  {name:16} {t['op']:48} {t['ms_per_step']:8.1f} ms/step ({t['calls']} calls)")
-
-
-def cpu_op_bench(args) -> dict:
-    """One attention site, decode only, at ``--op-context`` tokens (no prefill needed): dense
-    ``llmaccel::attention`` math (cache concat + SDPA) vs ``swa_step`` (trim, select, gather,
-    attend, score update; cache not concatenated). The SWA state starts with random scores."""
-    B, Hq, Hkv, D, n0, steps = args.batch, 9, 3, 64, args.op_context, args.steps
-    g = torch.Generator().manual_seed(0)
-    kc, vc = torch.randn(B, Hkv, n0 + steps, D, generator=g), torch.randn(B, Hkv, n0 + steps, D, generator=g)
-    qs = torch.randn(steps, B, Hq, 1, D, generator=g)
-    cfg = SWAConfig(sparsity=args.sparsity, bucket=args.bucket, kernel="torch", policy=args.policy)
-    st = swa.new_state(B, Hkv, "cpu", cfg)
-    st.grow(n0)
-    st.score[:] = torch.randint(0, 1 << 30, (B, 1, n0), generator=g)
-    times = {"dense": [], "swa": []}
-    for i in range(steps):
-        n = n0 + i
-        t0 = time.perf_counter()
-        kf, vf = torch.cat([kc[:, :, :n], kc[:, :, n:n + 1]], 2), torch.cat([vc[:, :, :n], vc[:, :, n:n + 1]], 2)
-        torch.nn.functional.scaled_dot_product_attention(qs[i], kf, vf, scale=D ** -0.5, enable_gqa=True)
-        times["dense"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        swa.swa_step(st, qs[i], kc[:, :, :n], vc[:, :, :n], D ** -0.5, cfg,
-                     k_new=kc[:, :, n:n + 1], v_new=vc[:, :, n:n + 1])
-        times["swa"].append(time.perf_counter() - t0)
-    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
-    b = compute_budget(n0 + steps, cfg)
-    row = 2 * Hkv * D * 4 * B
-    return {"context": n0, "batch": B, "policy": args.policy, "budget": b.describe(), "dense_ms": med["dense"],
-            "swa_ms": med["swa"], "speedup": med["dense"] / med["swa"],
-            "kv_bytes": {"dense": n0 * row, "swa_padded": b.padded * row}}
-
-
-def _cuda_ms(fn, reps=50) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median"))
-
-
-def gpu_bench(args) -> dict:
-    from llm_compile.codegen.swa_kernels import swa_decode_attention
-
-    dev, dt, B, Hq, Hkv, D, n = "cuda", torch.float16, args.batch, 9, 3, 64, args.gpu_context
-    torch.manual_seed(0)
-    q = torch.randn(B, Hq, 1, D, device=dev, dtype=dt)
-    k = torch.randn(B, Hkv, n, D, device=dev, dtype=dt)
-    v = torch.randn(B, Hkv, n, D, device=dev, dtype=dt)
-    cfg = SWAConfig(sparsity=args.sparsity, bucket=args.bucket)
-    b = compute_budget(n, cfg)
-    st = SWAState(B, 1, dev)
-    st.grow(n)
-    st.score[:] = torch.randint(0, 1 << 30, (B, 1, n), device=dev)
-    idx = st.select(b)
-    bias = torch.zeros(B, 1, b.padded, device=dev)
-    bias[..., b.total:] = float("-inf")
-    scale = D ** -0.5
-    dense = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-        q, k, v, scale=scale, enable_gqa=True)
-    tri = lambda: swa_decode_attention(q[:, :, 0], k, v, idx, bias, scale)  # noqa: E731
-    tor = lambda: swa.gather_attend_torch(q[:, :, 0], k, v, idx, bias, scale)  # noqa: E731
-    o_t, w_t = tri()
-    o_r, w_r = tor()
-    err = float((o_t.float() - o_r.float()).abs().max())
-    kv_row = 2 * Hkv * D * 2 * B
-    return {"device": torch.cuda.get_device_name(), "context": n, "batch": B, "dtype": "fp16",
-            "budget": b.describe(), "dense_sdpa_ms": _cuda_ms(dense), "swa_triton_ms": _cuda_ms(tri),
-            "swa_torch_gather_ms": _cuda_ms(tor), "select_topk_ms": _cuda_ms(lambda: st.select(b)),
-            "max_abs_err_triton_vs_torch": err,
-            "kv_bytes": {"dense": n * kv_row, "swa_padded": b.padded * kv_row}}
 
 
 def main(argv=None) -> dict:

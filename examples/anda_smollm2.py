@@ -23,7 +23,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from llm_compile.anda_cli import WEIGHTS, load_w4_model, lowered_count  # noqa: E402
+from llm_compile.anda_cli import WEIGHTS, load_w4_model  # noqa: E402
+from llm_compile.anda_eval import lowered_count  # noqa: E402
 from llm_compile.backend import COMPILED  # noqa: E402
 from llm_compile.eval.metrics import greedy_generate  # noqa: E402
 

@@ -31,7 +31,7 @@ import llm_compile.ops  # noqa: F401  (registers llmaccel:: ops)
 from llm_compile import context_dispatch
 from llm_compile.config import INDUCTOR_MODES, LLMAccelConfig, OptionsError, parse_options
 from llm_compile.debug import DebugDump
-from llm_compile.inductor_hook import PipelinePass, RecordStore
+from llm_compile.inductor_hook import PROCESS_STATE_SECTIONS, PipelinePass, RecordStore, bakes_handles
 from llm_compile.passes.base import PassContext
 from llm_compile.passes.manager import run_pipeline
 from llm_compile.passes.pipeline import PIPELINE
@@ -167,18 +167,17 @@ def cacheable_outputs(config: LLMAccelConfig) -> bool:
     tensor (the next step then refuses it: "got a real KV cache"). Such configs run the pipeline on
     the AOT graph before ``compile_fx_inner``, as before the hook existed. Inductor's FX graph
     cache still serves those graphs (:func:`_fx_cache_patch`)."""
-    return all(getattr(config, s) is None for s in ("kv_store", "offload", "swa"))
+    return all(getattr(config, s) is None for s in PROCESS_STATE_SECTIONS)
 
 
 def _fx_cache_patch(config: LLMAccelConfig) -> dict:
     """Inductor's FX graph cache for a graph the pipeline rewrote before ``compile_fx_inner``: the
     key is the rewritten graph, whose ops carry their configuration as literals (the SWA config
     JSON, the site, the KV-tier options), and the state they use rides on the caller's cache, so
-    another process may reuse the compiled code (warm compile, issue 17 item 3). ``offload`` is
-    the exception: its graphs carry a handle into this process's worker pool (an integer that
-    means nothing, or another pool, elsewhere), so they are never cached. Otherwise Inductor's own
-    setting (``TORCHINDUCTOR_FX_GRAPH_CACHE``) decides."""
-    return {"fx_graph_cache": False} if config.offload is not None else {}
+    another process may reuse the compiled code (warm compile, issue 17 item 3). Graphs that carry
+    a process-local handle (:func:`~llm_compile.inductor_hook.bakes_handles`: offload) are never
+    cached; otherwise Inductor's own setting (``TORCHINDUCTOR_FX_GRAPH_CACHE``) decides."""
+    return {"fx_graph_cache": False} if bakes_handles(config) else {}
 
 
 def _compile_before_inductor(gm, example_inputs, pipeline: _Pipeline, patches: dict):

@@ -23,7 +23,7 @@ from llm_compile.anda_widths import ANDA_MODULE_KINDS
 from llm_compile.option_rules import OptionsError, Rule
 
 __all__ = ["OptionsError", "LLMAccelConfig", "SWAConfig", "AndaConfig", "OffloadConfig", "KVStoreConfig",
-           "KVTiersConfig", "parse_options", "POLICY_DEFAULTS", "RULES", "STAGE_NAMES", "options_table"]
+           "KVTiersConfig", "parse_options", "POLICY_DEFAULTS", "RULES", "SECTIONS", "STAGE_NAMES"]
 
 
 POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -183,7 +183,7 @@ class LLMAccelConfig:
     """Only dump the stages of these passes (names as in ``passes.json``); ``None`` = all."""
 
 
-_SECTIONS = {"swa": SWAConfig, "anda": AndaConfig, "offload": OffloadConfig, "kv_store": KVStoreConfig,
+SECTIONS = {"swa": SWAConfig, "anda": AndaConfig, "offload": OffloadConfig, "kv_store": KVStoreConfig,
              "kv_tiers": KVTiersConfig}
 
 STAGE_NAMES = ("dynamo", "aten", "canonicalize_attention", "sparse_window_attention", "anda_lowering",
@@ -258,7 +258,7 @@ def _checked(cls, prefix: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """Every field of ``cls``: the given value (or the default), checked and normalised."""
     out = {}
     for f in fields(cls):
-        if f.name in _SECTIONS:
+        if f.name in SECTIONS:
             continue
         value = given[f.name] if f.name in given else f.default
         out[f.name] = RULES[prefix + f.name].check(prefix + f.name, value)
@@ -266,7 +266,7 @@ def _checked(cls, prefix: str, given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _section(name: str, value: Any):
-    cls = _SECTIONS[name]
+    cls = SECTIONS[name]
     if value is None or value is False:
         return None
     if value is True:
@@ -295,7 +295,7 @@ def parse_options(options: Mapping[str, Any] | LLMAccelConfig | None) -> LLMAcce
         raise OptionsError(f"llmaccel: options={options!r} ({type(options).__name__}) has the wrong type; "
                            "expected a dict such as {\"swa\": {\"sparsity\": 0.8}} (or an LLMAccelConfig)")
     _check_keys("options", options, LLMAccelConfig)
-    kw: dict[str, Any] = {k: _section(k, options.get(k)) for k in _SECTIONS}
+    kw: dict[str, Any] = {k: _section(k, options.get(k)) for k in SECTIONS}
     if not explicit_kv and kw["kv_tiers"] is not None and kw["offload"] is None:
         kw["kv_store"] = KVStoreConfig()  # the tiers live inside the in-place store
     if not explicit_kv and kw["swa"] is not None and kw["offload"] is None:
@@ -362,60 +362,3 @@ def _validate_swa_offload(cfg: LLMAccelConfig) -> None:
             "holds only its KV heads, so it cannot sum token scores over all heads of a layer (ALISA's "
             "per-layer selection); use swa.selection='kv_head' (per-KV-head token sets) or "
             "offload.workers=1")
-
-
-def _default_text(section: str, name: str, default) -> str:
-    text = f"`{default!r}`"
-    if section == "swa" and all(name in d for d in POLICY_DEFAULTS.values()):
-        text += " (" + ", ".join(f"{p}: {d[name]!r}" for p, d in POLICY_DEFAULTS.items()) + ")"
-    return text
-
-
-def describe_options() -> list[tuple[str, str, str, str]]:
-    """(key, expected type/range, default, doc) rows for every option; the README table."""
-    import inspect
-
-    rows = []
-
-    def doc_of(cls, name):
-        src = inspect.getsource(cls).splitlines()
-        for i, line in enumerate(src):
-            if line.strip().startswith(f"{name}:"):
-                out = []
-                for nxt in src[i + 1:]:
-                    s = nxt.strip()
-                    if s.startswith('"""'):
-                        out.append(s.strip('"'))
-                        if s.endswith('"""') and len(s) > 3:
-                            break
-                    elif out:
-                        out.append(s.strip('"'))
-                        if s.endswith('"""'):
-                            break
-                    else:
-                        break
-                return " ".join(x for x in out if x)
-        return ""
-
-    for f in fields(LLMAccelConfig):
-        if f.name in _SECTIONS:
-            for g in fields(_SECTIONS[f.name]):
-                key = f"{f.name}.{g.name}"
-                rows.append((key, RULES[key].text, _default_text(f.name, g.name, g.default),
-                             doc_of(_SECTIONS[f.name], g.name)))
-        else:
-            rows.append((f.name, RULES[f.name].text, _default_text("", f.name, f.default),
-                         doc_of(LLMAccelConfig, f.name)))
-    return rows
-
-
-def options_table() -> str:
-    """The README's options table (markdown)."""
-    lines = ["| option | type / range | default | meaning |", "|---|---|---|---|"]
-    for key, kind, default, doc in describe_options():
-        lines.append(f"| `{key}` | {kind} | {default} | {doc.replace('``', '`')} |")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(options_table())

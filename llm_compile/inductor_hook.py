@@ -17,8 +17,8 @@ buffers) would miss the re-inplacing and no-op removal that run after the pre ho
 Caching: :meth:`PipelinePass.uuid` hashes the parsed config and the source of the pipeline
 (passes, ops, runtime, codegen, config), so Inductor's FX graph cache (and the AOTAutograd cache on
 top of it) stays valid and is keyed by what changes our output. It returns ``None`` (no caching)
-when a graph would bake in process state (SWA, the KV store and offload bake runtime handles, see
-:data:`PROCESS_STATE_SECTIONS`) or when a debug dump is asked for (a cache hit would skip the pipeline, hence the dump). On a cache hit the
+for the passes in :data:`PROCESS_STATE_SECTIONS` (offload bakes a runtime handle; SWA and the KV
+store are compiled before Inductor by the backend) or when a debug dump is asked for (a cache hit would skip the pipeline, hence the dump). On a cache hit the
 pipeline does not run; its records (``COMPILED``) are then read back from a small JSON store
 written when the graph was first compiled (:class:`RecordStore`).
 """
@@ -70,11 +70,22 @@ def config_key(config: LLMAccelConfig) -> str:
     return repr(dataclasses.replace(config, debug_dir=None, debug_passes=None))
 
 
-PROCESS_STATE_SECTIONS = ("swa", "kv_store", "offload")
-"""Passes that bake a runtime handle (``llm_compile.runtime.context.register_handle``: an SWA
-config, the KV store, a worker pool) into the graph as an int. Handles are numbered in the order a
+HANDLE_SECTIONS = ("offload",)
+"""Passes that bake a runtime handle (``llm_compile.runtime.context.register_handle``: offload's
+worker pool and its SWA config) into the graph as an int. Handles are numbered in the order a
 process registers them, so a graph served from Inductor's on-disk cache to another process would
-call into the wrong object, or none: such graphs are never cached."""
+call into the wrong object, or none: such graphs are never cached, neither through this hook nor
+when the backend rewrites them before Inductor (``backend._fx_cache_patch``)."""
+
+PROCESS_STATE_SECTIONS = ("swa", "kv_store") + HANDLE_SECTIONS
+"""Passes whose graphs the hook never caches. ``swa``/``kv_store`` never reach the hook: their graphs
+return phantom caches, so the backend rewrites them before Inductor (``backend.cacheable_outputs``),
+where Inductor's FX graph cache serves them (their state rides on the caller's cache)."""
+
+
+def bakes_handles(config: LLMAccelConfig) -> bool:
+    """Whether graphs compiled under ``config`` carry a process-local handle (never cached)."""
+    return any(getattr(config, s) is not None for s in HANDLE_SECTIONS)
 
 
 def cacheable(config: LLMAccelConfig) -> bool:

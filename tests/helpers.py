@@ -9,11 +9,11 @@ from llm_compile.backend import COMPILED
 @contextlib.contextmanager
 def record_compiles():
     """Yields a list that fills with the ``COMPILED`` records made inside the block."""
-    held = list(COMPILED)  # COMPILED is bounded: once full its length stays put, so no index works;
-    before = {id(r) for r in held}  # held alive, so no new record reuses an old one's id
+    # COMPILED is bounded: once full its length stays put, so no index works; graph ids are unique
+    before = {r["graph_id"] for r in COMPILED}
     out: list[dict] = []
     yield out
-    out.extend(r for r in COMPILED if id(r) not in before)
+    out.extend(r for r in COMPILED if r["graph_id"] not in before)
 
 
 def pass_record(compiled: dict, name: str) -> dict | None:

@@ -101,7 +101,7 @@ class _Fake:
     """A CLI Evaluator whose model run is :func:`layer_ppl` (counts real evaluations)."""
 
     def __new__(cls, cache):
-        from llm_compile.anda_cli import Evaluator
+        from llm_compile.anda_eval import Evaluator
 
         class E(Evaluator):
             calls = []
@@ -118,7 +118,8 @@ class _Fake:
 
 
 def test_run_search_bands_warm_start_and_shared_cache(tmp_path):
-    from llm_compile.anda_cli import EvalCache, relative_bops, run_search
+    from llm_compile.anda_cli import relative_bops, run_search
+    from llm_compile.anda_eval import EvalCache
 
     path = tmp_path / "cache.json"
     e1 = _Fake(EvalCache(path))
@@ -163,7 +164,7 @@ def test_eager_widths_follow_layers():
     """``anda_eager`` gives each QuantLinear the width of its kind *and layer*."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llm_compile.anda_cli import anda_eager, linear_kinds
+    from llm_compile.anda_eval import anda_eager, linear_kinds
     from llm_compile.ops.anda import anda_linear_reference
     from llm_compile.quantize import quantize_weights
 

@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from llm_compile.config import AndaConfig, LLMAccelConfig, OptionsError, SWAConfig, describe_options, parse_options
+from llm_compile.config import AndaConfig, LLMAccelConfig, OptionsError, SWAConfig, parse_options
+from llm_compile.options_table import describe_options
 
 
 def test_defaults_all_passes_off():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llm_compile.config import (LLMAccelConfig, OptionsError, POLICY_DEFAULTS, RULES, STAGE_NAMES,
-                                SWAConfig, _SECTIONS, parse_options)
+                                SWAConfig, SECTIONS, parse_options)
 
 NO_RANGE = object()
 """A bool option: every value of the right type is valid."""
@@ -63,8 +63,8 @@ CASES = {
 def _all_keys():
     keys = []
     for f in dataclasses.fields(LLMAccelConfig):
-        if f.name in _SECTIONS:
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(_SECTIONS[f.name])]
+        if f.name in SECTIONS:
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(SECTIONS[f.name])]
         else:
             keys.append(f.name)
     return keys
@@ -180,7 +180,7 @@ def test_explicit_sink_tokens_win():
 
 
 def test_options_table_shows_policy_defaults():
-    from llm_compile.config import options_table
+    from llm_compile.options_table import options_table
 
     row = next(line for line in options_table().splitlines() if line.startswith("| `swa.sink_tokens`"))
     assert "streaming: 4" in row and "alisa: 0" in row and "h2o: 0" in row

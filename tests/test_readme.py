@@ -2,14 +2,14 @@
 import pathlib
 import re
 
-from llm_compile.config import options_table
+from llm_compile.options_table import options_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
 def test_options_table_is_current():
-    assert options_table() in README, "regenerate with: python -m llm_compile.config"
+    assert options_table() in README, "regenerate with: python -m llm_compile.options_table"
 
 
 def test_ci_runs_the_readme_test_command_and_installs_cpu_torch_first():

@@ -17,7 +17,7 @@ def anda_compile_matches_eager_op(model) -> tuple[torch.Tensor, torch.Tensor]:
     its 14 quantized linears runs the op, and the compiled logits equal the eager op's. Returns
     ``(compiled logits, plain logits)``."""
     import llm_compile  # noqa: F401  (backend registration)
-    from llm_compile.anda_cli import anda_eager
+    from llm_compile.anda_eval import anda_eager
 
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(2))
     widths = {"qkv": 6, "o": 7, "gate_up": 5, "down": 8}

@@ -87,7 +87,8 @@ def test_dict_start_and_min_bits_floor():
 def test_cli_options_bops_and_tuple_file(tmp_path):
     import json
 
-    from llm_compile.anda_cli import anda_options, relative_bops
+    from llm_compile.anda_cli import relative_bops
+    from llm_compile.anda_eval import anda_options
     from llm_compile.config import parse_options
 
     assert relative_bops(16, MACS) == 1.0 and relative_bops(8, MACS) == 0.5
@@ -106,7 +107,7 @@ class _CountingEvaluator:
     def __new__(cls, cache, setting):
         import torch
 
-        from llm_compile.anda_cli import Evaluator
+        from llm_compile.anda_eval import Evaluator
 
         class E(Evaluator):
             calls = 0
@@ -122,7 +123,8 @@ class _CountingEvaluator:
 
 
 def test_second_delta_reuses_cached_evaluations(tmp_path):
-    from llm_compile.anda_cli import EvalCache, run_search
+    from llm_compile.anda_cli import run_search
+    from llm_compile.anda_eval import EvalCache
 
     path = tmp_path / "cache.json"
     e1 = _CountingEvaluator(EvalCache(path), {"split": "calibration"})
@@ -142,7 +144,7 @@ def test_linear_kinds_and_eager_op_match_reference():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llm_compile.anda_cli import anda_eager, linear_kinds
+    from llm_compile.anda_eval import anda_eager, linear_kinds
     from llm_compile.ops.anda import anda_linear_reference
     from llm_compile.quantize import quantize_weights
 

@@ -36,7 +36,7 @@ def model_ids():
 
 
 def test_per_layer_widths_reach_their_layers(model_ids):
-    from llm_compile.anda_cli import anda_eager
+    from llm_compile.anda_eval import anda_eager
 
     model, ids = model_ids
     with torch.no_grad(), record_compiles() as recs:

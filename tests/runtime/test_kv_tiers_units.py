@@ -1,0 +1,136 @@
+"""Tiered KV (kv_tiers), unit level: the store's placement (device / host / mmap tiers), the plan
+(p1, p2, alpha, beta and why), the cost model measured once per machine and cached on disk, and
+the options' checks. Model-level exactness: ``test_kv_tiers.py``."""
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+
+from llm_compile.config import KVTiersConfig, OptionsError, parse_options
+from llm_compile.runtime.tiers.plan import TiersPlanError, make_plan
+from llm_compile.runtime.tiers.store import TieredKV
+
+
+def _plan(tmp_path, **kw):
+    cfg = KVTiersConfig(**{"device_budget": 1 << 20, "cost_cache_dir": str(tmp_path), "recent": 4, **kw})
+    return make_plan(cfg, batch=2, heads=3, q_heads=6, d=8, dv=8, dtype=torch.float32,
+                     device=torch.device("cpu"), sites=1)
+
+
+
+# ---- the store itself --------------------------------------------------------------------------
+
+def test_tiered_kv_places_rows_and_reads_them_back(tmp_path):
+    plan = _plan(tmp_path, p1=12, alpha=0.5)
+    kv = TieredKV(2, 3, 8, 8, torch.float32, torch.device("cpu"), None, plan)
+    k, v = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
+    kv.append(k[:, :, :10], v[:, :, :10])
+    assert kv.host_tokens() == 0                                  # phase 1: n <= p1
+    for t in range(10, 40):
+        kv.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert kv.host_tokens() == 18 and kv.device_tokens() == 22   # half of the 36 outside recent 4
+    assert kv.loc[36:40].eq(0).all()                             # the recent window stays
+    fk, fv = kv.full()
+    assert torch.equal(fk, k) and torch.equal(fv, v)
+    idx = torch.tensor([[[0, 3, 17, 38]], [[1, 2, 30, 39]]])     # [B, 1, P]
+    gk, gv = kv.rows(idx)
+    ref = torch.gather(k, 2, idx.expand(2, 3, 4)[..., None].expand(2, 3, 4, 8))
+    assert torch.equal(gk, ref) and kv.host_fetched > 0 and kv.dev_fetched > 0
+    assert torch.equal(gv, torch.gather(v, 2, idx.expand(2, 3, 4)[..., None].expand(2, 3, 4, 8)))
+
+
+def test_device_rows_never_exceed_the_budget(tmp_path):
+    """alpha 0 past p1: the oldest device rows spill to the host instead of overflowing the budget."""
+    row = 2 * 3 * 16 * 4
+    plan = _plan(tmp_path, device_budget=20 * row, alpha=0.0)
+    assert plan.cap == 20 and plan.p1 == 20
+    kv = TieredKV(2, 3, 8, 8, torch.float32, torch.device("cpu"), None, plan)
+    k = torch.randn(2, 3, 64, 8)
+    kv.append(k[:, :, :50], k[:, :, :50])
+    for t in range(50, 64):
+        kv.append(k[:, :, t:t + 1], k[:, :, t:t + 1])
+        assert kv.device_tokens() <= 20
+    assert kv.spilled == 44 and kv.dev.capacity <= 20
+    assert torch.equal(kv.full()[0], k)
+
+
+def test_mmap_host_tier_is_a_file_deleted_with_the_cache(tmp_path):
+    d = tmp_path / "kv"
+    d.mkdir()
+    plan = make_plan(KVTiersConfig(device_budget=1 << 20, p1=8, recent=4, alpha=1.0, mmap_dir=str(d),
+                                   cost_cache_dir=str(tmp_path)),
+                     batch=1, heads=2, q_heads=2, d=4, dv=4, dtype=torch.float32, device=torch.device("cpu"),
+                     sites=1)
+    assert plan.host == "mmap"
+    kv = TieredKV(1, 2, 4, 4, torch.float32, torch.device("cpu"), None, plan, mmap_dir=str(d))
+    k = torch.randn(1, 2, 300, 4)
+    for t in range(0, 300, 10):
+        kv.append(k[:, :, t:t + 10], -k[:, :, t:t + 10])
+    files = list(d.iterdir())
+    assert len(files) == 1 and kv.host_tokens() == 296 and files[0].stat().st_size >= 296 * 2 * 8 * 4
+    assert torch.equal(kv.full()[0], k) and torch.equal(kv.full()[1], -k)
+    del kv
+    gc.collect()
+    assert list(d.iterdir()) == []
+
+
+# ---- plan and cost model -----------------------------------------------------------------------
+
+def test_plan_gqa_keeps_beta_zero_and_says_why(tmp_path):
+    """SmolLM2's shape: 3 KV heads of 9, head dim 64: K+V per token (384) < layer input (576)."""
+    plan = make_plan(KVTiersConfig(cost_cache_dir=str(tmp_path)), batch=4, heads=3, q_heads=9, d=64, dv=64,
+                     dtype=torch.float32, device=torch.device("cpu"), sites=30, swa={"sparsity": 0.8})
+    assert plan.beta == 0 and "frees no memory" in plan.reasons["beta"] and "576" in plan.reasons["beta"]
+    assert plan.p1 == plan.cap == (512 << 20) // (30 * 4 * 3 * 128 * 4)
+    assert 0 < plan.alpha < 1
+    lo, hi = sorted([plan.predicted_all_device_s, plan.predicted_all_host_s])   # on CPU both tiers are RAM
+    assert lo * (1 - 1e-9) <= plan.predicted_step_s <= hi * (1 + 1e-9)
+
+
+def test_plan_mha_says_what_recompute_would_save(tmp_path):
+    plan = make_plan(KVTiersConfig(cost_cache_dir=str(tmp_path)), batch=1, heads=12, q_heads=12, d=64, dv=64,
+                     dtype=torch.float32, device=torch.device("cpu"), sites=12)
+    assert plan.beta == 0 and "would free 768 of 1536" in plan.reasons["beta"]
+    off = make_plan(KVTiersConfig(cost_cache_dir=str(tmp_path), recompute="off"), batch=1, heads=12,
+                    q_heads=12, d=64, dv=64, dtype=torch.float32, device=torch.device("cpu"), sites=12)
+    assert "recompute off" in off.reasons["beta"]
+
+
+def test_cost_model_is_measured_once_and_cached_on_disk(tmp_path):
+    first = _plan(tmp_path)
+    files = list(tmp_path.glob("cost-*.json"))
+    assert len(files) == 1 and first.cost["measured"]
+    data = json.loads(files[0].read_text())
+    assert set(data) == {"dev_row_s", "host_row_s", "h2d_bytes_s", "recompute_tok_s"}
+    assert all(v > 0 for v in data.values())
+    second = _plan(tmp_path)
+    assert not second.cost["measured"] and second.cost["host_row_s"] == data["host_row_s"]
+
+
+def test_plan_overrides_and_their_errors(tmp_path):
+    assert _plan(tmp_path, p1=100, alpha=0.25).alpha == 0.25
+    with pytest.raises(TiersPlanError, match="raise device_budget"):
+        _plan(tmp_path, device_budget=1000)
+    with pytest.raises(TiersPlanError, match="exceeds what device_budget holds"):
+        _plan(tmp_path, device_budget=2 * 3 * 16 * 4 * 50, p1=60)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"kv_tiers": {"p1": 100, "p2": 50}}, "p2=50 < kv_tiers.p1=100"),
+    ({"kv_tiers": {"p1": 10, "recent": 10}}, "p1=10 <= kv_tiers.recent=10"),
+    ({"kv_tiers": {"beta": 0.5}}, "not executed in compiled graphs"),
+    ({"kv_tiers": {"mmap_dir": "/nonexistent/dir"}}, "not an existing folder"),
+    ({"kv_tiers": True, "kv_store": False}, "needs kv_store"),
+    ({"kv_tiers": True, "offload": True}, "drop kv_tiers"),
+])
+def test_inconsistent_options_are_clear_errors(options, match):
+    with pytest.raises(OptionsError, match=match):
+        parse_options(options)
+
+
+def test_kv_tiers_turns_the_store_on():
+    cfg = parse_options({"kv_tiers": {"device_budget": 1 << 20}})
+    assert cfg.kv_store is not None and cfg.kv_tiers.device_budget == 1 << 20
