@@ -249,9 +249,8 @@ def attend_split_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, b, attn_m
     if g:
         parts_k.append(gather_rows(kf, idx[..., s: s + g]))
     parts_k.append(kr)
-    qf = q.float().reshape(B, Hkv, grp, D)
+    qf = q.float().reshape(B, Hkv, grp, D) * scale  # the scale on q: grp rows, not P columns
     logits = torch.cat([torch.matmul(qf, kp.float().transpose(-1, -2)) for kp in parts_k], dim=-1)
-    logits.mul_(scale)
     if attn_mask is not None:
         m = _mask_bias(attn_mask, B, 1, n)[:, :, 0]  # [B, 1|Hq, n]
         ii = idx[..., : b.total]
@@ -259,7 +258,9 @@ def attend_split_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, b, attn_m
             m = m.expand(B, Hq, n)
             ii = ii.repeat_interleave(Hq // ii.shape[1], dim=1) if ii.shape[1] > 1 else ii.expand(B, Hq, b.total)
         logits += torch.gather(m, 2, ii).expand(B, Hq, b.total).reshape(B, Hkv, grp, b.total)
-    w = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    w = torch.softmax(logits, dim=-1)
+    if attn_mask is not None:  # a row whose kept tokens are all masked: zeros, not NaN
+        w.nan_to_num_(0.0)
     out = None if v_new is not None else weighted_rows(w, vf, idx[..., : b.total])
     if out is None:  # the cache without the new token, or rows embedding_bag cannot read
         vr = vf[:, :, n - r: n] if v_new is None else torch.cat([vf[:, :, n - r: n - 1], v_new], dim=2)
