@@ -6,8 +6,9 @@ weight) much slower than the same dot products in the weight-major form ``mm(W, 
 SmolLM2's ``lm_head`` (N = 49152, K = 576) at batch 4 on one core of the development machine:
 41 ms vs 20 ms. The pass rewrites each such ``mm``/``addmm`` whose weight-major form is faster
 *on this machine*: both forms are timed once per (M, K, N, weight layout, dtype, threads) on
-tensors of the node's shapes and strides, in this process (:func:`measure`), and a node is
-rewritten only when the weight-major form takes at most ``1 - MARGIN`` of the time.
+tensors of the node's shapes and strides, with the weights cold as in a decode step, in this
+process (:func:`measure`), and a node is rewritten only when the weight-major form takes at most
+``1 - MARGIN`` of the time.
 
 Before (``lm_head``, batch 4 decode)::
 
@@ -54,24 +55,32 @@ MARGIN = 0.1
 REPEATS = 5
 
 
+COLD_BYTES = 64 << 20
+"""Weights are timed cold: copies of the weight totalling this many bytes are used in turn (more
+than a CPU's last-level cache), as in a decode step, which streams every weight from memory once."""
+
+
 @lru_cache(maxsize=256)
 def measure(m: int, k: int, n: int, weight_major: bool, dtype: torch.dtype, threads: int) -> dict:
     """Milliseconds of ``mm(x, w)`` and of ``mm(w^T, x^T)^T`` for x [m, k] and w [k, n] (a view of
     an [n, k] weight when ``weight_major``, as ``nn.Linear`` stores it; else [k, n] contiguous),
-    best of ``REPEATS`` interleaved runs. Measured once per process and shape (a property of the
-    machine, not of a sequence)."""
+    per call with cold weights (:data:`COLD_BYTES`), best of ``REPEATS`` interleaved rounds.
+    Measured once per process and shape: a property of the machine, not of a sequence."""
     with unset_fake_temporarily():
+        copies = max(1, min(64, -(-COLD_BYTES // (n * k * torch.finfo(dtype).bits // 8))))
         x = torch.full((m, k), 0.5, dtype=dtype)
-        w = torch.full((n, k), 0.25, dtype=dtype).t() if weight_major else torch.full((k, n), 0.25, dtype=dtype)
-        forms = {"row_major_ms": lambda: torch.mm(x, w), "weight_major_ms": lambda: torch.mm(w.t(), x.t()).t()}
+        ws = [torch.full((n, k), 0.25, dtype=dtype).t() if weight_major else torch.full((k, n), 0.25, dtype=dtype)
+              for _ in range(copies)]
+        forms = {"row_major_ms": lambda w: torch.mm(x, w), "weight_major_ms": lambda w: torch.mm(w.t(), x.t()).t()}
         best = {name: float("inf") for name in forms}
         for fn in forms.values():
-            fn()
+            fn(ws[0])
         for _ in range(REPEATS):
             for name, fn in forms.items():
                 t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
+                for w in ws:
+                    fn(w)
+                best[name] = min(best[name], (time.perf_counter() - t0) / copies)
     return {name: round(s * 1e3, 4) for name, s in best.items()}
 
 
