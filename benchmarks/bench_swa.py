@@ -142,12 +142,15 @@ def _budget_of(cache):
 
 def model_configs(args) -> dict:
     """name -> (backend, options, cache kind) of the 30-layer run (``--configs`` picks them)."""
-    inner = {"inner": args.inner, **({"decode_matmul": True} if args.decode_matmul else {})}
+    inner = {"inner": args.inner}
+    mm = dict(inner, decode_matmul=True)
     swa = {"sparsity": args.sparsity, "bucket": args.bucket, "policy": args.policy}
     return {
         "dense_dynamic": ("llmaccel", dict(inner), "dynamic"),
         "dense_llmaccel": ("llmaccel", dict(inner, kv_store=True), "llmaccel"),
         "swa_llmaccel": ("llmaccel", dict(inner, swa=dict(swa)), "llmaccel"),
+        "dense_llmaccel_mm": ("llmaccel", dict(mm, kv_store=True), "llmaccel"),
+        "swa_llmaccel_mm": ("llmaccel", dict(mm, swa=dict(swa)), "llmaccel"),
         "swa_dynamic": ("llmaccel", dict(inner, swa=dict(swa), kv_store=False), "dynamic"),
         "dense_static": ("llmaccel", dict(inner), "static"),
         "swa_static": ("llmaccel", dict(inner, swa=dict(swa)), "static"),
@@ -196,6 +199,8 @@ def _median(v: list[float]) -> float:
 
 
 RATIOS = (("swa_llmaccel", "dense_llmaccel", "SWA vs dense, both LLMAccelCache (target >= 2.3x)"),
+          ("swa_llmaccel_mm", "dense_llmaccel_mm", "SWA vs dense, both LLMAccelCache, both decode_matmul (target >= 2.3x)"),
+          ("dense_llmaccel_mm", "dense_llmaccel", "dense + decode_matmul vs dense, both LLMAccelCache"),
           ("dense_llmaccel", "dense_dynamic", "dense LLMAccelCache vs dense DynamicCache (target >= 1.3x)"),
           ("swa_dynamic", "dense_dynamic", "SWA vs dense, both DynamicCache"),
           ("swa_static", "dense_static", "SWA vs dense, both StaticCache"),
@@ -261,7 +266,7 @@ def cpu_bench(args) -> dict:
     b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket, policy=args.policy))
     return {"device": "cpu", "threads": torch.get_num_threads(), "layers": args.layers,
             "batch": args.batch, "context": args.context, "steps": args.steps, "repeats": args.repeats,
-            "inner": args.inner, "decode_matmul": args.decode_matmul, "sparsity": args.sparsity, "policy": args.policy, "static_len": max_len,
+            "inner": args.inner, "sparsity": args.sparsity, "policy": args.policy, "static_len": max_len,
             "final_n": n, "budget": b.describe(), "swa_state_budget": None if budget is None else budget.describe(),
             "runs": runs, "ratios": ratios,
             "kv_bytes_read_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes,
@@ -342,15 +347,14 @@ def print_short(s: dict) -> None:
 
 def print_cpu(c: dict) -> None:
     print(f"\nCPU decode, SmolLM2 shapes x{c['layers']} layers, batch {c['batch']}, context "
-          f"{c['context']} -> {c['final_n']} ({c['threads']} threads, inner={c['inner']}"
-          f"{', decode_matmul in every llmaccel config' if c.get('decode_matmul') else ''}); median of "
+          f"{c['context']} -> {c['final_n']} ({c['threads']} threads, inner={c['inner']}); median of "
           f"{c['repeats']} interleaved rounds of {c['steps']} steps [range]")
     print(f"SWA budget at the last step: {c['budget']}")
     print("| config | ms / step | tokens/s | KV MB read / step | KV MB written / step |")
     print("|---|---:|---:|---:|---:|")
     rd, wr = c["kv_bytes_read_per_step"], c["kv_bytes_written_per_step"]
     for name, r in c["runs"].items():
-        att, cache = name.split("_")
+        att, cache = name.split("_")[:2]
         read = rd["swa_kept"] if att == "swa" else rd["dense"]
         lo, hi = r["step_ms_range"]
         print(f"| {name} | {r['step_ms_median']:.1f} [{lo:.1f}-{hi:.1f}] | {r['tokens_per_s']:.2f} | "
@@ -373,12 +377,11 @@ def main(argv=None) -> dict:
     p.add_argument("--bucket", type=int, default=64)
     p.add_argument("--inner", default="inductor", choices=["eager", "inductor"],
                    help="llmaccel inner compiler (default: inductor, as a user gets with {})")
-    p.add_argument("--decode-matmul", action="store_true",
-                   help="options decode_matmul=True in every llmaccel config (dense and SWA alike)")
     p.add_argument("--configs", type=lambda x: x.split(","),
                    default="dense_dynamic,dense_llmaccel,swa_llmaccel,dense_static,inductor_static".split(","),
                    help="model configs of the CPU run (see model_configs): "
-                        "dense_dynamic,dense_llmaccel,swa_llmaccel,swa_dynamic,dense_static,swa_static,"
+                        "dense_dynamic,dense_llmaccel,swa_llmaccel,dense_llmaccel_mm,swa_llmaccel_mm (the _mm "
+                        "ones with options decode_matmul=True),swa_dynamic,dense_static,swa_static,"
                         "inductor_static,inductor_dynamic")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of --steps steps per config")
     p.add_argument("--static-len", type=int, default=16384, help="StaticCache max_cache_len")
