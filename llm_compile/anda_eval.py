@@ -17,7 +17,10 @@ import torch
 from llm_compile import anda_widths
 from llm_compile.anda_widths import ANDA_MODULE_KINDS
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""2: multi-window perplexities score every token (version 1 left the first token of each disjoint
+window unwritten in an uninitialised buffer: a few garbage NLLs per value, occasionally inf);
+a cache file of another version is ignored and rewritten."""
 MODES = ("compile", "recompile", "eager")
 
 __all__ = ["kind_widths", "linear_kinds", "anda_options", "anda_eager", "lowered_count", "EvalCache", "RetargetBackend",

@@ -105,8 +105,10 @@ def perplexity(model, input_ids: torch.Tensor, *, context: int = 2048, stride: i
 
     Windows ``[begin, begin + context)`` for ``begin = 0, stride, 2*stride, ...`` until the end is
     reached; a window scores only the tokens the previous window did not (so every token
-    ``1..N-1`` is scored exactly once). ``stride == context`` gives disjoint windows, smaller
-    strides give each scored token more left context. Returns ``ppl``, mean ``nll``, ``n_scored``,
+    ``1..N-1`` is scored exactly once). ``stride == context`` gives disjoint windows (the first
+    token of a window is then scored by the previous window's last logit: before 2026-11-29 it was
+    left unwritten in an uninitialised buffer, so multi-window perplexities carried a few garbage
+    NLLs, occasionally inf), smaller strides give each scored token more left context. Returns ``ppl``, mean ``nll``, ``n_scored``,
     ``windows``, ``seconds`` (and ``nll_per_token`` for positions ``1..N-1`` if ``return_nll``).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -119,7 +121,7 @@ def perplexity(model, input_ids: torch.Tensor, *, context: int = 2048, stride: i
         starts.append(begin)
         if begin + context >= n:
             break
-    nll = torch.empty(n - 1, dtype=torch.float32)
+    nll = torch.full((n - 1,), float("nan"), dtype=torch.float32)
     t0 = time.perf_counter()
     prev_end = 0
     bar = _progress(len(starts), "ppl", progress)
@@ -128,9 +130,12 @@ def perplexity(model, input_ids: torch.Tensor, *, context: int = 2048, stride: i
         ids = input_ids[:, begin:end]
         logits = model(input_ids=ids, use_cache=False).logits[0]
         first = max(prev_end, begin + 1)  # first position scored by this window
-        pred = logits[first - 1 - begin:end - 1 - begin]  # logits at p-1 predict token p
-        nll[first - 1:end - 1] = _token_nll(pred, input_ids[0, first:end])
-        prev_end = end
+        # the last position scored: end - 1, or ``end`` itself (predicted by this window's last
+        # logit) when the next window starts at ``end`` (stride == context) and so cannot score it
+        last = end if (end < n and begin + stride >= end) else end - 1
+        pred = logits[first - 1 - begin:last - begin]  # logits at p-1 predict token p
+        nll[first - 1:last] = _token_nll(pred, input_ids[0, first:last + 1])
+        prev_end = last + 1
         del logits, pred
         bar.update(1)
     bar.close()
