@@ -147,17 +147,35 @@ def test_unsupported_form_plans_beta_zero_and_reports_why(tmp_path):
     assert notes and all("no recompute inputs" in n[0] for n in notes)
 
 
-def test_passes_json_shows_the_phase_three_plan(tmp_path):
-    model = _model("gpt2")
+SPECS = {  # what the pass hands the op per site: [layer input, weights/biases, cos, sin] and the spec
+    "gpt2": r"\[view_\d+, (arg\d+_1), (arg\d+_1)\], '\{\"hidden\": 64, \"k\": \[1, 2, 64, 128\], \"rope\": null, "
+            r"\"v\": \[1, 2, 128, 192\]\}'\)",                      # c_attn's weight and bias: graph inputs
+    "llama_mha": r"\[view_\d+, permute_\d+, permute_\d+, unsqueeze_\d+, unsqueeze_\d+\], '\{\"hidden\": 64, \"k\": "
+                 r"\[1, -1, 0, 64\], \"rope\": \[3, 4\], \"v\": \[2, -1, 0, 64\]\}'\)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_pass_hands_the_op_its_recompute_inputs_and_dump_shows_the_plan(name, tmp_path):
+    import re
+
+    model = _model(name)
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(17))
     _run(model, {"kv_tiers": _tiers(tmp_path, model), "debug_dir": str(tmp_path / "dump")}, ids, 1)
-    recs = [r for p in (tmp_path / "dump").glob("run_*/graph_*/passes.json") for r in json.loads(p.read_text())
-            if r.get("pass") == "local_kv_store"]
-    plans = [r["stats"]["kv_tiers_plan"] for r in recs if "kv_tiers_plan" in r.get("stats", {})]
-    assert plans and all(p["beta"] == 1.0 and p["p2"] == 36 for p in plans)
-    assert "keeps the layer input (64 values per token) instead of K+V (128 values)" in plans[0]["reasons"]["beta"]
-    assert all(r["stats"]["recompute"] == "recompute inputs passed at all 2 site(s)" for r in recs
-               if "kv_tiers_plan" in r.get("stats", {}))
+    graphs = sorted((tmp_path / "dump").glob("run_*/graph_*"))
+    assert len(graphs) == 2                                             # prefill and decode
+    for g in graphs:
+        code = next(g.glob("*_local_kv_store.py")).read_text()
+        calls = [ln for ln in code.splitlines() if "llmaccel.stored_attention.default(" in ln]
+        assert len(calls) == 2 and all(re.search(SPECS[name], ln) for ln in calls), calls
+        rec = [r for r in json.loads((g / "passes.json").read_text()) if r.get("pass") == "local_kv_store"][0]
+        assert rec["stats"]["recompute"] == "recompute inputs passed at all 2 site(s)"
+        plan = rec["stats"]["kv_tiers_plan"]
+        assert plan["beta"] == 1.0 and plan["p2"] == 36
+    if name == "gpt2":
+        assert "keeps the layer input (64 values per token) instead of K+V (128 values)" in plan["reasons"]["beta"]
+    else:
+        assert "(64 + 2 x 16 = 96 values per token) instead of K+V (128 values)" in plan["reasons"]["beta"]
 
 
 @pytest.mark.slow  # two Inductor compiles of two graphs each: minutes on a shared core
