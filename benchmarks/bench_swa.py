@@ -142,7 +142,7 @@ def _budget_of(cache):
 
 def model_configs(args) -> dict:
     """name -> (backend, options, cache kind) of the 30-layer run (``--configs`` picks them)."""
-    inner = {"inner": args.inner}
+    inner = {"inner": args.inner, **({"decode_matmul": True} if args.decode_matmul else {})}
     swa = {"sparsity": args.sparsity, "bucket": args.bucket, "policy": args.policy}
     return {
         "dense_dynamic": ("llmaccel", dict(inner), "dynamic"),
@@ -261,7 +261,7 @@ def cpu_bench(args) -> dict:
     b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket, policy=args.policy))
     return {"device": "cpu", "threads": torch.get_num_threads(), "layers": args.layers,
             "batch": args.batch, "context": args.context, "steps": args.steps, "repeats": args.repeats,
-            "inner": args.inner, "sparsity": args.sparsity, "policy": args.policy, "static_len": max_len,
+            "inner": args.inner, "decode_matmul": args.decode_matmul, "sparsity": args.sparsity, "policy": args.policy, "static_len": max_len,
             "final_n": n, "budget": b.describe(), "swa_state_budget": None if budget is None else budget.describe(),
             "runs": runs, "ratios": ratios,
             "kv_bytes_read_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes,
@@ -342,7 +342,8 @@ def print_short(s: dict) -> None:
 
 def print_cpu(c: dict) -> None:
     print(f"\nCPU decode, SmolLM2 shapes x{c['layers']} layers, batch {c['batch']}, context "
-          f"{c['context']} -> {c['final_n']} ({c['threads']} threads, inner={c['inner']}); median of "
+          f"{c['context']} -> {c['final_n']} ({c['threads']} threads, inner={c['inner']}"
+          f"{', decode_matmul in every llmaccel config' if c.get('decode_matmul') else ''}); median of "
           f"{c['repeats']} interleaved rounds of {c['steps']} steps [range]")
     print(f"SWA budget at the last step: {c['budget']}")
     print("| config | ms / step | tokens/s | KV MB read / step | KV MB written / step |")
@@ -372,6 +373,8 @@ def main(argv=None) -> dict:
     p.add_argument("--bucket", type=int, default=64)
     p.add_argument("--inner", default="inductor", choices=["eager", "inductor"],
                    help="llmaccel inner compiler (default: inductor, as a user gets with {})")
+    p.add_argument("--decode-matmul", action="store_true",
+                   help="options decode_matmul=True in every llmaccel config (dense and SWA alike)")
     p.add_argument("--configs", type=lambda x: x.split(","),
                    default="dense_dynamic,dense_llmaccel,swa_llmaccel,dense_static,inductor_static".split(","),
                    help="model configs of the CPU run (see model_configs): "

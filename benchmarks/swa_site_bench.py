@@ -1,6 +1,6 @@
 """One sparse-window-attention site, decode only (no model, no prefill), for ``bench_swa.py``:
 
-* :func:`cpu_op_bench` (CPU, seconds): dense (cache concat + SDPA) vs ``swa_step`` at
+* :func:`cpu_op_bench` (CPU, seconds): dense SDPA vs ``swa_step`` over the store's in-place rows at
   ``--op-context`` tokens;
 * :func:`gpu_bench` (CUDA): dense SDPA vs the SWA Triton kernel vs the torch gather path at
   ``--gpu-context`` tokens, fp16, plus the token selection's cost.
@@ -14,17 +14,22 @@ import time
 import torch
 
 from llm_compile.config import SWAConfig
+from llm_compile.ops.attention import dense_attention
 from llm_compile.runtime import swa
 from llm_compile.runtime.swa.state import SWAState, compute_budget
 
 
 def cpu_op_bench(args) -> dict:
-    """One attention site, decode only, at ``--op-context`` tokens (no prefill needed): dense
-    ``llmaccel::attention`` math (cache concat + SDPA) vs ``swa_step`` (trim, select, gather,
-    attend, score update; cache not concatenated). The SWA state starts with random scores."""
+    """One attention site, decode only, at ``--op-context`` tokens (no prefill needed), the way
+    ``llmaccel::stored_attention`` runs it over an ``LLMAccelCache`` site: the new row is already
+    in a preallocated ``[B, Hkv, capacity, D]`` buffer and both paths read the filled rows in
+    place — dense (``dense_attention``: SDPA over every row) vs ``swa_step`` (trim, select,
+    gather, attend, score update). The SWA state starts with random scores; the two paths run
+    interleaved step by step."""
     B, Hq, Hkv, D, n0, steps = args.batch, 9, 3, 64, args.op_context, args.steps
     g = torch.Generator().manual_seed(0)
-    kc, vc = torch.randn(B, Hkv, n0 + steps, D, generator=g), torch.randn(B, Hkv, n0 + steps, D, generator=g)
+    cap = n0 + steps + 64
+    kc, vc = torch.randn(B, Hkv, cap, D, generator=g), torch.randn(B, Hkv, cap, D, generator=g)
     qs = torch.randn(steps, B, Hq, 1, D, generator=g)
     cfg = SWAConfig(sparsity=args.sparsity, bucket=args.bucket, kernel="torch", policy=args.policy)
     st = swa.new_state(B, Hkv, "cpu", cfg)
@@ -32,14 +37,12 @@ def cpu_op_bench(args) -> dict:
     st.score[:] = torch.randint(0, 1 << 30, (B, 1, n0), generator=g)
     times = {"dense": [], "swa": []}
     for i in range(steps):
-        n = n0 + i
+        n = n0 + i + 1
         t0 = time.perf_counter()
-        kf, vf = torch.cat([kc[:, :, :n], kc[:, :, n:n + 1]], 2), torch.cat([vc[:, :, :n], vc[:, :, n:n + 1]], 2)
-        torch.nn.functional.scaled_dot_product_attention(qs[i], kf, vf, scale=D ** -0.5, enable_gqa=True)
+        dense_attention(qs[i], kc[:, :, :n], vc[:, :, :n], None, D ** -0.5, False)
         times["dense"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        swa.swa_step(st, qs[i], kc[:, :, :n], vc[:, :, :n], D ** -0.5, cfg,
-                     k_new=kc[:, :, n:n + 1], v_new=vc[:, :, n:n + 1])
+        swa.swa_step(st, qs[i], kc[:, :, :n], vc[:, :, :n], D ** -0.5, cfg)
         times["swa"].append(time.perf_counter() - t0)
     med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
     b = compute_budget(n0 + steps, cfg)

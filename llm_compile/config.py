@@ -171,6 +171,8 @@ class LLMAccelConfig:
     """Tiered KV (device -> host, ALISA's three phases) inside the KV store; off unless given; turns `kv_store` on."""
     canonicalize: bool | None = None
     """Rewrite attention sites to ``llmaccel::attention``: on when swa, kv_store or offload is on (they need it), else off, so that `{}` is stock Inductor; `True` forces it (e.g. to see the canonical graph in a dump)."""
+    decode_matmul: bool = False
+    """CPU: rewrite decode matmuls (<= 16 rows, float32) as ``(W @ x^T)^T`` where that form is measured faster on this machine (e.g. SmolLM2's lm_head 2x); outputs differ from eager by float rounding, hence off unless asked for."""
     inner: str = "inductor"
     """What compiles the rewritten graph: ``"inductor"`` (Inductor's ``compile_fx``, our passes in its post-grad hook) or ``"eager"``."""
     # --- issue 17 (engineer F): Inductor mode as an option -------------------------------------
@@ -187,7 +189,7 @@ SECTIONS = {"swa": SWAConfig, "anda": AndaConfig, "offload": OffloadConfig, "kv_
              "kv_tiers": KVTiersConfig}
 
 STAGE_NAMES = ("dynamo", "aten", "canonicalize_attention", "sparse_window_attention", "anda_lowering",
-               "local_kv_store", "attention_offload")
+               "decode_matmul", "local_kv_store", "attention_offload")
 """Stages a debug dump can hold: the Dynamo and ATen graphs, then every pass of
 ``llm_compile.passes.pipeline.PIPELINE`` (a test keeps the two lists equal)."""
 
@@ -231,6 +233,7 @@ RULES: dict[str, Rule] = {
     "kv_tiers.prefetch": Rule.bool_(),
     "kv_tiers.cost_cache_dir": Rule.path(),
     "canonicalize": Rule.bool_(optional=True),
+    "decode_matmul": Rule.bool_(),
     "inner": Rule.choice("inductor", "eager"),
     "mode": replace(Rule.choice(*INDUCTOR_MODES), optional=True,
                     text=Rule.choice(*INDUCTOR_MODES).text + " or None"),

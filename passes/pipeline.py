@@ -1,7 +1,7 @@
 """The ordered pass pipeline: the registry of every pass, in the order they run.
 
 Attention passes come first (they only swap the implementation of ``llmaccel::attention``),
-Anda lowering next, then the local KV store (moves the KV cache into the in-place store; exclusive
+Anda lowering next, then the decode matmuls it left (CPU weight-major form), then the local KV store (moves the KV cache into the in-place store; exclusive
 with offload), and attention offload last because it cuts the graph into partitions.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ PIPELINE: list[PassSpec] = [
     PassSpec("canonicalize_attention", "canonicalize_attention", lambda c: c.canonicalize),
     PassSpec("sparse_window_attention", "sparse_window_attention", lambda c: c.swa is not None),
     PassSpec("anda_lowering", "anda_lowering", lambda c: c.anda is not None),
+    PassSpec("decode_matmul", "decode_matmul", lambda c: c.decode_matmul),
     PassSpec("local_kv_store", "local_kv_store", lambda c: c.kv_store is not None),
     PassSpec("attention_offload", "attention_offload", lambda c: c.offload is not None),
 ]

@@ -53,6 +53,7 @@ CASES = {
     "kv_tiers.prefetch": (1, NO_RANGE),
     "kv_tiers.cost_cache_dir": (5, ""),
     "canonicalize": (1, NO_RANGE),
+    "decode_matmul": ("yes", NO_RANGE),
     "inner": (["eager"], "tvm"),
     "mode": (1, "turbo"),
     "debug_dir": (5, ""),

@@ -291,3 +291,40 @@ def test_split_path_equals_gather_path(selection, sinks, masked, split_new):
     out, w = swa_step_module.attend_split_torch(q, kc, vc, idx, b, mask, SCALE, kn, vn)
     torch.testing.assert_close(out, ref_o, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w, ref_w[..., : b.total], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout, bag", [("buffer", True), ("contiguous", True), ("seq_major", False),
+                                         ("float64", False)])
+@pytest.mark.parametrize("selection", ["layer", "kv_head"])
+def test_split_path_value_rows_read_in_place(monkeypatch, layout, bag, selection):
+    """The CPU path's output is one weighted embedding_bag over the kept value rows where the cache
+    is float32 rows of a contiguous buffer (the store's [B, H, capacity, D] buffer sliced to n, or a
+    contiguous cache), and the gather path's output everywhere else (a sequence-major cache, other
+    dtypes); both equal the padded gather path."""
+    calls = []
+    real_bag = torch.nn.functional.embedding_bag
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", lambda *a, **kw: calls.append(1) or real_bag(*a, **kw))
+    cfg = SWAConfig(sparsity=0.8, bucket=16, sink_tokens=2, selection=selection)
+    gen = torch.Generator().manual_seed(9)
+    B, Hq, Hkv, D, n, cap = 2, 6, 2, 8, 90, 128
+    dtype = torch.float64 if layout == "float64" else torch.float32
+    q = torch.randn(B, Hq, D, generator=gen, dtype=dtype)
+    if layout == "buffer":
+        kb, vb = torch.randn(B, Hkv, cap, D, generator=gen), torch.randn(B, Hkv, cap, D, generator=gen)
+        k, v = kb[:, :, :n], vb[:, :, :n]
+    elif layout == "seq_major":
+        k = torch.randn(B, n, Hkv, D, generator=gen).transpose(1, 2)
+        v = torch.randn(B, n, Hkv, D, generator=gen).transpose(1, 2)
+    else:
+        k, v = (torch.randn(B, Hkv, n, D, generator=gen, dtype=dtype) for _ in range(2))
+    st = swa.new_state(B, Hkv, "cpu", cfg)
+    st.grow(n)
+    st.score[:] = torch.randint(0, 1 << 20, st.score.shape, generator=gen)
+    b = swa.compute_budget(n, cfg)
+    idx = st.select(b)
+    bias = swa_step_module._slot_bias(None, idx, b.total, Hq, n)
+    ref_o, ref_w = swa.gather_attend_torch(q, k, v, idx, bias, SCALE)
+    out, w = swa_step_module.attend_split_torch(q, k, v, idx, b, None, SCALE)
+    assert len(calls) == (1 if bag else 0)
+    torch.testing.assert_close(out, ref_o, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w, ref_w[..., : b.total].to(w.dtype), rtol=1e-5, atol=1e-7)

@@ -224,11 +224,15 @@ class RowRing:
         self._w = fn(self._w.transpose(0, 1)).transpose(0, 1).contiguous()
 
     def pop(self, m: int) -> tuple[Tensor, Tensor]:
-        """Remove the ``m`` oldest rows; returns their indices (int64) and weights, [B, G, m*width]."""
+        """Remove the ``m`` oldest rows; returns their indices (int64) and weights, [B, G, m*width]
+        (for ``m == 1`` the weights are a view of the freed slot: use them before the next push)."""
         S, B, G, W = self._idx.shape
-        order = self._order(m)
-        idx = self._idx[order].permute(1, 2, 0, 3).reshape(B, G, m * W).long()
-        w = self._w[order].permute(1, 2, 0, 3).reshape(B, G, m * W)
+        if m == 1:  # the usual step: one row leaves the window (a view of its slot, no gather)
+            idx, w = self._idx[self.head].long(), self._w[self.head]
+        else:
+            order = self._order(m)
+            idx = self._idx[order].permute(1, 2, 0, 3).reshape(B, G, m * W).long()
+            w = self._w[order].permute(1, 2, 0, 3).reshape(B, G, m * W)
         self.head = (self.head + m) % S
         self.count -= m
         return idx, w

@@ -24,6 +24,7 @@ What one call does (``q`` [B, Hq, Lq, D], ``k_full``/``v_full`` the whole cache 
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -143,6 +144,25 @@ def _slot_bias(attn_mask: Tensor | None, idx: Tensor, total: int, Hq: int, n: in
     return bias
 
 
+@lru_cache(maxsize=64)
+def _row_base(B: int, H: int, s0: int, s1: int, device: torch.device) -> Tensor:
+    """Row of ``x[b, h, 0]`` in the rows view of a cache with row strides ``s0``/``s1`` (a shape
+    constant, made once per shape: not per-sequence state)."""
+    return (torch.arange(B, device=device)[:, None, None] * s0
+            + torch.arange(H, device=device)[None, :, None] * s1)
+
+
+def _row_view(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``x`` [B, H, n, D] (a possibly sliced contiguous cache) as contiguous rows [R, D] without a
+    copy, and the row of ``x[b, h, 0]`` as ``base`` [B, H, 1]; None if its strides do not allow it."""
+    B, H, n, D = x.shape
+    if not (x.stride(-1) == 1 and x.stride(2) == D and x.stride(1) % D == 0 and x.stride(0) % D == 0):
+        return None
+    s0, s1 = x.stride(0) // D, x.stride(1) // D
+    return (x.as_strided(((B - 1) * s0 + (H - 1) * s1 + n, D), (D, 1), x.storage_offset()),
+            _row_base(B, H, s0, s1, x.device))
+
+
 def gather_rows(x: Tensor, idx: Tensor, new: Tensor | None = None) -> Tensor:
     """Rows ``x[b, h, idx[b, h|0, t]]`` -> [B, H, P, D]. With ``new`` ([B, H, 1, D]), index
     ``x.shape[2]`` means that row (the call's new token, so the cache need not be concatenated)."""
@@ -152,21 +172,34 @@ def gather_rows(x: Tensor, idx: Tensor, new: Tensor | None = None) -> Tensor:
     if new is not None:
         is_new = ii == n
         ii = ii.clamp(max=n - 1)
-    if x.stride(-1) == 1 and x.stride(1) % x.stride(2) == 0 and x.stride(0) % x.stride(2) == 0:
-        # rows of a (possibly sliced) contiguous cache: one index_select over a [rows, D] view
-        sn = x.stride(2)
-        s0, s1 = x.stride(0) // sn, x.stride(1) // sn
-        base = (torch.arange(B, device=x.device)[:, None, None] * s0
-                + torch.arange(H, device=x.device)[None, :, None] * s1)
-        rows = x.as_strided(((B - 1) * s0 + (H - 1) * s1 + n, D), (sn, 1), x.storage_offset())
-        out = rows.index_select(0, (base + ii).reshape(-1))
-        out = out.view(B, H, P, D)
+    view = _row_view(x)
+    if view is not None:  # rows of a (possibly sliced) contiguous cache: one index_select
+        rows, base = view
+        out = rows.index_select(0, (base + ii).reshape(-1)).view(B, H, P, D)
     else:
         out = x[torch.arange(B, device=x.device)[:, None, None],
                 torch.arange(H, device=x.device)[None, :, None], ii]
     if new is not None:
         out = torch.where(is_new[..., None], new.expand(B, H, P, D), out)
     return out
+
+
+def weighted_rows(w: Tensor, v: Tensor, idx: Tensor) -> Tensor | None:
+    """``out[b, h, g] = sum_p w[b, h, g, p] * v[b, h, idx[b, h|0, p]]`` -> [B, H, G, Dv] fp32, read
+    in place by one ``embedding_bag`` (no gathered copy of the rows: one read of each kept row
+    instead of a gather's read, write and re-read). None where it does not apply (a cache that is
+    not float32 or not rows of a contiguous buffer): the caller gathers instead."""
+    if v.dtype != torch.float32:
+        return None
+    view = _row_view(v)
+    if view is None:
+        return None
+    rows, base = view
+    B, H, G, P = w.shape
+    bags = (base + idx.expand(B, H, P)).unsqueeze(2).expand(B, H, G, P).reshape(B * H * G, P)
+    out = torch.nn.functional.embedding_bag(bags, rows, mode="sum",
+                                            per_sample_weights=w.reshape(B * H * G, P))
+    return out.view(B, H, G, v.shape[-1])
 
 
 def gather_attend_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, bias: Tensor,
@@ -200,31 +233,24 @@ def attend_split_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, b, attn_m
                        scale: float, k_new: Tensor | None = None,
                        v_new: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """CPU decode path: like :func:`gather_attend_torch` over the first ``b.total`` slots of
-    ``idx`` (sinks, global, recent — the layout of :meth:`SWAState.select`), but the sinks and the
-    recent window, which are contiguous rows of the cache, are read in place; only the global
-    rows are gathered (half the copy traffic at the default ``recent_fraction``), and there are no
-    padding slots. Returns out [B, Hq, Dv] and weights [B, Hq, b.total] fp32 in slot order.
+    ``idx`` (sinks, global, recent — the layout of :meth:`SWAState.select`), but nothing is
+    gathered that can be read in place: the sinks and the recent window (contiguous rows of the
+    cache) enter the logits in place, only the global keys are gathered, and the output is one
+    weighted ``embedding_bag`` over the kept value rows (:func:`weighted_rows`; a gather where it
+    does not apply); no padding slots. Returns out [B, Hq, Dv] and weights [B, Hq, b.total] fp32
+    in slot order.
     """
     B, Hq, D = q.shape
     Hkv, Dv = kf.shape[1], vf.shape[-1]
     n, grp = b.n, Hq // Hkv
     s, g, r = b.sinks, b.global_, b.recent
-    if k_new is not None:  # the cache without the new token: the recent window ends with it
-        kr = torch.cat([kf[:, :, n - r: n - 1], k_new], dim=2)
-        vr = torch.cat([vf[:, :, n - r: n - 1], v_new], dim=2)
-    else:
-        kr, vr = kf[:, :, n - r: n], vf[:, :, n - r: n]
+    kr = kf[:, :, n - r: n] if k_new is None else torch.cat([kf[:, :, n - r: n - 1], k_new], dim=2)
     parts_k = [kf[:, :, :s]] if s else []
-    parts_v = [vf[:, :, :s]] if s else []
     if g:
-        ig = idx[..., s: s + g]
-        parts_k.append(gather_rows(kf, ig))
-        parts_v.append(gather_rows(vf, ig))
+        parts_k.append(gather_rows(kf, idx[..., s: s + g]))
     parts_k.append(kr)
-    parts_v.append(vr)
-    qf = q.float().reshape(B, Hkv, grp, D)
+    qf = q.float().reshape(B, Hkv, grp, D) * scale  # the scale on q: grp rows, not P columns
     logits = torch.cat([torch.matmul(qf, kp.float().transpose(-1, -2)) for kp in parts_k], dim=-1)
-    logits.mul_(scale)
     if attn_mask is not None:
         m = _mask_bias(attn_mask, B, 1, n)[:, :, 0]  # [B, 1|Hq, n]
         ii = idx[..., : b.total]
@@ -232,13 +258,19 @@ def attend_split_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, b, attn_m
             m = m.expand(B, Hq, n)
             ii = ii.repeat_interleave(Hq // ii.shape[1], dim=1) if ii.shape[1] > 1 else ii.expand(B, Hq, b.total)
         logits += torch.gather(m, 2, ii).expand(B, Hq, b.total).reshape(B, Hkv, grp, b.total)
-    w = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-    out, lo = None, 0
-    for vp in parts_v:
-        t = vp.shape[2]
-        o = torch.matmul(w[..., lo: lo + t], vp.float())
-        out = o if out is None else out.add_(o)
-        lo += t
+    w = torch.softmax(logits, dim=-1)
+    if attn_mask is not None:  # a row whose kept tokens are all masked: zeros, not NaN
+        w.nan_to_num_(0.0)
+    out = None if v_new is not None else weighted_rows(w, vf, idx[..., : b.total])
+    if out is None:  # the cache without the new token, or rows embedding_bag cannot read
+        vr = vf[:, :, n - r: n] if v_new is None else torch.cat([vf[:, :, n - r: n - 1], v_new], dim=2)
+        parts_v = ([vf[:, :, :s]] if s else []) + ([gather_rows(vf, idx[..., s: s + g])] if g else []) + [vr]
+        lo = 0
+        for vp in parts_v:
+            t = vp.shape[2]
+            o = torch.matmul(w[..., lo: lo + t], vp.float())
+            out = o if out is None else out.add_(o)
+            lo += t
     return out.reshape(B, Hq, Dv).to(q.dtype), w.reshape(B, Hq, b.total)
 
 
