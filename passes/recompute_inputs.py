@@ -8,13 +8,15 @@ Walked backwards from the site's ``k`` / ``v`` arguments::
     GPT-2:  addmm(b, x2d, W) -> view -> split(64, 2)[1] -> view -> permute       K = cols 64:128 of x2d @ W + b
     Llama:  mm(x2d, permute(Wk)) -> view -> view -> permute -> (k*cos + cat(-k2, k1)*sin)   (RoPE on K)
 
+``decode_matmul``'s weight-major form of a decode step (``[add](permute(mm(W, permute(x2d))), b)``,
+``W`` as stored, ``[out, hidden]``) is recognised too (a 5th spec entry 1: the weight is transposed).
 Layout ops (view, reshape, permute, transpose, clone, alias) are passed through; a column split
 (``split``/``split_with_sizes`` + ``getitem``) or ``slice`` of the last dim picks columns of the
 projection; the projection is ``mm`` or ``addmm`` (bias). K and V must come from the same input
 (``x2d`` up to views). Anything else is not supported: :func:`recompute_inputs` returns the reason
 (the pass then passes nothing and the plan keeps beta = 0, or, with ``kv_tiers.beta`` > 0, fails the
-compile with that reason). The runtime checks the recompute against the model's K/V on a sequence's
-first call, so a mis-read graph is an error, never a wrong answer.
+compile with that reason). The runtime checks the recompute against the model's K/V the first time a
+sequence's site sees each spec, so a mis-read graph is an error, never a wrong answer.
 """
 from __future__ import annotations
 
@@ -45,7 +47,13 @@ def _projection(node) -> tuple | str:
         if not isinstance(n, torch.fx.Node) or n.op != "call_function":
             return f"{getattr(n, 'name', n)} is not computed in the graph by a projection"
         t = n.target
+        if (wm := _weight_major(n)) is not None:
+            x, w, b = wm
+            out = int(_val(w).shape[0])
+            return x, w, b, c0, c0 + (width if width is not None else out), 1
         if t in LAYOUT:
+            if t in (aten.permute.default, aten.transpose.int) and _val(n) is not None and _val(n).dim() < 3:
+                return f"{n.name} transposes the projection's 2-D result: not supported"
             n = n.args[0]
         elif t is operator.getitem and isinstance(n.args[0], torch.fx.Node) and n.args[0].target in SPLITS:
             src, i = n.args[0], n.args[1]
@@ -75,7 +83,25 @@ def _projection(node) -> tuple | str:
         else:
             return f"{n.name} ({t}) between the projection and the attention is not supported"
     out = int(_val(w).shape[1])
-    return x, w, b, c0, c0 + (width if width is not None else out)
+    return x, w, b, c0, c0 + (width if width is not None else out), 0
+
+
+def _is_t(n) -> bool:
+    return (getattr(n, "target", None) in (aten.permute.default, aten.transpose.int, aten.t.default)
+            and _val(n) is not None and _val(n).dim() == 2)
+
+
+def _weight_major(n):
+    """``(x2d, W [out, hidden], bias | None)`` for decode_matmul's form ``[add](permute(mm(W, permute(x))), b)``."""
+    b = None
+    if getattr(n, "target", None) is aten.add.Tensor and _is_t(n.args[0]) and isinstance(n.args[1], torch.fx.Node):
+        n, b = n.args[0], n.args[1]
+    if not _is_t(n):
+        return None
+    mm = n.args[0]
+    if getattr(mm, "target", None) is not aten.mm.default or not _is_t(mm.args[1]):
+        return None
+    return mm.args[1].args[0], mm.args[0], b
 
 
 def _is_rotate_half(rot, k) -> bool:
@@ -132,7 +158,7 @@ def recompute_inputs(k, v) -> tuple[list, dict] | str:
         return nodes.index(n)
 
     spec = {"hidden": int(_val(kp[0]).shape[-1]),
-            "k": [index(kp[1]), index(kp[2]), kp[3], kp[4]],
-            "v": [index(vp[1]), index(vp[2]), vp[3], vp[4]],
+            "k": [index(kp[1]), index(kp[2]), kp[3], kp[4]] + ([1] if kp[5] else []),
+            "v": [index(vp[1]), index(vp[2]), vp[3], vp[4]] + ([1] if vp[5] else []),
             "rope": [index(rope[1]), index(rope[2])] if rope else None}
     return nodes, spec

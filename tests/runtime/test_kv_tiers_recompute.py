@@ -203,3 +203,25 @@ def test_swa_over_three_phases_under_inductor_equals_swa_on_the_device(tmp_path)
     assert torch.equal(outs[1].argmax(-1), outs[0].argmax(-1))
     for kv in _kvs(caches[1]):
         _three_phases(kv)
+
+
+def test_phase_three_with_decode_matmul_equals_swa_on_the_device(monkeypatch, tmp_path):
+    """decode_matmul's weight-major decode projections (forced here) are read as projections too."""
+    from llm_compile.passes import decode_matmul
+
+    monkeypatch.setattr(decode_matmul, "MIN_WEIGHT", 0)
+    monkeypatch.setattr(decode_matmul, "measure", lambda *a: {"row_major_ms": 1.0, "weight_major_ms": 0.5})
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(19))
+    opts = {"swa": {"sparsity": 0.6}, "decode_matmul": True, "debug_dir": str(tmp_path / "dump")}
+    ref, _ = _run(_model("gpt2"), opts, ids, 36)
+    torch._dynamo.reset()
+    model = _model("gpt2")
+    got, cache = _run(model, {**opts, "kv_tiers": _tiers(tmp_path, model, beta=1.0)}, ids, 36)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    for kv in _kvs(cache):
+        _three_phases(kv)
+    codes = [p.read_text() for p in (tmp_path / "dump").glob("run_*/graph_*/*_decode_matmul.py")]
+    assert any('"k": [1, 2, 64, 128, 1]' in c for c in
+               [p.read_text() for p in (tmp_path / "dump").glob("run_*/graph_*/*_local_kv_store.py")])
+    assert codes                                            # decode_matmul did rewrite the decode graph

@@ -137,16 +137,18 @@ def _adopt(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve
                             is_causal=is_causal)
 
 
-def _recompute_inputs(kv, k: Tensor, v: Tensor, rec: list[Tensor], rec_spec: str, first: bool):
+def _recompute_inputs(kv, k: Tensor, v: Tensor, rec: list[Tensor], rec_spec: str):
     """Phase 3 (tiers with ``plan.beta > 0``): hand the store this call's recompute weights and
-    return the kept rows of the new tokens (checked against ``k``/``v`` on a sequence's first call)."""
+    return the kept rows of the new tokens (checked against ``k``/``v`` the first time the store
+    sees this spec, i.e. once per graph form: prefill, decode)."""
     if not rec_spec or not isinstance(kv, TieredKV) or kv.plan.beta <= 0:
         return None
     rc = KVRecompute(rec_spec, list(rec or ()), k.shape[1], k.shape[-1], v.shape[-1])
     kept = rc.kept(k.shape[0])
     rc.drop_activations()
-    if first:
+    if rec_spec not in kv.checked:
         rc.check(kept, k, v, kv.site)
+        kv.checked.add(rec_spec)
     kv.recompute = rc
     return kept
 
@@ -160,7 +162,7 @@ def stored_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_
         raise ValueError(f"llmaccel kv_store: {q.shape[1]} query heads is not a multiple of {hkv} KV heads")
     if k_cache is None:
         kv, cfg, state = _new_kv(q, k, v, site, reserve, growth, swa, tiers, rec_spec)
-        kept = _recompute_inputs(kv, k, v, rec, rec_spec, True)
+        kept = _recompute_inputs(kv, k, v, rec, rec_spec)
         if tiers and state is not None:  # tiered SWA prefill: attend over k/v, then store them
             out = swa_step(state, q, k, v, scale, cfg, attn_mask=attn_mask, is_causal=is_causal)
             kv.append(k, v, kept)
@@ -174,7 +176,7 @@ def stored_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_
         kv, out = _adopt(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve, growth, swa)
     else:
         kv = site_kv(k_cache, site, B)
-        kept = _recompute_inputs(kv, k, v, rec, rec_spec, False)
+        kept = _recompute_inputs(kv, k, v, rec, rec_spec)
         kv.append(k, v, kept) if kept is not None else kv.append(k, v)
         out = _attend(kv, q, attn_mask, scale, is_causal)
     kp, vp = phantoms(kv, k, v)

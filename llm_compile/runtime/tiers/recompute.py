@@ -11,6 +11,7 @@ projection that feeds the new K and V and passes to ``llmaccel::stored_attention
     rec  = [x2d, w_k, b_k?, w_v, b_v?, cos?, sin?]        x2d [B*T, hidden]; w [hidden, out] (x @ w)
     spec = {"hidden": 64, "k": [1, 2, 64, 128], "v": [1, 2, 128, 192], "rope": null}
            # per K/V: index of w, index of the bias (-1: none), first and last column of the slice
+           # (and a 5th entry 1 when w is stored [out, hidden]: decode_matmul's weight-major form)
 
     K = rope((x @ w_k[:, c0:c1] + b_k[c0:c1]).view(Hkv, D), cos, sin)     # rope: k*cos + rotate_half(k)*sin
     V = (x @ w_v[:, c0:c1] + b_v[c0:c1]).view(Hkv, Dv)
@@ -20,8 +21,8 @@ views/permutes and a column split or slice (GPT-2's fused ``c_attn``, OPT, Llama
 ``v_proj``), optionally followed, for K, by Llama-style RoPE with ``rotate_half``. A kept row
 holds ``hidden (+ 2 * D with RoPE)`` values; recompute frees memory only where that is less than
 K+V (``Hkv * (D + Dv)``): multi-head attention, not GQA (:mod:`~llm_compile.runtime.tiers.plan`).
-The first tokens a site keeps are recomputed once and compared with the model's K/V (a graph the
-pass mis-read is an error, never a wrong answer).
+The first call of each spec (prefill, decode graph) recomputes its own tokens and compares them
+with the model's K/V (a graph the pass mis-read is an error, never a wrong answer).
 """
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ class KVRecompute:
         self.rec = [t if i in used else None for i, t in enumerate(self.rec)]
 
     def _proj(self, x: Tensor, which: str) -> Tensor:
-        wi, bi, c0, c1 = self.spec[which]
-        w = self.rec[wi]
+        wi, bi, c0, c1, *wt = self.spec[which]
+        w = self.rec[wi].t() if wt and wt[0] else self.rec[wi]
         y = x @ w[:, c0:c1].to(x.dtype)
         if bi >= 0:
             y = y + self.rec[bi].reshape(-1)[c0:c1].to(x.dtype)

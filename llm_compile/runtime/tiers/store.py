@@ -79,6 +79,8 @@ class TieredKV:
         self.pend: Tensor | None = None
         self.pend0 = 0
         self.recomputed = 0
+        self.checked: set[str] = set()
+        """Recompute specs already checked against the model's K/V (one per graph form)."""
         """(token, sequence) pairs whose K/V were recomputed (sparse and dense reads)."""
 
     # -- placement ---------------------------------------------------------------------------
@@ -100,7 +102,8 @@ class TieredKV:
         room = float("inf") if p.host_cap is None else p.host_cap - self.host.used
         pick, rec = [], []
         for t in range(self.decided, edge):
-            if phase3 and (past_p2 or len(pick) >= room) and t >= self.pend0 and p.rec_share(t):
+            if (phase3 and (past_p2 or len(pick) >= room) and self.pend0 <= t < self.pend0 + len(self.pend)
+                    and p.rec_share(t)):
                 rec.append(t)
             elif p.host_share(t):
                 pick.append(t)
