@@ -134,7 +134,7 @@ class KVTiersConfig:
     device_budget: int = 512 * 1024 * 1024
     """Bytes of KV (all layers, whole batch) kept on the model's device; past that (p1) rows move to the host tier."""
     host_budget: int | None = None
-    """Bytes of KV the host tier may hold (all layers); `None` = unlimited. Past it (p2) a step raises: phase 3 (recompute) is not wired into compiled graphs yet."""
+    """Bytes of KV the host tier may hold (all layers); `None` = unlimited. Past it (p2) phase 3 (recompute, MHA models) takes the new tokens; what it does not take raises `HostTierFullError`."""
     mmap_dir: str | None = None
     """CPU models only: the host tier is a memory-mapped file in this folder (KV larger than RAM); deleted with the cache. `None`: host RAM (pinned for CUDA models)."""
     recent: int = 64
@@ -142,15 +142,15 @@ class KVTiersConfig:
     max_context: int = 8192
     """Context the plan is made for: alpha is the smallest host share that fits the budget there (longer: the oldest device rows spill)."""
     recompute: str = "auto"
-    """Phase 3: `"auto"` (the cost model decides and says why in the plan) or `"off"` (beta = 0)."""
+    """Phase 3: `"auto"` (the plan decides beta and says why: recompute only where it frees memory, i.e. MHA) or `"off"` (beta = 0)."""
     p1: int | None = None
     """Override the plan: tokens kept all on the device before rows move to the host (`None`: from the budget)."""
     p2: int | None = None
-    """Override the plan: tokens after which recompute would start (`None`: from `host_budget`)."""
+    """Override the plan: tokens after which recompute starts (`None`: from `host_budget`)."""
     alpha: float | None = None
     """Override the plan: share of the tokens outside the recent window that move to the host past p1 (`None`: planned)."""
     beta: float | None = None
-    """Override the plan: share of the tokens past p2 recomputed; only `0`/`None` run today (phase 3 is planned, not executed)."""
+    """Override the plan: share of the tokens decided past p2 that keep only their layer input and are recomputed when selected (needs `host_budget` or `p2`; refused where recompute frees no memory: GQA) (`None`: planned)."""
     prefetch: bool = True
     """Gather the host rows of a step on a worker thread (CUDA: a side stream) while the device rows are gathered."""
     cost_cache_dir: str | None = None
@@ -339,10 +339,11 @@ def _validate_tiers(cfg: LLMAccelConfig) -> None:
     if t.p1 is not None and t.p1 <= t.recent:
         raise OptionsError(f"llmaccel: kv_tiers.p1={t.p1} <= kv_tiers.recent={t.recent}: the recent window "
                            "always stays on the device, so p1 must be larger; lower recent or raise p1")
-    if t.beta:
-        raise OptionsError(f"llmaccel: kv_tiers.beta={t.beta}: phase 3 (recompute of part beta of the tokens) "
-                           "is planned and reported but not executed in compiled graphs yet; use beta=0 or None "
-                           "(the plan in the debug dump says what recompute would save)")
+    if t.beta and t.host_budget is None and t.p2 is None:
+        raise OptionsError(f"llmaccel: kv_tiers.beta={t.beta}: phase 3 (recompute) starts at p2, which comes from "
+                           "host_budget: give kv_tiers.host_budget (or p2), or drop beta")
+    if t.beta and t.recompute == "off":
+        raise OptionsError(f"llmaccel: kv_tiers.beta={t.beta} with recompute='off': drop one of them")
     if cfg.swa is not None and cfg.swa.policy in ("quest", "recall", "oracle"):
         raise OptionsError(f"llmaccel: kv_tiers with swa.policy={cfg.swa.policy!r}: the query-aware policies "
                            "read page summaries of every key, which the tiers do not keep yet; use "

@@ -6,14 +6,17 @@ import torch
 VOCAB = 128
 
 
-def build(family: str, attn_implementation: str = "sdpa", layers: int = 2, seed: int = 0):
-    """A tiny ``family`` causal LM (llama, mistral, qwen2, opt, gpt2) in eval mode, fp32."""
+def build(family: str, attn_implementation: str = "sdpa", layers: int = 2, seed: int = 0,
+          kv_heads: int | None = None):
+    """A tiny ``family`` causal LM (llama, mistral, qwen2, opt, gpt2) in eval mode, fp32;
+    ``kv_heads`` overrides llama's 2 KV heads (4: multi-head attention)."""
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, attn_implementation=attn_implementation)
     if family == "llama":
         cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
+                             num_attention_heads=4, num_key_value_heads=kv_heads or 2, max_position_embeddings=512,
+                             **common)
         cls = tf.LlamaForCausalLM
     elif family == "mistral":
         cfg = tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,

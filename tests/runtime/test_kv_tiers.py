@@ -165,11 +165,12 @@ def test_beam_search_over_tiers_equals_beam_search_on_the_device(tmp_path):
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_llama_recompute_path_equals_the_models_kv(kv_heads):
-    """Phase 3's recompute (Llama): K/V from the kept layer input equal the K/V the model cached."""
+    """Phase 3's recompute (Llama, from the inputs the graph passes): K/V from the kept layer input
+    and RoPE rows equal the K/V the model cached."""
     import transformers as tf
     from transformers import DynamicCache
 
-    from llm_compile.runtime.tiers.recompute import LlamaKVRecompute, RecomputeRows
+    from llm_compile.runtime.tiers.recompute import KVRecompute, RecomputeError
 
     cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=kv_heads, vocab_size=128, max_position_embeddings=512)
@@ -180,21 +181,27 @@ def test_llama_recompute_path_equals_the_models_kv(kv_heads):
     def grab(mod, args, kw):
         inputs["x"] = kw.get("hidden_states", args[0] if args else None)
 
-    hook = model.model.layers[1].self_attn.register_forward_pre_hook(grab, with_kwargs=True)
+    attn = model.model.layers[1].self_attn
+    hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
     ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(8))
     cache = DynamicCache()
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
+        cos, sin = model.model.rotary_emb(inputs["x"], torch.arange(30)[None])
     hook.remove()
-    rec = LlamaKVRecompute(model.model.layers[1].self_attn, model.model.rotary_emb)
-    tier = RecomputeRows(rec)
-    tier.keep(inputs["x"], torch.arange(30))
+    spec = {"hidden": 64, "k": [1, -1, 0, kv_heads * 16], "v": [2, -1, 0, kv_heads * 16], "rope": [3, 4]}
+    rec = [inputs["x"].reshape(60, 64), attn.k_proj.weight.t(), attn.v_proj.weight.t(), cos[:, None], sin[:, None]]
+    rc = KVRecompute(spec, rec, kv_heads, 16, 16)
+    kept = rc.kept(2)                                           # [30, 2, 64 + 2 x 16]
     slots = torch.tensor([0, 5, 17, 29])
-    k, v = tier.kv(slots)
-    torch.testing.assert_close(k, cache.layers[1].keys[:, :, slots], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(v, cache.layers[1].values[:, :, slots], rtol=1e-5, atol=1e-6)
-    # memory: GQA (2 KV heads x 16 x 2 = 64 values) keeps as much as it frees; MHA (4 heads: 128) frees half
-    assert rec.kept_values_per_token() == 64 and rec.kv_values_per_token() == kv_heads * 32
+    kv = rc.kv(kept[slots].reshape(8, -1)).view(4, 2, kv_heads, 32).permute(1, 2, 0, 3)
+    torch.testing.assert_close(kv[..., :16], cache.layers[1].keys[:, :, slots], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kv[..., 16:], cache.layers[1].values[:, :, slots], rtol=1e-5, atol=1e-6)
+    rc.check(kept, cache.layers[1].keys, cache.layers[1].values, 1)   # the prefill check passes
+    with pytest.raises(RecomputeError, match="not of a supported form"):  # another layer's KV: refused
+        rc.check(kept, cache.layers[0].keys, cache.layers[0].values, 1)
+    # memory: 96 values kept per token; GQA (2 KV heads: 64 values of K+V) frees none, MHA (128) frees 32
+    assert rc.width == 96
 
 
 @pytest.mark.slow  # two Inductor compiles: 62-106 s on a shared core (CI budget ~30 s)

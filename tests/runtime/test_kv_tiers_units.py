@@ -99,6 +99,24 @@ def test_plan_mha_says_what_recompute_would_save(tmp_path):
     assert "recompute off" in off.reasons["beta"]
 
 
+def test_plan_phase_three_beta(tmp_path):
+    """With a host budget that fills before max_context, MHA (GPT-2 small: 768 kept < 1536 K+V)
+    plans beta = 1; GQA (SmolLM2: 576 + 2 x 64 kept > 384) keeps 0 and refuses an override."""
+    kw = dict(dtype=torch.float32, device=torch.device("cpu"))
+    cfg = KVTiersConfig(cost_cache_dir=str(tmp_path), host_budget=12 * 1536 * 4 * 100)
+    mha = make_plan(cfg, batch=1, heads=12, q_heads=12, d=64, dv=64, sites=12, keep=768, **kw)
+    assert mha.beta == 1.0 and mha.p2 == mha.p1 + 100 < 8192 and "frees 768 values per token" in mha.reasons["beta"]
+    assert [mha.rec_share(t) for t in range(3)] == [True] * 3
+    half = make_plan(KVTiersConfig(**{**cfg.__dict__, "beta": 0.5}), batch=1, heads=12, q_heads=12, d=64,
+                     dv=64, sites=12, keep=768, **kw)
+    assert half.beta == 0.5 and [half.rec_share(t) for t in range(4)] == [False, True, False, True]
+    gqa = make_plan(cfg, batch=1, heads=3, q_heads=9, d=64, dv=64, sites=30, keep=704, **kw)
+    assert gqa.beta == 0 and "576 + 2 x 64 = 704 values per token" in gqa.reasons["beta"]
+    with pytest.raises(TiersPlanError, match="beta=0.5 refused.*frees no memory"):
+        make_plan(KVTiersConfig(**{**cfg.__dict__, "beta": 0.5}), batch=1, heads=3, q_heads=9, d=64, dv=64,
+                  sites=30, keep=704, **kw)
+
+
 def test_cost_model_is_measured_once_and_cached_on_disk(tmp_path):
     first = _plan(tmp_path)
     files = list(tmp_path.glob("cost-*.json"))
@@ -121,7 +139,8 @@ def test_plan_overrides_and_their_errors(tmp_path):
 @pytest.mark.parametrize("options, match", [
     ({"kv_tiers": {"p1": 100, "p2": 50}}, "p2=50 < kv_tiers.p1=100"),
     ({"kv_tiers": {"p1": 10, "recent": 10}}, "p1=10 <= kv_tiers.recent=10"),
-    ({"kv_tiers": {"beta": 0.5}}, "not executed in compiled graphs"),
+    ({"kv_tiers": {"beta": 0.5}}, "give kv_tiers.host_budget"),
+    ({"kv_tiers": {"beta": 0.5, "p2": 40, "recompute": "off"}}, "drop one of them"),
     ({"kv_tiers": {"mmap_dir": "/nonexistent/dir"}}, "not an existing folder"),
     ({"kv_tiers": True, "kv_store": False}, "needs kv_store"),
     ({"kv_tiers": True, "offload": True}, "drop kv_tiers"),

@@ -30,6 +30,7 @@ from llm_compile.runtime.swa.op import FIX, SequenceStateError
 from llm_compile.runtime.swa.policies import config_from_json
 from llm_compile.runtime.swa.step import new_state, restart_step, swa_step
 from llm_compile.runtime.tiers.plan import plan_from_json
+from llm_compile.runtime.tiers.recompute import KVRecompute, kept_width
 from llm_compile.runtime.tiers.store import TieredKV
 
 KV_ATTR = "llmaccel_kv"
@@ -94,24 +95,27 @@ def _attend(kv: SiteKV | TieredKV, q, attn_mask, scale, is_causal) -> Tensor:
                     is_causal=is_causal)
 
 
-def _tiered(tiers: str, q: Tensor, k: Tensor, v: Tensor, state, swa: str) -> TieredKV:
+def _tiered(tiers: str, q: Tensor, k: Tensor, v: Tensor, state, swa: str, rec_spec: str = "") -> TieredKV:
     """A new TieredKV for this prefill, with the plan for its batch (cached per shape)."""
     B, hkv, _, D = k.shape
     opts = json.loads(tiers)
+    spec = json.loads(rec_spec) if rec_spec else None
+    keep = kept_width(spec, D) if spec else None
+    hidden = spec["hidden"] if spec else None
 
     def replan(batch: int):
-        return plan_from_json(tiers, batch, hkv, q.shape[1], D, v.shape[-1], k.dtype, k.device, swa)
+        return plan_from_json(tiers, batch, hkv, q.shape[1], D, v.shape[-1], k.dtype, k.device, swa, keep, hidden)
 
     return TieredKV(B, hkv, D, v.shape[-1], k.dtype, k.device, state, replan(B), replan,
                     mmap_dir=opts.get("mmap_dir"), prefetch=opts.get("prefetch", True))
 
 
-def _new_kv(q, k, v, site, reserve, growth, swa, tiers=""):
+def _new_kv(q, k, v, site, reserve, growth, swa, tiers="", rec_spec=""):
     """A new sequence's store for this site (and its SWA state, None when dense)."""
     B, hkv, _, D = k.shape
     cfg = config_from_json(swa)
     state = new_state(B, hkv, k.device, cfg) if cfg is not None and cfg.sparsity > 0 else None
-    kv = (_tiered(tiers, q, k, v, state, swa) if tiers else
+    kv = (_tiered(tiers, q, k, v, state, swa, rec_spec) if tiers else
           SiteKV(B, hkv, D, v.shape[-1], k.dtype, k.device, None, state, reserve=reserve, growth=growth))
     kv.site, kv.swa = site, swa
     return kv, cfg, state
@@ -133,21 +137,38 @@ def _adopt(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve
                             is_causal=is_causal)
 
 
+def _recompute_inputs(kv, k: Tensor, v: Tensor, rec: list[Tensor], rec_spec: str):
+    """Phase 3 (tiers with ``plan.beta > 0``): hand the store this call's recompute weights and
+    return the kept rows of the new tokens (checked against ``k``/``v`` the first time the store
+    sees this spec, i.e. once per graph form: prefill, decode)."""
+    if not rec_spec or not isinstance(kv, TieredKV) or kv.plan.beta <= 0:
+        return None
+    rc = KVRecompute(rec_spec, list(rec or ()), k.shape[1], k.shape[-1], v.shape[-1])
+    kept = rc.kept(k.shape[0])
+    rc.drop_activations()
+    if rec_spec not in kv.checked:
+        rc.check(kept, k, v, kv.site)
+        kv.checked.add(rec_spec)
+    kv.recompute = rc
+    return kept
+
+
 @torch.library.impl("llmaccel::stored_attention", "CompositeExplicitAutograd")
 def stored_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
                      attn_mask: Tensor | None, scale: float, is_causal: bool, site: int,
-                     reserve: int, growth: float, swa: str, tiers: str = ""):
+                     reserve: int, growth: float, swa: str, tiers: str = "", rec=None, rec_spec: str = ""):
     B, hkv = k.shape[:2]
     if q.shape[1] % hkv:
         raise ValueError(f"llmaccel kv_store: {q.shape[1]} query heads is not a multiple of {hkv} KV heads")
     if k_cache is None:
-        kv, cfg, state = _new_kv(q, k, v, site, reserve, growth, swa, tiers)
+        kv, cfg, state = _new_kv(q, k, v, site, reserve, growth, swa, tiers, rec_spec)
+        kept = _recompute_inputs(kv, k, v, rec, rec_spec)
         if tiers and state is not None:  # tiered SWA prefill: attend over k/v, then store them
             out = swa_step(state, q, k, v, scale, cfg, attn_mask=attn_mask, is_causal=is_causal)
-            kv.append(k, v)
+            kv.append(k, v, kept)
         elif state is None:  # dense prefill: attend over k/v directly, then store them
             out = dense_attention(q, k, v, attn_mask, scale, is_causal)
-            kv.append(k, v)
+            kv.append(k, v, kept) if tiers else kv.append(k, v)
         else:
             kv.append(k, v)
             out = _attend(kv, q, attn_mask, scale, is_causal)
@@ -155,7 +176,8 @@ def stored_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor | None, v_
         kv, out = _adopt(q, k, v, k_cache, v_cache, attn_mask, scale, is_causal, site, reserve, growth, swa)
     else:
         kv = site_kv(k_cache, site, B)
-        kv.append(k, v)
+        kept = _recompute_inputs(kv, k, v, rec, rec_spec)
+        kv.append(k, v, kept) if kept is not None else kv.append(k, v)
         out = _attend(kv, q, attn_mask, scale, is_causal)
     kp, vp = phantoms(kv, k, v)
     return to_out_layout(out), kp, vp

@@ -1,22 +1,37 @@
-"""One attention site's KV in two tiers — the model's device and the host — placed by a
-:class:`~llm_compile.runtime.tiers.plan.Plan` (ALISA's phases 1 and 2).
+"""One attention site's KV in tiers — the model's device, the host, and (phase 3) tokens that keep
+only their layer input and are recomputed — placed by a :class:`~llm_compile.runtime.tiers.plan.Plan`
+(ALISA's three phases).
 
 :class:`TieredKV` has the interface of :class:`~llm_compile.runtime.kv.buffer.SiteKV` (``append``,
 ``keys``/``values``, ``map_batch``, ``crop``, ``length``, ``state``) and hangs on the cache's
 phantoms the same way, so the KV is owned by the sequence's cache. Storage: per tier a
-:class:`~llm_compile.runtime.tiers.host.Rows` ``[slots, B, H, D + Dv]``; per token position its
-tier (``loc``: 0 device, 1 host) and slot. Placement, after every append of a cache now ``n`` long::
+:class:`~llm_compile.runtime.tiers.host.Rows` ``[slots, B, H, D + Dv]`` (the recompute tier:
+``[slots, B, 1, kept]``, the layer input and RoPE rows of :mod:`~llm_compile.runtime.tiers.recompute`,
+in host memory of the host tier's kind); per token position its tier (``loc``: 0 device, 1 host,
+2 recompute) and slot. Placement, after every append of a cache now ``n`` long::
 
     n <= p1                  every row on the device (phase 1)
     n >  p1                  positions t < n - recent, each decided once: host if plan.host_share(t)
                              (share alpha, evenly spread), else device (phase 2); if the device would
                              still hold more than plan.cap rows, the oldest device rows spill too
                              (counted in ``spilled``: alpha was planned for a shorter context)
+    n >  p2 (beta > 0)       positions decided now (or once the host tier is full: p2 = p1 + host
+                             budget is the plan's estimate): share beta (plan.rec_share) keep
+                             only their kept row (phase 3; their device row is freed), the rest as
+                             in phase 2 (a full host tier raises HostTierFullError)
+
+Phase 3 needs the kept rows of positions not decided yet: with ``plan.beta > 0`` the op passes each
+call's kept rows (``append(k, v, kept)``) and the store holds those of the last ``recent`` positions
+(``pend``; device). A position left undecided longer (only before p1, so only when p2 < p1 + recent)
+has none and is placed as in phase 2.
 
 Reads: :meth:`rows` gathers the rows a sparse step selected — one ``index_select`` on the device
 tier and one on the host tier (K and V together), the host one started first on a worker thread
-(CUDA: pinned memory and a side stream, :mod:`~llm_compile.runtime.tiers.fetch`) — and
-:meth:`full` assembles every row (dense attention over tiers, prefill-like chunks, cache edits).
+(CUDA: pinned memory and a side stream, :mod:`~llm_compile.runtime.tiers.fetch`), and
+recomputes the selected phase-3 tokens (each (token, sequence) once, all heads) — and :meth:`full`
+assembles every row, recomputing every phase-3 token (dense attention over tiers, cache edits).
+``recompute`` (a :class:`~llm_compile.runtime.tiers.recompute.KVRecompute`: the projection weights
+of the current call, graph inputs) is set by the op at every call before it appends or reads.
 """
 from __future__ import annotations
 
@@ -38,7 +53,8 @@ def _no_positions() -> Tensor:
 
 
 class HostTierFullError(RuntimeError):
-    """The host tier reached ``kv_tiers.host_budget`` (phase 3, recompute, is not executed yet)."""
+    """The host tier reached ``kv_tiers.host_budget`` and phase 3 does not take the tokens that do
+    not fit (``beta`` 0 or < 1, or a model whose recompute frees no memory)."""
 
 
 class TieredKV:
@@ -58,6 +74,14 @@ class TieredKV:
         self._bh = (torch.arange(batch)[:, None, None] * heads + torch.arange(heads)[None, :, None])
         self.host_fetched = self.dev_fetched = 0
         """Rows gathered by sparse steps from each tier (counters for tests and benchmarks)."""
+        self.rec: Rows | None = None
+        self.recompute = None
+        self.pend: Tensor | None = None
+        self.pend0 = 0
+        self.recomputed = 0
+        self.checked: set[str] = set()
+        """Recompute specs already checked against the model's K/V (one per graph form)."""
+        """(token, sequence) pairs whose K/V were recomputed (sparse and dense reads)."""
 
     # -- placement ---------------------------------------------------------------------------
     def _grow_index(self, n: int) -> None:
@@ -67,33 +91,74 @@ class TieredKV:
             loc[: self.length], slot[: self.length] = self.loc[: self.length], self.slot[: self.length]
             self.loc, self.slot = loc, slot
 
-    def _to_host(self, n: int) -> Tensor:
-        """Positions (< n) to move to the host tier now, ascending."""
+    def _to_host(self, n: int) -> tuple[Tensor, Tensor]:
+        """Positions (< n) to move to the host tier and to the recompute tier now, ascending."""
         p = self.plan
         edge = n - p.recent
         if n <= p.p1 or edge <= self.decided:
-            return _no_positions()
-        pick = [t for t in range(self.decided, edge) if p.host_share(t)]
+            return _no_positions(), _no_positions()
+        phase3 = self.pend is not None and p.beta > 0 and p.p2 is not None
+        past_p2 = phase3 and n > p.p2
+        room = float("inf") if p.host_cap is None else p.host_cap - self.host.used
+        pick, rec = [], []
+        for t in range(self.decided, edge):
+            if (phase3 and (past_p2 or len(pick) >= room) and self.pend0 <= t < self.pend0 + len(self.pend)
+                    and p.rec_share(t)):
+                rec.append(t)
+            elif p.host_share(t):
+                pick.append(t)
         self.decided = edge
-        chosen = torch.tensor(pick, dtype=torch.int64)
-        on_dev = self.n_dev + (n - self.length) - chosen.numel()
+        chosen, rec_pos = torch.tensor(pick, dtype=torch.int64), torch.tensor(rec, dtype=torch.int64)
+        on_dev = self.n_dev + (n - self.length) - chosen.numel() - rec_pos.numel()
         if on_dev > p.cap:  # spill the oldest device rows left outside the recent window
             keep = torch.ones(n, dtype=torch.bool)
             keep[chosen] = False
+            keep[rec_pos] = False
             cand = torch.nonzero((self.loc[:edge] == 0) & keep[:edge]).flatten()[: on_dev - p.cap]
             self.spilled += cand.numel()
             chosen = torch.sort(torch.cat([chosen, cand])).values
-        return chosen
+        return chosen, rec_pos
 
-    def append(self, k: Tensor, v: Tensor) -> None:
+    def _keep_pending(self, n0: int, kept: Tensor | None) -> None:
+        """Add this call's kept rows [m, B, W] to the pending ones (positions not decided yet)."""
+        if kept is None or self.plan.beta <= 0:
+            return
+        if self.pend is None or self.pend0 + self.pend.shape[0] != n0:
+            self.pend, self.pend0 = kept, n0
+        else:
+            self.pend = torch.cat([self.pend, kept])
+        if self.rec is None:
+            B, H = self.shape[:2]
+            self.rec = Rows(B, 1, kept.shape[-1], kept.dtype, self.device, self.plan.host, self.mmap_dir)
+
+    def _trim_pending(self, n: int) -> None:
+        if self.pend is not None:
+            first = max(self.decided, n - self.plan.recent, self.pend0)
+            self.pend, self.pend0 = self.pend[first - self.pend0:], first
+
+    def _to_recompute(self, rec_pos: Tensor, n0: int) -> None:
+        """Phase 3: positions ``rec_pos`` keep only their kept row; their device rows (if any) are freed."""
+        first = self.rec.append(self.pend[rec_pos - self.pend0].unsqueeze(2))
+        old = rec_pos[rec_pos < n0]
+        if old.numel():
+            self.free.extend(self.slot[old].tolist())
+            self.n_dev -= old.numel()
+        self.loc[rec_pos], self.slot[rec_pos] = 2, torch.arange(first, first + rec_pos.numel())
+
+    def append(self, k: Tensor, v: Tensor, kept: Tensor | None = None) -> None:
+        """Store ``k``/``v`` [B, H, m, D|Dv]; ``kept`` [m, B, W]: their kept rows (phase 3)."""
         check_new_rows(self.shape, k, v)
         n0, m = self.length, k.shape[2]
         n = n0 + m
         self._grow_index(n)
         self.loc[n0:n] = 0
-        host_pos = self._to_host(n)
+        self._keep_pending(n0, kept)
+        host_pos, rec_pos = self._to_host(n)
+        if rec_pos.numel():
+            self._to_recompute(rec_pos, n0)
+        self._trim_pending(n)
         rows = torch.cat([k, v.to(k.dtype)], -1).permute(2, 0, 1, 3)  # [m, B, H, W]
-        if not host_pos.numel() and m == 1:  # the common decode step: one new row to the device
+        if not host_pos.numel() and not rec_pos.numel() and m == 1:  # common decode step: one new row to the device
             slot = self.free.pop() if self.free else self.dev.used
             if slot == self.dev.used:
                 self.dev.reserve(slot + 1)
@@ -107,8 +172,9 @@ class TieredKV:
         if self.plan.host_cap is not None and self.host.used + host_pos.numel() > self.plan.host_cap:
             raise HostTierFullError(
                 f"llmaccel kv_tiers: the host tier is full at {n} tokens (host_budget: {self.plan.host_cap} "
-                "tokens per layer); phase 3 (recompute) is not executed yet: raise kv_tiers.host_budget "
-                "(or drop it: unlimited), or shorten the sequence")
+                f"tokens per layer) and phase 3 takes no more of them (beta = {self.plan.beta}: "
+                f"{self.plan.reasons.get('beta', '')}): raise kv_tiers.host_budget (or drop it: unlimited), "
+                "raise kv_tiers.beta (multi-head attention models), or shorten the sequence")
         if old.numel():  # device -> host, one gather
             slots = self.slot[old]
             moved = self.dev.buf.index_select(0, slots.to(self.dev.device))
@@ -122,7 +188,10 @@ class TieredKV:
         if new_host.numel():
             first = self.host.append(rows[is_host.to(rows.device)])
             self.loc[new_host], self.slot[new_host] = 1, torch.arange(first, first + new_host.numel())
-        dev_pos = torch.nonzero(~is_host).flatten() + n0
+        is_rec = torch.zeros(m, dtype=torch.bool)
+        is_rec[rec_pos[rec_pos >= n0] - n0] = True
+        to_dev = ~is_host & ~is_rec
+        dev_pos = torch.nonzero(to_dev).flatten() + n0
         if dev_pos.numel():
             take = min(len(self.free), dev_pos.numel())
             reuse = [self.free.pop() for _ in range(take)]
@@ -130,7 +199,7 @@ class TieredKV:
             self.dev.reserve(self.dev.used + fresh)
             slots = torch.tensor(reuse + list(range(self.dev.used, self.dev.used + fresh)), dtype=torch.int64)
             self.dev.used += fresh
-            self.dev.write(slots, rows[(~is_host).to(rows.device)])
+            self.dev.write(slots, rows[to_dev.to(rows.device)])
             self.loc[dev_pos], self.slot[dev_pos] = 0, slots
             self.n_dev += dev_pos.numel()
         self.length = n
@@ -151,6 +220,10 @@ class TieredKV:
             out[dpos.to(self.device)] = self.dev.buf.index_select(0, slot[dpos].to(self.device))
         if hpos.numel():
             out[hpos.to(self.device)] = self.host.buf.index_select(0, slot[hpos]).to(self.device)
+        rpos = torch.nonzero(loc == 2).flatten()
+        if rpos.numel():  # dense: every phase-3 token recomputed
+            kept = self.rec.buf.index_select(0, slot[rpos]).to(self.device)  # [r, B, 1, W]
+            out[rpos.to(self.device)] = self._recompute(kept.reshape(rpos.numel() * B, -1)).view(-1, B, H, D + Dv)
         k, v = self._split(out.permute(1, 2, 0, 3))
         return k, v
 
@@ -161,16 +234,35 @@ class TieredKV:
         ii = idx.expand(B, H, P).cpu()
         loc, slot = self.loc[ii], self.slot[ii]
         flat = slot * (B * H) + self._bh
-        host = (loc == 1).flatten()
-        nh = int(host.sum())
+        host, rec = (loc == 1).flatten(), (loc == 2).flatten()
+        nh, nr = int(host.sum()), int(rec.sum())
         pending = fetch.start(self.host.flat(), flat.flatten()[host], self.device, self.prefetch) if nh else None
-        didx = torch.where(host, 0, flat.flatten()).to(self.device)
+        didx = torch.where(host | rec, 0, flat.flatten()).to(self.device)
         out = self.dev.flat().index_select(0, didx)
+        if nr:
+            out[rec.to(self.device)] = self._recompute_selected(slot.flatten()[rec], torch.nonzero(rec).flatten(), P)
         if pending is not None:
             out[host.to(self.device)] = fetch.finish(pending)
         self.host_fetched += nh
-        self.dev_fetched += host.numel() - nh
+        self.dev_fetched += host.numel() - nh - nr
         return self._split(out.view(B, H, P, D + Dv))
+
+    def _recompute(self, kept: Tensor) -> Tensor:
+        """K and V ``[U, H, D + Dv]`` of kept rows ``[U, W]`` (one per (token, sequence))."""
+        if self.recompute is None:
+            raise RuntimeError("llmaccel kv_tiers: phase-3 tokens to read but no recompute inputs "
+                               "(the op sets them at every call)")
+        self.recomputed += kept.shape[0]
+        return self.recompute.kv(kept).to(self.dtype)
+
+    def _recompute_selected(self, slots: Tensor, entries: Tensor, P: int) -> Tensor:
+        """Rows for the selected entries (flat ``(b, h, p)`` indices) in phase 3: each selected
+        (token, sequence) recomputed once for all heads, then the entry's head picked."""
+        B, H = self.shape[:2]
+        b, h = entries // (H * P), (entries // P) % H
+        uniq, inv = torch.unique(slots * B + b, return_inverse=True)   # rec.flat(): slot * B + b
+        kv = self._recompute(self.rec.flat().index_select(0, uniq).to(self.device))
+        return kv[inv.to(self.device), h.to(self.device)]
 
     def keys(self) -> Tensor:
         return self.full()[0]
@@ -204,5 +296,14 @@ class TieredKV:
     def host_tokens(self) -> int:
         return int((self.loc[: self.length] == 1).sum())
 
+    def recompute_tokens(self) -> int:
+        """Positions in phase 3 (only their kept row stored)."""
+        return int((self.loc[: self.length] == 2).sum())
+
     def nbytes(self, allocated: bool = False) -> int:
-        return (self.length if not allocated else self.dev.capacity + self.host.capacity) * self.plan.row_bytes
+        """Bytes of K+V rows held (device and host tiers) plus the phase-3 kept rows."""
+        rec = 0 if self.rec is None else (self.rec.capacity if allocated else self.rec.used) * \
+            self.rec.buf[:1].numel() * self.rec.buf.element_size()
+        if allocated:
+            return (self.dev.capacity + self.host.capacity) * self.plan.row_bytes + rec
+        return (self.length - self.recompute_tokens()) * self.plan.row_bytes + rec
