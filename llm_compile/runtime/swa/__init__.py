@@ -1,7 +1,7 @@
 """Sparse window attention (ALISA) at run time: ``state`` (budgets, scores, selection),
-``policies`` (alisa, h2o, streaming as objects), ``step`` (the attention math), ``op`` (the ops'
+``policies`` (alisa, h2o, streaming as objects), ``step`` (one attention call), ``attend`` (the CPU math over the kept rows), ``op`` (the ops'
 implementations, with the state owned by the sequence's cache)."""
 from llm_compile.runtime.swa.state import SWAState, compute_budget, describe_policy  # noqa: F401
-from llm_compile.runtime.swa.step import (gather_attend_torch, gather_rows, new_state,  # noqa: F401
-                                          query_weights, swa_step)
+from llm_compile.runtime.swa.attend import gather_attend_torch, gather_rows  # noqa: F401
+from llm_compile.runtime.swa.step import new_state, query_weights, swa_step  # noqa: F401
 from llm_compile.runtime.swa import op  # noqa: F401,E402  (registers the op implementations)
