@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llm_compile  # noqa: E402,F401  (registers the backend)
-from bench_swa import Decoder, _median, smollm2_config  # noqa: E402
+from decode_harness import Decoder, _median, smollm2_config  # noqa: E402
 from llm_compile.passes.decode_matmul import measure  # noqa: E402
 
 CONFIGS = {"stock_inductor": ("inductor", None), "llmaccel_{}": ("llmaccel", {}),

@@ -34,78 +34,9 @@ import torch
 
 from llm_compile.config import POLICY_DEFAULTS, SWAConfig
 from llm_compile.runtime.swa.state import compute_budget
-from swa_site_bench import cpu_op_bench, gpu_bench  # benchmarks/ (this script's folder)
-
-
-def smollm2_config(layers: int):
-    import transformers
-
-    return transformers.LlamaConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=65536,
-        rope_theta=100000.0, tie_word_embeddings=True)
-
-
-def _top_ops(prof, steps: int, n: int = 6) -> list[dict]:
-    """The ``n`` ATen ops with the most self CPU time, in ms per decode step."""
-    ev = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")),
-                key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
-    return [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls": e.count}
-            for e in ev]
-
-
-CACHE_KINDS = ("dynamic", "llmaccel", "static")
-"""HF ``DynamicCache``, :class:`llm_compile.LLMAccelCache`, HF ``StaticCache`` (``--static-len``)."""
-
-
-def _new_cache(kind: str, model, max_len: int):
-    from transformers import DynamicCache, StaticCache
-
-    from llm_compile import LLMAccelCache
-
-    if kind == "static":
-        return StaticCache(config=model.config, max_cache_len=max_len)
-    return LLMAccelCache() if kind == "llmaccel" else DynamicCache()
-
-
-class Decoder:
-    """One compiled model with its own cache: prefill once, then decode in timed blocks (so the
-    configs of a run can be interleaved block by block on the same machine state)."""
-
-    def __init__(self, model, ids, backend: str, options: dict | None, cache: str, max_len: int,
-                 fwd=None):
-        kw = {"options": options} if backend == "llmaccel" else {}
-        self.fwd = fwd if fwd is not None else torch.compile(model.forward, backend=backend, **kw)
-        self.cache = _new_cache(cache, model, max_len)
-        self.L = ids.shape[1]
-        self.batch = ids.shape[0]
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            out = self.fwd(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                           cache_position=torch.arange(self.L))
-            self.prefill_s = time.perf_counter() - t0
-        self.tok = out.logits[:, -1:].argmax(-1)
-
-    def step(self) -> float:
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            out = self.fwd(input_ids=self.tok, past_key_values=self.cache, use_cache=True,
-                           cache_position=torch.tensor([self.L]))
-            self.tok = out.logits[:, -1:].argmax(-1)
-            dt = time.perf_counter() - t0
-        self.L += 1
-        return dt
-
-    def block(self, steps: int) -> float:
-        """Median seconds per step over ``steps`` decode steps."""
-        ts = sorted(self.step() for _ in range(steps))
-        return ts[len(ts) // 2]
-
-    def profile(self, steps: int) -> list[dict]:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                self.step()
-        return _top_ops(prof, steps)
+from decode_harness import Decoder, _median, smollm2_config  # benchmarks/ (this script's folder)
+from swa_short_bench import print_short, short_bench
+from swa_site_bench import cpu_op_bench, gpu_bench
 
 
 def _decode_run(model, ids, steps: int, warmup: int, options: dict | None, profile: int = 0,
@@ -193,11 +124,6 @@ def _check_memory(names, table, cfg, args, max_len: int) -> None:
                          "--static-len / --batch")
 
 
-def _median(v: list[float]) -> float:
-    v = sorted(v)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
 RATIOS = (("swa_llmaccel", "dense_llmaccel", "SWA vs dense, both LLMAccelCache (target >= 2.3x)"),
           ("swa_llmaccel_mm", "dense_llmaccel_mm", "SWA vs dense, both LLMAccelCache, both decode_matmul (target >= 2.3x)"),
           ("dense_llmaccel_mm", "dense_llmaccel", "dense + decode_matmul vs dense, both LLMAccelCache"),
@@ -272,77 +198,6 @@ def cpu_bench(args) -> dict:
             "kv_bytes_read_per_step": {"dense": n * row_bytes, "swa_kept": b.total * row_bytes,
                                        "swa_reads_incl_summaries": b.reads * row_bytes},
             "kv_bytes_written_per_step": {"dynamic": n * row_bytes, "llmaccel": row_bytes, "static": row_bytes}}
-
-
-STOCK = {"inductor_dynamic": "dynamic", "inductor_static": "static"}
-"""Stock ``backend="inductor"`` rows: HF ``DynamicCache`` and HF ``StaticCache``."""
-
-
-def short_bench(args) -> dict:
-    """Short prompts (``--short-contexts``, batch ``--short-batch``): per context, decode ms/step of
-    llmaccel dense (``{}``: stock Inductor), SWA (``--sparsity``, kv_store on), SWA with
-    ``swa.min_context`` = ``--min-context`` (dense below it), and stock ``backend="inductor"`` with
-    HF's DynamicCache and StaticCache (``--static-len``). Each config is compiled once for all
-    contexts; per context every config prefills its own cache, then ``--short-repeats`` rounds of
-    ``--steps`` steps run interleaved (median of the rounds' medians, with the range)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = smollm2_config(args.layers)
-    model = LlamaForCausalLM(cfg).eval()
-    swa_opts = {"sparsity": args.sparsity, "bucket": args.bucket, "policy": args.policy}
-    configs = {"llmaccel_dense": ("llmaccel", {"inner": args.inner}, "dynamic"),
-               "swa": ("llmaccel", {"inner": args.inner, "swa": dict(swa_opts)}, "llmaccel"),
-               f"swa_min{args.min_context}": ("llmaccel", {"inner": args.inner,
-                                                           "swa": dict(swa_opts, min_context=args.min_context)},
-                                              "llmaccel")}
-    if not args.no_stock:
-        configs.update({name: ("inductor", None, cache) for name, cache in STOCK.items()})
-    torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(configs))
-    fwds = {name: torch.compile(model.forward, backend=b, **({"options": o} if b == "llmaccel" else {}))
-            for name, (b, o, _) in configs.items()}
-    rows = []
-    for ctx in args.short_contexts:
-        ids = torch.randint(0, cfg.vocab_size, (args.short_batch, ctx), generator=torch.Generator().manual_seed(ctx))
-        max_len = max(args.static_len, ctx + args.warmup + args.steps * args.short_repeats + 8)
-        dec = {}
-        for name, (backend, opts, cache) in configs.items():
-            dec[name] = Decoder(model, ids, backend, opts, cache, max_len, fwd=fwds[name])
-            for _ in range(args.warmup):
-                dec[name].step()
-        ms = {name: [] for name in configs}
-        for r in range(args.short_repeats):
-            names = list(configs)
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                ms[name].append(dec[name].block(args.steps) * 1e3)
-        row = {"context": ctx, "batch": args.short_batch,
-               "ms_per_step": {n: _median(v) for n, v in ms.items()},
-               "spread": {n: [min(v), max(v)] for n, v in ms.items()}}
-        rows.append(row)
-        print(f"context {ctx:5d}: " + ", ".join(f"{n} {t:.1f} ms" for n, t in row["ms_per_step"].items()), flush=True)
-    return {"layers": args.layers, "threads": torch.get_num_threads(), "inner": args.inner,
-            "steps": args.steps, "repeats": args.short_repeats, "static_len": args.static_len, "rows": rows}
-
-
-def print_short(s: dict) -> None:
-    names = list(s["rows"][0]["ms_per_step"])
-    mc = [n for n in names if n.startswith("swa_min")][0]
-    stock = "inductor_dynamic" if "inductor_dynamic" in names else None
-    print(f"\nShort prompts: decode ms/step (median of {s['repeats']} interleaved rounds of "
-          f"{s['steps']} steps [range]), SmolLM2 shapes x{s['layers']} layers, {s['threads']} threads, "
-          f"llmaccel inner={s['inner']}")
-    extra = ["swa vs dense", f"{mc} vs dense"] + ([f"{n} vs stock DynamicCache" for n in ("llmaccel_dense", mc)]
-                                                  if stock else [])
-    print("| context | " + " | ".join(names) + " | " + " | ".join(extra) + " |")
-    print("|---:|" + "---:|" * (len(names) + len(extra)))
-    for r in s["rows"]:
-        t = r["ms_per_step"]
-        cells = [f"{t['llmaccel_dense'] / t['swa']:.2f}x", f"{t['llmaccel_dense'] / t[mc]:.2f}x"]
-        if stock:
-            cells += [f"{t[stock] / t[n]:.2f}x" for n in ("llmaccel_dense", mc)]
-        print(f"| {r['context']} | " + " | ".join(f"{t[n]:.1f} [{r['spread'][n][0]:.1f}-{r['spread'][n][1]:.1f}]"
-                                                 for n in names) + " | " + " | ".join(cells) + " |")
 
 
 def print_cpu(c: dict) -> None:

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
+from kv_tiers_helpers import decode_logits as _run, kv_budget as _budget, site_kvs as _kvs
 from model_zoo import build
-from llm_compile.config import OptionsError, parse_options
 from llm_compile.runtime.tiers.store import TieredKV
 
 
@@ -30,33 +30,7 @@ def _tiers(tmp_path, **kw):
     return {"p1": 24, "recent": 8, "alpha": 0.5, "cost_cache_dir": str(tmp_path), **kw}
 
 
-def _budget(model, batch: int, tokens: int) -> int:
-    cfg = model.config
-    layers = cfg.num_hidden_layers
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    d = cfg.hidden_size // cfg.num_attention_heads
-    return layers * batch * heads * 2 * d * 4 * tokens
-
-
-def _kvs(cache):
-    return [layer.keys.llmaccel_kv for layer in cache.layers]
-
-
 # ---- exactness on real model code --------------------------------------------------------------
-
-def _run(model, options, ids, steps):
-    model.forward = torch.compile(model.forward, backend="llmaccel", options={"inner": "eager", **options})
-    from transformers import DynamicCache
-
-    cache, logits = DynamicCache(), []
-    with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True).logits
-        for _ in range(steps):
-            tok = out[:, -1:].argmax(-1)
-            out = model(tok, past_key_values=cache, use_cache=True).logits
-            logits.append(out)
-    return torch.cat(logits, 1), cache
-
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_swa_over_tiers_equals_swa_on_the_device(family, tmp_path):

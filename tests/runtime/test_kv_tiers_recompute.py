@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from kv_tiers_helpers import decode_logits as _run, kv_budget as _budget, site_kvs as _kvs
 from model_zoo import build
 from llm_compile.runtime.tiers.store import TieredKV
 
@@ -29,34 +30,11 @@ def _model(name: str):
     return build(name.split("_")[0], **FAMILIES.get(name, {}))
 
 
-def _budget(model, batch: int, tokens: int) -> int:
-    cfg = model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return cfg.num_hidden_layers * batch * heads * 2 * (cfg.hidden_size // cfg.num_attention_heads) * 4 * tokens
-
-
 def _tiers(tmp_path, model, **kw):
     """All three phases for a 20-token prompt and 36 decode steps (56 tokens per layer): p1 = 24,
     30 device tokens, 12 host tokens (p2 = 36), recent 8, half the older rows to the host."""
     return {"p1": 24, "recent": 8, "alpha": 0.5, "cost_cache_dir": str(tmp_path),
             "device_budget": _budget(model, 2, 30), "host_budget": _budget(model, 2, 12), **kw}
-
-
-def _kvs(cache):
-    return [layer.keys.llmaccel_kv for layer in cache.layers]
-
-
-def _run(model, options, ids, steps):
-    from transformers import DynamicCache
-
-    model.forward = torch.compile(model.forward, backend="llmaccel", options={"inner": "eager", **options})
-    cache, logits = DynamicCache(), []
-    with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True).logits
-        for _ in range(steps):
-            out = model(out[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
-            logits.append(out)
-    return torch.cat(logits, 1), cache
 
 
 def _three_phases(kv: TieredKV) -> None:

@@ -95,7 +95,7 @@ def test_row_ring_matches_a_plain_queue_and_reuses_its_buffers():
     width and wrap-around; once grown it allocates nothing per step (no heap fragmentation)."""
     from collections import deque
 
-    from llm_compile.runtime.swa.state import RowRing
+    from llm_compile.runtime.swa.ring import RowRing
 
     g = torch.Generator().manual_seed(0)
     ring, ref = RowRing(2, 3, torch.device("cpu")), deque()
