@@ -210,21 +210,15 @@ def test_query_aware_policy_with_tiers_is_refused():
 
 _FRESH_PROCESS = r"""
 import sys, torch
-from transformers import DynamicCache
+from kv_tiers_helpers import decode_logits, site_kvs   # torch only: imports no llm_compile module
 from model_zoo import build
 assert not [m for m in sys.modules if m.startswith("llm_compile.runtime.tiers")]   # nothing imported yet
 
 def run(options, ids, steps):
     torch._dynamo.reset()
     model = build("llama", layers=1)   # one layer: the test pays two compiles in a fresh interpreter
-    model.forward = torch.compile(model.forward, backend="llmaccel", options={"inner": "eager", **options})
-    cache, logits = DynamicCache(), []
-    with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True).logits
-        for _ in range(steps):
-            out = model(out[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
-            logits.append(out)
-    return torch.cat(logits, 1), [layer.keys.llmaccel_kv for layer in cache.layers]
+    logits, cache = decode_logits(model, options, ids, steps)
+    return logits, site_kvs(cache)
 
 ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
 # the plan the tiny benchmark got: the prefill (20 tokens) fits phase 1 (p1 = 24), so the prefill's
