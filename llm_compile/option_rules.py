@@ -98,12 +98,13 @@ class Rule:
                     optional=optional)
 
     @staticmethod
-    def choice(*choices: str) -> "Rule":
+    def choice(*choices: str, optional: bool = False) -> "Rule":
         def conv(v):
             if v not in choices:
                 raise OutOfRange
             return v
-        return Rule("one of " + ", ".join(repr(c) for c in choices), lambda v: isinstance(v, str), conv)
+        text = "one of " + ", ".join(repr(c) for c in choices) + (" or None" if optional else "")
+        return Rule(text, lambda v: isinstance(v, str), conv, optional)
 
     @staticmethod
     def url(schemes: tuple[str, ...], optional: bool = True) -> "Rule":

@@ -51,7 +51,7 @@ def _brute_pages(k, P):
 def test_budget_reads_at_most_one_minus_sparsity_including_summaries(policy, sparsity, dims):
     D, Dv = dims
     for n in list(range(40, 400, 7)) + [1024, 4096, 8193]:
-        cfg = SWAConfig(sparsity=sparsity, policy=policy, page_size=16)
+        cfg = SWAConfig(sparsity=sparsity, policy=policy, page_size=16, scorer="pages")
         b = compute_budget(n, cfg, D, Dv)
         if b.dense:
             continue
@@ -62,7 +62,7 @@ def test_budget_reads_at_most_one_minus_sparsity_including_summaries(policy, spa
         if b.pages:
             assert b.pages == math.ceil(n / 16)
             assert b.query > 0 and "page summaries" in b.describe()
-    b = compute_budget(1024, SWAConfig(sparsity=0.8, policy="recall"))
+    b = compute_budget(1024, SWAConfig(sparsity=0.8, policy="recall", scorer="pages"))
     assert (b.total, b.pages, b.reads) == (204 - 64, 64, 204.0)
     assert b.read_fraction <= 0.2
 
@@ -75,7 +75,7 @@ def test_budget_oracle_reads_every_key():
 
 
 def test_tiny_budget_reads_no_summaries():
-    b = compute_budget(60, SWAConfig(sparsity=0.9, policy="recall", page_size=16))
+    b = compute_budget(60, SWAConfig(sparsity=0.9, policy="recall", page_size=16, scorer="pages"))
     assert not b.dense and b.pages == 0 and b.query == 0 and b.reads == b.total
 
 
@@ -93,7 +93,7 @@ def test_sparsity_zero_is_dense(policy):
 @pytest.mark.parametrize("policy", ["recall", "quest", "oracle"])
 @pytest.mark.parametrize("selection", ["layer", "kv_head"])
 def test_selection_has_exactly_total_distinct_tokens_and_output_matches(policy, selection):
-    cfg = SWAConfig(sparsity=0.7, policy=policy, selection=selection, page_size=8, bucket=8)
+    cfg = SWAConfig(sparsity=0.7, policy=policy, selection=selection, page_size=8, bucket=8, scorer="pages")
     st, qd, k, v, out = _run(cfg, L=200, steps=3)
     b, idx = st.last_budget, st.last_indices
     n = k.shape[2]
@@ -116,10 +116,10 @@ def test_page_bound_is_an_upper_bound_and_quest_takes_the_top_pages():
     b, idx = st.last_budget, st.last_indices
     n = k.shape[2]
     kmin, kmax = _brute_pages(k, P)
-    torch.testing.assert_close(st.pages.kmin, kmin, rtol=0, atol=0)
-    torch.testing.assert_close(st.pages.kmax, kmax, rtol=0, atol=0)
+    torch.testing.assert_close(st.summary.kmin, kmin, rtol=0, atol=0)
+    torch.testing.assert_close(st.summary.kmax, kmax, rtol=0, atol=0)
     q = qd[:, :, 0]
-    ub = st.pages.bounds(q, SCALE)                                       # [B, Hq, pages]
+    ub = st.summary.bounds(q, SCALE)                                       # [B, Hq, pages]
     exact = (q[:, :, None] @ k.repeat_interleave(2, 1).transpose(-1, -2))[:, :, 0] * SCALE
     tok_ub = ub.repeat_interleave(P, -1)[..., :n]
     assert (exact <= tok_ub + 1e-5).all()
@@ -176,21 +176,21 @@ def test_recall_brings_back_a_token_that_history_dropped():
 
 def test_summaries_follow_reorder_and_crop():
     P = 8
-    cfg = SWAConfig(sparsity=0.7, policy="recall", page_size=P, bucket=4)
+    cfg = SWAConfig(sparsity=0.7, policy="recall", page_size=P, bucket=4, scorer="pages")
     st, qd, k, v, _ = _run(cfg, B=3, L=200, steps=5)
-    assert st.last_budget.pages and st.pages.n == k.shape[2]
+    assert st.last_budget.pages and st.summary.n == k.shape[2]
     order = torch.tensor([2, 0, 0])
     re = st.map_batch(lambda t: t.index_select(0, order))
     kr = k.index_select(0, order)
     kmin, kmax = _brute_pages(kr, P)
-    assert torch.equal(re.pages.kmin, kmin) and torch.equal(re.pages.kmax, kmax)
-    assert torch.equal(st.pages.kmin, _brute_pages(k, P)[0])  # the original is unchanged
+    assert torch.equal(re.summary.kmin, kmin) and torch.equal(re.summary.kmax, kmax)
+    assert torch.equal(st.summary.kmin, _brute_pages(k, P)[0])  # the original is unchanged
     cut = 197                                                 # mid-page: the page is recomputed
     cr = st.crop(cut)
     kc = torch.cat([k[:, :, :cut], torch.full_like(k[:, :, :1], 50.0)], 2)
-    cr.pages.update(kc)
+    cr.summary.update(kc)
     kmin, kmax = _brute_pages(kc, P)
-    assert torch.equal(cr.pages.kmin, kmin) and torch.equal(cr.pages.kmax, kmax)
+    assert torch.equal(cr.summary.kmin, kmin) and torch.equal(cr.summary.kmax, kmax)
 
 
 def test_summaries_update_incrementally_with_a_separate_new_row():
@@ -235,7 +235,7 @@ def test_seed_changes_the_selection():
 # ---- through the compiled model: generate() with HF caches, beam search --------------------------
 
 RECALL = {"inner": "eager", "swa": {"sparsity": 0.5, "policy": "recall", "page_size": 8, "bucket": 4,
-                                    "kernel": "torch"}}
+                                    "kernel": "torch", "scorer": "pages"}}
 
 
 def test_the_model_tests_use_pages():

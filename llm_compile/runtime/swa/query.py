@@ -7,15 +7,16 @@ picks, with no token twice and exactly ``b.total`` tokens per sequence (and per 
     sinks   first b.sinks tokens
     recent  last b.recent tokens
     query   top b.query other tokens by the query's score of their page:
-              quest/recall: per head, softmax over pages of the page bounds (key min/max summaries,
-                            :mod:`~llm_compile.runtime.swa.pages`), summed over the heads of the
-                            group; a token inherits its page's score, so whole pages are taken in
-                            order of score (the last one possibly in part)
+              quest/recall: per head, a softmax of the scorer's logits (``swa.scorer``,
+                            :mod:`~llm_compile.runtime.swa.scorers`), summed over the heads of the
+                            group: "pages" bounds per page (a token inherits its page's score, so
+                            whole pages are taken in order of score, the last one possibly in
+                            part), "sketch" approximate logits per token
               oracle:       the exact attention weights of the query over every key (reads all keys)
     global  top b.global_ remaining tokens by the history scores (recall: ALISA's windowed sums)
 
 Nothing here computes ``q K^T`` over the whole cache except "oracle": quest/recall read the
-summaries (``ceil(n / page_size)`` rows of min and max per KV head) and then the selected rows.
+summaries (page min/max, or the low-bit key sketch) and then the selected rows.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from llm_compile.runtime.swa.policies import policy_of
+from llm_compile.runtime.swa.scorers import scorer_of
 from llm_compile.runtime.swa.state import Budget, SWAState
 
 _NEG_INF = float("-inf")
@@ -31,19 +33,6 @@ _NEG_INF = float("-inf")
 def _group_sum(w: Tensor, groups: int) -> Tensor:
     B, Hq = w.shape[:2]
     return w.reshape(B, groups, Hq // groups, *w.shape[2:]).sum(2)
-
-
-def page_bounds(state: SWAState, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
-                use_triton: bool) -> Tensor:
-    """Bring the summaries up to date with the cache, then ``scale * max_k q.k`` bounds per page:
-    q [B, Hq, D] -> [B, Hq, pages] fp32."""
-    pages = state.pages
-    pages.update(kc, kn)
-    if use_triton:
-        from llm_compile.codegen.swa_page_kernels import swa_page_bounds  # triton imported on use only
-
-        return swa_page_bounds(q, pages.kmin, pages.kmax, scale)
-    return pages.bounds(q, scale)
 
 
 def query_scores(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
@@ -56,10 +45,8 @@ def query_scores(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor |
                               kf.float().transpose(-1, -2)).mul_(scale)
         w = torch.softmax(logits, dim=-1).reshape(q.shape[0], q.shape[1], -1)
         return _group_sum(w, G)
-    ub = page_bounds(state, q, kc, kn, scale, use_triton)
-    ps = _group_sum(torch.softmax(ub, dim=-1), G)  # [B, G, pages]
-    P = cfg.page_size
-    return ps.repeat_interleave(P, dim=-1)[..., : b.n]
+    w = scorer_of(cfg).weights(state.summary, q, kc, kn, scale, b.n, use_triton)  # [B, Hq, n]
+    return _group_sum(w, G)
 
 
 def select(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,

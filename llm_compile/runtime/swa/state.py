@@ -14,16 +14,18 @@ Budget (ALISA Algorithm 1), at a decode step whose cache holds ``n`` tokens incl
     global = total - sinks - recent                 top-``global`` older tokens by score
     ("streaming": global = 0, recent = total - sinks)
 
-Query-aware policies ("quest", "recall"; issue 15) count every row a step reads, the page summaries
-included (``2 * D`` values per page per KV head against ``D + Dv`` per token)::
+Query-aware policies ("quest", "recall"; issue 15) count every row a step reads, the summaries
+their scorer reads included (:mod:`~llm_compile.runtime.swa.scorers`)::
 
     cap     = floor(n * (1 - sparsity))           token rows (K+V) a step may read
-    summary = ceil(ceil(n / page_size) * 2D / (D + Dv))
-    total   = cap - summary                       rows attended (no summaries when < page_size + 1:
-                                                  then total = cap and nothing is query-picked)
+    summary = ceil(summary rows)                  "pages": ceil(n / page_size) * 2D / (D + Dv)
+                                                  "sketch": (sketched tokens * bytes per token + one
+                                                  key row) / K+V bytes of a row
+    total   = cap - summary                       rows attended (no summaries when too few are
+                                                  left: then total = cap and nothing is query-picked)
     sinks + recent + query + global = total       (recent/query from the policy's ``split``)
 
-``Budget.reads`` is the rows read (``total + summary``; "oracle": every key plus ``total`` values).
+``Budget.reads`` is the rows read (``total`` + summary rows; "oracle": every key plus ``total`` values).
 
 Scores. Token ``j``'s score is the sum of the attention weights it received over the last ``W``
 steps (``W = score_window or k``; "h2o": over the whole history), summed over all query heads
@@ -58,6 +60,7 @@ from torch import Tensor
 
 from llm_compile.runtime.swa.policies import half_budget, policy_of, round_half_up  # noqa: F401
 from llm_compile.runtime.swa.ring import RowRing
+from llm_compile.runtime.swa.scorers import scorer_of
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,9 @@ class Budget:
     query: int = 0
     """Tokens picked for the current query (page bounds, or exact scores for "oracle")."""
     pages: int = 0
-    """Page summaries read (0: none)."""
+    """Page summaries read (0: none; the "pages" scorer)."""
+    summary: float = 0.0
+    """Token rows the query scorer's summaries cost this step (0: none)."""
     reads: float = 0.0
     """Token rows (K+V of one token, all KV heads) the step reads, summaries included."""
 
@@ -106,22 +111,25 @@ class Budget:
         if self.dense:
             return f"n={self.n}: dense"
         q = f" + {self.query} query" if self.query else ""
-        pg = f", {self.pages} page summaries" if self.pages else ""
+        pg = f", {self.pages} page summaries" if self.pages else (
+            f", summaries {self.summary:.1f} rows" if self.summary else "")
         return (f"n={self.n}: k={self.k}, {self.sinks} sink + {self.recent} recent + "
                 f"{self.global_} global{q} = {self.total} (padded {self.padded}){pg}; reads "
                 f"{self.reads:.1f} rows = {100 * self.read_fraction:.1f}% of dense")
 
 
-def compute_budget(n: int, cfg, head_dim: int | None = None, v_dim: int | None = None) -> Budget:
+def compute_budget(n: int, cfg, head_dim: int | None = None, v_dim: int | None = None,
+                   itemsize: int = 4) -> Budget:
     """The budget of a decode step over ``n`` tokens under ``cfg`` (an ``SWAConfig``).
-    ``head_dim``/``v_dim`` (K and V head sizes, equal when not given) weigh the page summaries."""
+    ``head_dim``/``v_dim`` (K and V head sizes, equal when not given) and ``itemsize`` (bytes per
+    cached value) weigh the query scorer's summaries."""
     policy = policy_of(cfg)
     k = half_budget(n, cfg)
     window = policy.window(k, cfg)
     if cfg.sparsity == 0 or 2 * k >= n:
         return Budget(n, k, n, 0, n, 0, n, window, True, reads=float(n))
     if policy.pages:
-        return _paged_budget(n, k, window, cfg, policy, head_dim, v_dim)
+        return _paged_budget(n, k, window, cfg, policy, head_dim, v_dim, itemsize)
     total = max(2 * k, 1)
     sinks = min(cfg.sink_tokens, total - 1)
     rest = total - sinks
@@ -134,23 +142,22 @@ def compute_budget(n: int, cfg, head_dim: int | None = None, v_dim: int | None =
                   query=query, reads=reads)
 
 
-def _paged_budget(n, k, window, cfg, policy, head_dim, v_dim) -> Budget:
+def _paged_budget(n, k, window, cfg, policy, head_dim, v_dim, itemsize) -> Budget:
     cap = max(1, int(math.floor(round(n * (1.0 - cfg.sparsity), 9))))
-    pages = -(-n // cfg.page_size)
-    d, dv = head_dim or 1, v_dim or head_dim or 1
-    summary = -(-pages * 2 * d // (d + dv))
-    total = cap - summary
-    if total < cfg.page_size + 1:  # too small for pages to pay: no summaries, nothing query-picked
-        total, pages, summary = cap, 0, 0
+    d, dv = head_dim or 64, v_dim or head_dim or 64
+    scorer = scorer_of(cfg)
+    rows, pages = scorer.summary_rows(n, cfg, d, dv, itemsize)
+    total = cap - int(math.ceil(round(rows, 9)))
+    if total < scorer.min_total(cfg):  # too small for summaries to pay: none, nothing query-picked
+        total, pages, rows = cap, 0, 0.0
     sinks = min(cfg.sink_tokens, total - 1)
     rest = total - sinks
-    recent, query = policy.split(n, rest, cfg) if pages else (policy.recent(rest, total, cfg), 0)
-    if not pages and not policy.needs_scores:
+    recent, query = policy.split(n, rest, cfg) if rows else (policy.recent(rest, total, cfg), 0)
+    if not rows and not policy.needs_scores:
         recent = rest
     padded = -(-total // cfg.bucket) * cfg.bucket
-    reads = total + pages * 2 * d / (d + dv)
     return Budget(n, k, total, sinks, recent, rest - recent - query, padded, window, False,
-                  query=query, pages=pages, reads=reads)
+                  query=query, pages=pages, summary=rows, reads=total + rows)
 
 
 def describe_policy(cfg) -> str:
@@ -186,9 +193,9 @@ class SWAState:
         self.last_indices: Tensor | None = None
         """Tokens kept at the last sparse step ([B, G, total], sorted), for tests and debugging."""
         self.last_budget: Budget | None = None
-        self.pages = None
-        """Page summaries of the keys (:class:`~llm_compile.runtime.swa.pages.PageSummary`) for
-        "quest"/"recall"; ``None`` for the other policies."""
+        self.summary = None
+        """What the query scorer reads (:mod:`~llm_compile.runtime.swa.scorers`: page summaries or
+        a key sketch) for "quest"/"recall"; ``None`` for the other policies."""
 
     # -- cache operations (beam search, assisted decoding) ------------------------------------
     def map_batch(self, fn) -> "SWAState":
@@ -200,7 +207,7 @@ class SWAState:
         new.rows.map_batch(fn)
         new.prompt_rows = None if self.prompt_rows is None else fn(self.prompt_rows)
         new.last_indices = None if self.last_indices is None else fn(self.last_indices)
-        new.pages = None if self.pages is None else self.pages.map_batch(fn)
+        new.summary = None if self.summary is None else self.summary.map_batch(fn)
         return new
 
     def crop(self, n: int) -> "SWAState":
@@ -208,8 +215,8 @@ class SWAState:
         scores (decode rows newest first, then the prompt/chunk query rows at positions >= n).
         Exact for windowed scores ("alisa"); "h2o" totals can only be truncated."""
         new = self.map_batch(lambda t: t.clone())
-        if new.pages is not None:
-            new.pages = new.pages.crop(n)
+        if new.summary is not None:
+            new.summary = new.summary.crop(n)
         if n >= new.n:
             return new
         drop = new.n - n

@@ -32,8 +32,8 @@ from llm_compile.ops.attention import dense_attention, full_kv
 from llm_compile.runtime.swa import query
 from llm_compile.runtime.swa.attend import (_mask_bias, _slot_bias, attend_rows, attend_split_torch,
                                             gather_attend_torch)
-from llm_compile.runtime.swa.pages import PageSummary
 from llm_compile.runtime.swa.policies import policy_of, seed_of
+from llm_compile.runtime.swa.scorers import scorer_of
 from llm_compile.runtime.swa.state import SWAState, compute_budget, quantize_weights
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def new_state(batch: int, kv_heads: int, device, cfg) -> SWAState:
     groups = kv_heads if cfg.selection == "kv_head" else 1
     state = SWAState(batch, groups, device, windowed=policy_of(cfg).windowed)
     if policy_of(cfg).pages:
-        state.pages = PageSummary(cfg.page_size)
+        state.summary = scorer_of(cfg).new(cfg)
     return state
 
 
@@ -124,7 +124,8 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
     (``source``, tiered KV) none: rows are read from the source (see :func:`swa_step`)."""
     B, Hq, _, _ = q.shape
     n = source.length if source is not None else kc.shape[-2] + (0 if kn is None else kn.shape[-2])
-    b = compute_budget(n, cfg, q.shape[-1], vc.shape[-1] if vc is not None else q.shape[-1])
+    b = compute_budget(n, cfg, q.shape[-1], vc.shape[-1] if vc is not None else q.shape[-1],
+                       q.element_size())
     state.trim(b.window)
     triton_path = _use_triton(cfg, q)
     dense = b.dense or n < cfg.min_context  # issue 17: short context runs dense (swa.min_context)
@@ -241,8 +242,8 @@ def restart_step(state: SWAState, q: Tensor, k_full: Tensor, v_full: Tensor, sca
     _reinit(state, B, k_full.shape[1], q.device, cfg)
     out = dense_attention(q, k_full, v_full, attn_mask, scale, is_causal)
     _seed(state, q, k_full, attn_mask, scale, is_causal and attn_mask is None, cfg, False)
-    if state.pages is not None:
-        state.pages.update(k_full)
+    if state.summary is not None:
+        state.summary.update(k_full)
     return out
 
 

@@ -1,0 +1,86 @@
+"""How the query-aware policies ("quest", "recall") score tokens for the current query, as small
+objects chosen by ``swa.scorer``:
+
+* :class:`PageScorer` (``"pages"``, Quest): per page of ``page_size`` tokens, an upper bound of
+  ``q . k`` from the elementwise key min/max (:mod:`~llm_compile.runtime.swa.pages`); a token
+  inherits its page's weight, so whole pages are taken.
+* :class:`SketchScorer` (``"sketch"``): per token, ``q . k~`` from a ``sketch_bits``-bit copy of
+  the keys (:mod:`~llm_compile.runtime.swa.sketch`); tokens are taken one by one.
+
+Both give per-head weights ``[B, Hq, n]`` (a softmax over the scored units, zero where a token has
+no summary yet) and say how many token rows (K+V of one token, all KV heads) their summaries cost
+a step, so the budget counts them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llm_compile.runtime.swa.pages import PageSummary
+from llm_compile.runtime.swa.sketch import KeySketch
+
+
+class PageScorer:
+    name = "pages"
+
+    def new(self, cfg) -> PageSummary:
+        return PageSummary(cfg.page_size)
+
+    def summary_rows(self, n: int, cfg, d: int, dv: int, itemsize: int) -> tuple[float, int]:
+        """(token rows the summaries cost, pages read) at a step over ``n`` tokens: min and max
+        (``2 * d`` values in the keys' dtype) per page and KV head."""
+        pages = -(-n // cfg.page_size)
+        return pages * 2 * d / (d + dv), pages
+
+    def min_total(self, cfg) -> int:
+        return cfg.page_size + 1
+
+    def weights(self, summary: PageSummary, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
+                n: int, use_triton: bool) -> Tensor:
+        summary.update(kc, kn)
+        if use_triton:
+            from llm_compile.codegen.swa_page_kernels import swa_page_bounds  # triton imported on use only
+
+            ub = swa_page_bounds(q, summary.kmin, summary.kmax, scale)
+        else:
+            ub = summary.bounds(q, scale)
+        w = torch.softmax(ub, dim=-1)
+        return w.repeat_interleave(summary.page, dim=-1)[..., :n]
+
+    def describe(self, cfg) -> str:
+        return f"page bound (key min/max per {cfg.page_size} tokens; summaries counted)"
+
+
+class SketchScorer:
+    name = "sketch"
+
+    def new(self, cfg) -> KeySketch:
+        return KeySketch(cfg.sketch_bits, cfg.sketch_block)
+
+    def summary_rows(self, n, cfg, d, dv, itemsize):
+        """The sketch of the complete blocks, plus one key row amortised (each block is quantized
+        once, from its ``block`` keys, when it completes)."""
+        sketched = (n // cfg.sketch_block) * cfg.sketch_block
+        per_token = KeySketch.bytes_per_token(cfg.sketch_bits, cfg.sketch_block, d)
+        return (sketched * per_token + d * itemsize) / ((d + dv) * itemsize), 0
+
+    def min_total(self, cfg) -> int:
+        return 17
+
+    def weights(self, summary: KeySketch, q, kc, kn, scale, n, use_triton):
+        summary.update(kc, kn)
+        w = q.new_zeros(q.shape[0], q.shape[1], n, dtype=torch.float32)
+        if summary.n:
+            w[..., : summary.n] = torch.softmax(summary.logits(q, scale), dim=-1)
+        return w
+
+    def describe(self, cfg) -> str:
+        return (f"{cfg.sketch_bits}-bit key sketch per token (per channel over {cfg.sketch_block}-token "
+                "blocks; counted)")
+
+
+SCORERS = {s.name: s for s in (PageScorer(), SketchScorer())}
+
+
+def scorer_of(cfg):
+    return SCORERS[cfg.scorer]
