@@ -38,7 +38,7 @@ def _run(batch: int, dynamic: bool):
     return ref, out, records
 
 
-@pytest.mark.parametrize("batch", [4, 2])
+@pytest.mark.parametrize("batch", [4, pytest.param(2, marks=pytest.mark.slow)])  # 2: run with -m slow
 def test_ping_pong_halves_generate_the_local_tokens(batch):
     pool = get_pool(parse_options(OPTIONS).offload)
     pool.release(-1)  # nothing else in this pool

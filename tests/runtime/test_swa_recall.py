@@ -258,8 +258,8 @@ def _ids(n=60):
     return torch.randint(0, model_zoo.VOCAB, (2, n), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("policy", ["recall", pytest.param("quest", marks=pytest.mark.slow),
-                                    pytest.param("oracle", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the default scorer's model test (tests/runtime/test_swa_sketch.py) stays in the suite
+@pytest.mark.parametrize("policy", ["recall", "quest", "oracle"])
 def test_generate_with_dynamic_cache_and_llmaccel_cache(policy):
     """The in-place store (default with swa) and SWA over HF's DynamicCache pick the same tokens;
     LLMAccelCache gives the same tokens as a plain DynamicCache."""
