@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from kv_tiers_helpers import decode_logits as _run, kv_budget as _budget, site_kvs as _kvs
+from kv_tiers_helpers import decode_logits as _run, kept_budget as _kept, kv_budget as _budget, site_kvs as _kvs
 from model_zoo import build
 from llm_compile.runtime.tiers.store import TieredKV
 
@@ -31,15 +31,24 @@ def _model(name: str):
 
 
 def _tiers(tmp_path, model, **kw):
-    """All three phases for a 20-token prompt and 36 decode steps (56 tokens per layer): p1 = 24,
-    30 device tokens, 12 host tokens (p2 = 36), recent 8, half the older rows to the host."""
-    return {"p1": 24, "recent": 8, "alpha": 0.5, "cost_cache_dir": str(tmp_path),
-            "device_budget": _budget(model, 2, 30), "host_budget": _budget(model, 2, 12), **kw}
+    """All three phases for a 20-token prompt and 36 decode steps (56 tokens per layer, max_context):
+    p1 = 24, 32 device tokens (less 9 pending kept rows), recent 8, half the older rows to the host;
+    the host holds 12 K/V tokens (p2 = 36) and the kept rows of 32 phase-3 tokens. These budgets hold
+    56 tokens without phase 3 as well (the plan keeps beta = 0 then: test_kv_tiers_budgets covers
+    a planned beta = 1), so ``_forced`` asks for beta = 1."""
+    return {"p1": 24, "recent": 8, "alpha": 0.5, "max_context": 56, "cost_cache_dir": str(tmp_path),
+            "device_budget": _budget(model, 2, 32), "host_budget": _budget(model, 2, 12) + _kept(model, 2, 32),
+            **kw}
+
+
+def _forced(tmp_path, model, **kw):
+    return _tiers(tmp_path, model, beta=1.0, **kw)
 
 
 def _three_phases(kv: TieredKV) -> None:
     assert isinstance(kv, TieredKV) and kv.length == 56
-    assert 0 < kv.device_tokens() <= 30 and 0 < kv.host_tokens() <= 12 and kv.recompute_tokens() > 0
+    assert 0 < kv.device_tokens() <= kv.plan.cap and 0 < kv.host_tokens() <= 12 and kv.recompute_tokens() > 0
+    assert kv.host_nbytes() <= kv.plan.host_layer_bytes                 # K/V rows and kept rows
     assert kv.recomputed > 0                               # the selected/dense reads recomputed K/V
     assert kv.plan.beta == 1.0 and "frees" in kv.plan.reasons["beta"]
 
@@ -50,7 +59,7 @@ def test_swa_over_three_phases_equals_swa_on_the_device(name, tmp_path):
     ref, ref_cache = _run(_model(name), {"swa": {"sparsity": 0.6}}, ids, 36)
     torch._dynamo.reset()
     model = _model(name)
-    got, cache = _run(model, {"swa": {"sparsity": 0.6}, "kv_tiers": _tiers(tmp_path, model)}, ids, 36)
+    got, cache = _run(model, {"swa": {"sparsity": 0.6}, "kv_tiers": _forced(tmp_path, model)}, ids, 36)
     for a, b in zip(_kvs(ref_cache), _kvs(cache), strict=True):
         assert torch.equal(a.state.last_indices, b.state.last_indices)   # same selections
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)          # fp32 recompute: rounding only
@@ -66,7 +75,7 @@ def test_dense_over_three_phases_equals_dense(name, tmp_path):
     ref, _ = _run(_model(name), {"kv_store": True}, ids, 36)
     torch._dynamo.reset()
     model = _model(name)
-    got, cache = _run(model, {"kv_tiers": _tiers(tmp_path, model)}, ids, 36)
+    got, cache = _run(model, {"kv_tiers": _forced(tmp_path, model)}, ids, 36)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     for kv in _kvs(cache):
@@ -80,14 +89,15 @@ def test_gqa_plan_keeps_beta_zero_and_says_why(tmp_path):
     than K+V (64): the plan keeps beta = 0; past the host budget the step raises with that reason."""
     model = build("llama")
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(13))
-    _, cache = _run(model, {"kv_tiers": _tiers(tmp_path, model)}, ids, 2)
+    tiers = _tiers(tmp_path, model, host_budget=_budget(model, 2, 12))
+    _, cache = _run(model, {"kv_tiers": tiers}, ids, 2)
     for kv in _kvs(cache):
         assert kv.plan.beta == 0 and kv.plan.p2 == 36
         assert "64 + 2 x 16 = 96 values per token" in kv.plan.reasons["beta"]
         assert "frees no memory" in kv.plan.reasons["beta"]
     torch._dynamo.reset()
     with pytest.raises(Exception, match="host tier is full.*frees no memory"):
-        _run(build("llama"), {"kv_tiers": _tiers(tmp_path, model)}, ids, 36)
+        _run(build("llama"), {"kv_tiers": tiers}, ids, 36)
 
 
 def test_beta_on_gqa_is_refused_at_compile(tmp_path):
@@ -139,7 +149,7 @@ def test_pass_hands_the_op_its_recompute_inputs_and_dump_shows_the_plan(name, tm
 
     model = _model(name)
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(17))
-    _run(model, {"kv_tiers": _tiers(tmp_path, model), "debug_dir": str(tmp_path / "dump")}, ids, 1)
+    _run(model, {"kv_tiers": _forced(tmp_path, model), "debug_dir": str(tmp_path / "dump")}, ids, 1)
     graphs = sorted((tmp_path / "dump").glob("run_*/graph_*"))
     assert len(graphs) == 2                                             # prefill and decode
     for g in graphs:
@@ -165,7 +175,7 @@ def test_swa_over_three_phases_under_inductor_equals_swa_on_the_device(tmp_path)
         torch._dynamo.reset()
         model = _model("gpt2")
         opts = {"swa": {"sparsity": 0.6}, "inner": "inductor",
-                **({"kv_tiers": _tiers(tmp_path, model)} if tiers else {})}
+                **({"kv_tiers": _forced(tmp_path, model)} if tiers else {})}
         model.forward = torch.compile(model.forward, backend="llmaccel", options=opts)
         from transformers import DynamicCache
 
@@ -194,7 +204,7 @@ def test_phase_three_with_decode_matmul_equals_swa_on_the_device(monkeypatch, tm
     ref, _ = _run(_model("gpt2"), opts, ids, 36)
     torch._dynamo.reset()
     model = _model("gpt2")
-    got, cache = _run(model, {**opts, "kv_tiers": _tiers(tmp_path, model, beta=1.0)}, ids, 36)
+    got, cache = _run(model, {**opts, "kv_tiers": _forced(tmp_path, model)}, ids, 36)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     for kv in _kvs(cache):

@@ -87,5 +87,10 @@ class Rows:
         """The rows as ``[slots * B * H, W]``."""
         return self.buf.view(-1, self.shape[2])
 
-    def nbytes(self) -> int:
-        return self.used * math.prod(self.shape) * self.buf.element_size()
+    def row_nbytes(self) -> int:
+        """Bytes of one slot (all of its batch and heads)."""
+        return math.prod(self.shape) * self.buf.element_size()
+
+    def nbytes(self, allocated: bool = False) -> int:
+        """Bytes of the used slots (``allocated``: of every slot the storage holds)."""
+        return (self.capacity if allocated else self.used) * self.row_nbytes()

@@ -66,7 +66,7 @@ class TieredKV:
         self.replan, self.mmap_dir, self.prefetch = replan, mmap_dir, prefetch
         W = head_dim + v_dim
         self.dev = Rows(batch, heads, W, dtype, device, "device", limit=plan.cap)
-        self.host = Rows(batch, heads, W, dtype, device, plan.host, mmap_dir)
+        self.host = Rows(batch, heads, W, dtype, device, plan.host, mmap_dir, limit=plan.host_cap)
         self.loc = torch.zeros(0, dtype=torch.int8)
         self.slot = torch.zeros(0, dtype=torch.int64)
         self.free: list[int] = []
@@ -129,12 +129,34 @@ class TieredKV:
             self.pend = torch.cat([self.pend, kept])
         if self.rec is None:
             B, H = self.shape[:2]
-            self.rec = Rows(B, 1, kept.shape[-1], kept.dtype, self.device, self.plan.host, self.mmap_dir)
+            self.rec = Rows(B, 1, kept.shape[-1], kept.dtype, self.device, self.plan.host, self.mmap_dir,
+                            limit=self.plan.kept_cap)
 
     def _trim_pending(self, n: int) -> None:
+        """Drop the kept rows of decided positions. Past one row (a prefill) the rest is copied, so
+        that at most ``recent + 1`` kept rows stay on the device (the plan counts them there)."""
         if self.pend is not None:
             first = max(self.decided, n - self.plan.recent, self.pend0)
-            self.pend, self.pend0 = self.pend[first - self.pend0:], first
+            drop = first - self.pend0
+            self.pend, self.pend0 = (self.pend[drop:].clone() if drop > 1 else self.pend[drop:]), first
+
+    def _check_host(self, n: int, kv_rows: int, kept_rows: int) -> None:
+        """Raise :class:`HostTierFullError` unless the host tier takes ``kv_rows`` more K/V rows
+        (at most ``plan.host_cap``) and ``kept_rows`` more kept rows, all within the host budget."""
+        p = self.plan
+        if p.host_cap is None or not (kv_rows or kept_rows):
+            return
+        kept_b = 0 if self.rec is None else self.rec.row_nbytes()
+        need = self.host_nbytes() + kv_rows * p.row_bytes + kept_rows * kept_b
+        if self.host.used + kv_rows <= p.host_cap and need <= p.host_layer_bytes:
+            return
+        raise HostTierFullError(
+            f"llmaccel kv_tiers: the host tier is full at {n} tokens (host_budget: {p.host_layer_bytes} B per layer "
+            f"for {p.host_cap} K/V tokens of {p.row_bytes} B and the phase-3 kept rows of {kept_b} B; it would "
+            f"hold {need} B) and phase 3 takes no more of them (beta = {p.beta}: {p.reasons.get('beta', '')}; "
+            f"p2: {p.reasons.get('p2', '')}): raise kv_tiers.host_budget (or drop it: unlimited), raise "
+            "kv_tiers.beta (multi-head attention models) or max_context (the plan's room for kept rows), "
+            "or shorten the sequence")
 
     def _to_recompute(self, rec_pos: Tensor, n0: int) -> None:
         """Phase 3: positions ``rec_pos`` keep only their kept row; their device rows (if any) are freed."""
@@ -154,6 +176,7 @@ class TieredKV:
         self.loc[n0:n] = 0
         self._keep_pending(n0, kept)
         host_pos, rec_pos = self._to_host(n)
+        self._check_host(n, host_pos.numel(), rec_pos.numel())
         if rec_pos.numel():
             self._to_recompute(rec_pos, n0)
         self._trim_pending(n)
@@ -169,12 +192,6 @@ class TieredKV:
             return
         old = host_pos[host_pos < n0]
         new_host = host_pos[host_pos >= n0]
-        if self.plan.host_cap is not None and self.host.used + host_pos.numel() > self.plan.host_cap:
-            raise HostTierFullError(
-                f"llmaccel kv_tiers: the host tier is full at {n} tokens (host_budget: {self.plan.host_cap} "
-                f"tokens per layer) and phase 3 takes no more of them (beta = {self.plan.beta}: "
-                f"{self.plan.reasons.get('beta', '')}): raise kv_tiers.host_budget (or drop it: unlimited), "
-                "raise kv_tiers.beta (multi-head attention models), or shorten the sequence")
         if old.numel():  # device -> host, one gather
             slots = self.slot[old]
             moved = self.dev.buf.index_select(0, slots.to(self.dev.device))
@@ -300,10 +317,18 @@ class TieredKV:
         """Positions in phase 3 (only their kept row stored)."""
         return int((self.loc[: self.length] == 2).sum())
 
+    def host_nbytes(self, allocated: bool = False) -> int:
+        """Bytes the host tier holds (one layer): K/V rows and the phase-3 kept rows."""
+        rec = 0 if self.rec is None else self.rec.nbytes(allocated)
+        return self.host.nbytes(allocated) + rec
+
+    def pending_nbytes(self) -> int:
+        """Device bytes of the kept rows not decided yet (the storage they keep alive)."""
+        return 0 if self.pend is None else self.pend.untyped_storage().nbytes()
+
     def nbytes(self, allocated: bool = False) -> int:
         """Bytes of K+V rows held (device and host tiers) plus the phase-3 kept rows."""
-        rec = 0 if self.rec is None else (self.rec.capacity if allocated else self.rec.used) * \
-            self.rec.buf[:1].numel() * self.rec.buf.element_size()
+        rec = 0 if self.rec is None else self.rec.nbytes(allocated)
         if allocated:
             return (self.dev.capacity + self.host.capacity) * self.plan.row_bytes + rec
         return (self.length - self.recompute_tokens()) * self.plan.row_bytes + rec
