@@ -11,6 +11,7 @@ from kv_tiers_helpers import decode_logits as _run, kept_budget as _kept, kv_bud
 from model_zoo import build
 from llm_compile.config import KVTiersConfig
 from llm_compile.runtime.tiers.plan import make_plan
+from llm_compile.runtime.tiers.store import TieredKV
 
 pytestmark = pytest.mark.filterwarnings("error::llm_compile.passes.manager.PassNotAppliedWarning")
 
@@ -87,3 +88,109 @@ def test_plan_counts_kept_rows_in_host_and_device_bytes(tmp_path):
                     dv=64, dtype=torch.float32, device=torch.device("cpu"), sites=sites, keep=768)
     assert off.beta == 0 and off.kept_row_bytes == 0 and off.host_cap == 3000 and off.cap == 600
 
+
+def _three_phase_tiers(tmp_path, model):
+    """As test_kv_tiers_recompute's: p1 = 24, recent 8, alpha 0.5, 12 host K/V tokens (p2 = 36) and
+    the kept rows of 32 phase-3 tokens, max_context 56, beta 1 (these budgets would hold 56 tokens
+    without phase 3)."""
+    return {"p1": 24, "recent": 8, "alpha": 0.5, "max_context": 56, "cost_cache_dir": str(tmp_path),
+            "device_budget": _budget(model, 2, 32), "host_budget": _budget(model, 2, 12) + _kept(model, 2, 32),
+            "beta": 1.0}
+
+
+def _edited_decode(model, options, ids):
+    """Prefill 20 tokens, decode to 44, swap the two sequences (reorder_cache), decode to 50, crop
+    12 tokens (back to 38: positions already in phase 3 go), decode to 56; the logits of every step
+    and the per-layer stores just before each edit."""
+    from llm_compile import LLMAccelCache
+
+    model.forward = torch.compile(model.forward, backend="llmaccel", options={"inner": "eager", **options})
+    cache, logits, before = LLMAccelCache(), [], []
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True).logits
+        for step in range(48):
+            tok = out[:, -1:].argmax(-1)
+            if step == 24:
+                before.append([(kv.recompute_tokens(), kv.host_tokens()) for kv in _kvs(cache) if isinstance(kv, TieredKV)])
+                cache.reorder_cache(torch.tensor([1, 0]))
+                tok = tok.flip(0)
+            if step == 30:
+                before.append([(kv.recompute_tokens(), kv.host_tokens()) for kv in _kvs(cache) if isinstance(kv, TieredKV)])
+                cache.crop(-12)
+            out = model(tok, past_key_values=cache, use_cache=True).logits
+            logits.append(out)
+    return torch.cat(logits, 1), cache, before
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_reorder_and_crop_past_p2_equal_the_same_edits_on_the_device(name, tmp_path):
+    """Failed before: map_batch and crop rebuilt the tiers from full K/V without the kept rows,
+    so the rebuilt cache (past p2) placed its phase-3 tokens on the host and raised HostTierFullError."""
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(22))
+    ref, ref_cache, _ = _edited_decode(_model(name), {"swa": {"sparsity": 0.6}}, ids)
+    torch._dynamo.reset()
+    model = _model(name)
+    got, cache, before = _edited_decode(model, {"swa": {"sparsity": 0.6},
+                                                "kv_tiers": _three_phase_tiers(tmp_path, model)}, ids)
+    assert len(before) == 2 and all(rec > 0 and host > 0 for e in before for rec, host in e)   # past p2
+    for a, kv in zip(_kvs(ref_cache), _kvs(cache), strict=True):
+        assert torch.equal(a.state.last_indices, kv.state.last_indices)
+        assert kv.length == 56 and kv.recompute_tokens() > 0 and kv.host_nbytes() <= kv.plan.host_layer_bytes
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def _store_with_phase_three(tmp_path, per_sequence=False):
+    """A TieredKV (batch 2, 2 KV heads of 4, layer input of 4 values: K/V = x @ W) filled with 48
+    tokens through all three phases; returns it and the full K/V it must hold. ``per_sequence``:
+    the budgets of the plan for another batch grow with it (the same tokens fit)."""
+    from llm_compile.runtime.tiers.recompute import KVRecompute
+
+    g = torch.Generator().manual_seed(5)
+    wk, wv = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    spec = {"hidden": 4, "k": [1, -1, 0, 8], "v": [2, -1, 0, 8], "rope": None}
+    row, kept = 2 * 2 * 8 * 4, 2 * 4 * 4
+
+    def plan(batch):
+        scale = batch // 2 if per_sequence else 1
+        cfg = KVTiersConfig(cost_cache_dir=str(tmp_path), p1=8, recent=4, alpha=0.5, beta=1.0, max_context=48,
+                            device_budget=24 * row * scale, host_budget=(8 * row + 40 * kept) * scale)
+        return make_plan(cfg, batch=batch, heads=2, q_heads=2, d=4, dv=4, dtype=torch.float32,
+                         device=torch.device("cpu"), sites=1, keep=4, hidden=4)
+
+    kv = TieredKV(2, 2, 4, 4, torch.float32, torch.device("cpu"), None, plan(2), plan)
+    x = torch.randn(2, 48, 4, generator=g)
+    for t in range(48):
+        rc = KVRecompute(spec, [x[:, t], wk, wv], 2, 4, 4)
+        k, v = ((x[:, t] @ w).view(2, 1, 2, 4).transpose(1, 2) for w in (wk, wv))
+        kv.recompute = rc
+        kv.append(k, v, rc.kept(2))
+    ks, vs = (torch.einsum("btc,cf->btf", x, w).view(2, 48, 2, 4).transpose(1, 2) for w in (wk, wv))
+    return kv, ks, vs
+
+
+def test_store_edits_keep_every_tier_and_the_kept_rows(tmp_path):
+    """Unit level: reorder, a larger batch (repeat_interleave) and crop past p2 keep each position
+    in its tier, phase-3 tokens recomputed from their (edited) kept rows; a larger batch whose
+    placement does not fit its plan raises, naming the budgets."""
+    from llm_compile.runtime.tiers.store import HostTierFullError
+
+    kv, ks, vs = _store_with_phase_three(tmp_path)
+    assert kv.device_tokens() and kv.host_tokens() and kv.recompute_tokens()
+    loc = kv.loc[:48].clone()
+    idx = torch.tensor([1, 0])
+    swapped = kv.map_batch(lambda t: t.index_select(0, idx.to(t.device)))
+    assert torch.equal(swapped.loc[:48], loc) and torch.equal(swapped.full()[0], ks[idx])
+    assert torch.equal(swapped.full()[1], vs[idx])
+    pos = torch.tensor([[[0, 9, 30, 47]]]).expand(2, 1, 4)                 # every tier
+    assert torch.equal(swapped.rows(pos)[0], ks[idx][:, :, [0, 9, 30, 47]])
+    big = _store_with_phase_three(tmp_path, per_sequence=True)[0]
+    wide = big.map_batch(lambda t: t.repeat_interleave(2, dim=0))
+    assert wide.shape[0] == 4 and torch.equal(wide.full()[0], ks.repeat_interleave(2, 0))
+    assert wide.recompute_tokens() == big.recompute_tokens() and wide.plan.row_bytes == 2 * big.plan.row_bytes
+    with pytest.raises(HostTierFullError, match="edited from batch 2 to 4 does not fit"):
+        kv.map_batch(lambda t: t.repeat_interleave(2, dim=0))
+    kv.crop(30)
+    assert kv.length == 30 and torch.equal(kv.loc[:30], loc[:30])
+    assert torch.equal(kv.full()[0], ks[:, :, :30]) and torch.equal(kv.full()[1], vs[:, :, :30])
+    assert kv.rec.used == int((loc[:30] == 2).sum()) and kv.host.used == int((loc[:30] == 1).sum())

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from llm_compile.runtime.kv.buffer import check_new_rows
-from llm_compile.runtime.tiers import fetch
+from llm_compile.runtime.tiers import edit, fetch
 from llm_compile.runtime.tiers.host import Rows
 from llm_compile.runtime.tiers.plan import Plan
 
@@ -71,7 +71,7 @@ class TieredKV:
         self.slot = torch.zeros(0, dtype=torch.int64)
         self.free: list[int] = []
         self.length = self.decided = self.spilled = self.moved = self.grown = self.n_dev = 0
-        self._bh = (torch.arange(batch)[:, None, None] * heads + torch.arange(heads)[None, :, None])
+        self._bh = edit.batch_index(batch, heads)
         self.host_fetched = self.dev_fetched = 0
         """Rows gathered by sparse steps from each tier (counters for tests and benchmarks)."""
         self.rec: Rows | None = None
@@ -297,14 +297,13 @@ class TieredKV:
         return new
 
     def map_batch(self, fn) -> "TieredKV":
-        k, v = self.full()
-        return self._rebuilt(fn(k), fn(v), None if self.state is None else self.state.map_batch(fn))
+        """Beam search's reorder and batch edits: every tier, kept rows included, gathered in place
+        (:func:`~llm_compile.runtime.tiers.edit.map_batch`)."""
+        return edit.map_batch(self, fn, HostTierFullError)
 
     def crop(self, n: int) -> None:
-        if n < self.length:
-            k, v = self.full()
-            state = None if self.state is None else self.state.crop(max(0, n))
-            self.__dict__.update(self._rebuilt(k[:, :, :n], v[:, :, :n], state).__dict__)
+        """Keep the first ``n`` positions where they are (:func:`~llm_compile.runtime.tiers.edit.crop`)."""
+        edit.crop(self, n)
 
     # -- accounting ----------------------------------------------------------------------------
     def device_tokens(self) -> int:
