@@ -1,6 +1,7 @@
 """Phase 3 of tiered KV (recompute), model level: with budgets small enough to force all three
 phases (device, host, recompute), SWA equals SWA with everything on the device (same selections)
-and dense over tiers equals dense, on GPT-2 (fused c_attn, no RoPE) and an MHA Llama (RoPE); the
+and dense over tiers equals dense, on GPT-2 (fused c_attn, no RoPE), an MHA Llama (RoPE) and OPT
+(separate k_proj/v_proj with biases, no RoPE); the
 plan keeps beta = 0 for GQA and says why; beta > 0 where recompute frees no memory, or on a form
 of attention the pass cannot recompute, fails the compile with the reason."""
 from __future__ import annotations
@@ -16,7 +17,7 @@ from llm_compile.runtime.tiers.store import TieredKV
 
 pytestmark = pytest.mark.filterwarnings("error::llm_compile.passes.manager.PassNotAppliedWarning")
 
-FAMILIES = {"gpt2": {}, "llama_mha": {"kv_heads": 4}}
+FAMILIES = {"gpt2": {}, "llama_mha": {"kv_heads": 4}, "opt": {}}
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +141,8 @@ SPECS = {  # what the pass hands the op per site: [layer input, weights/biases, 
             r"\"v\": \[1, 2, 128, 192\]\}'\)",                      # c_attn's weight and bias: graph inputs
     "llama_mha": r"\[view_\d+, permute_\d+, permute_\d+, unsqueeze_\d+, unsqueeze_\d+\], '\{\"hidden\": 64, \"k\": "
                  r"\[1, -1, 0, 64\], \"rope\": \[3, 4\], \"v\": \[2, -1, 0, 64\]\}'\)",
+    "opt": r"\[view_\d+, permute_\d+, (arg\d+_1), permute_\d+, (arg\d+_1)\], '\{\"hidden\": 64, \"k\": \[1, 2, 0, 64\], "
+           r"\"rope\": null, \"v\": \[3, 4, 0, 64\]\}'\)",          # k_proj/v_proj weights (transposed) and biases
 }
 
 
@@ -160,7 +163,7 @@ def test_pass_hands_the_op_its_recompute_inputs_and_dump_shows_the_plan(name, tm
         assert rec["stats"]["recompute"] == "recompute inputs passed at all 2 site(s)"
         plan = rec["stats"]["kv_tiers_plan"]
         assert plan["beta"] == 1.0 and plan["p2"] == 36
-    if name == "gpt2":
+    if name in ("gpt2", "opt"):
         assert "keeps the layer input (64 values per token) instead of K+V (128 values)" in plan["reasons"]["beta"]
     else:
         assert "(64 + 2 x 16 = 96 values per token) instead of K+V (128 values)" in plan["reasons"]["beta"]
