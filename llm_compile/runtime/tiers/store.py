@@ -15,21 +15,27 @@ in host memory of the host tier's kind); per token position its tier (``loc``: 0
                              (share alpha, evenly spread), else device (phase 2); if the device would
                              still hold more than plan.cap rows, the oldest device rows spill too
                              (counted in ``spilled``: alpha was planned for a shorter context)
-    n >  p2 (beta > 0)       positions decided now (or once the host tier is full: p2 = p1 + host
-                             budget is the plan's estimate): share beta (plan.rec_share) keep
-                             only their kept row (phase 3; their device row is freed), the rest as
-                             in phase 2 (a full host tier raises HostTierFullError)
+    n >  p2 (beta > 0)       positions decided now (or once the host tier holds plan.host_cap K/V
+                             rows: p2 = p1 + host_cap is the plan's estimate): share beta
+                             (plan.rec_share) keep only their kept row (phase 3; their device row is
+                             freed), the rest as in phase 2
+
+The host tier's K/V rows and kept rows together stay within ``plan.host_layer_bytes`` (host_budget
+per layer), K/V rows within ``plan.host_cap``: a step that would go past either raises
+HostTierFullError before it moves a row.
 
 Phase 3 needs the kept rows of positions not decided yet: with ``plan.beta > 0`` the op passes each
 call's kept rows (``append(k, v, kept)``) and the store holds those of the last ``recent`` positions
-(``pend``; device). A position left undecided longer (only before p1, so only when p2 < p1 + recent)
+(``pend``; device, at most ``recent + 1`` rows kept alive, counted in the plan's device ``cap``).
+A position left undecided longer (only before p1, so only when p2 < p1 + recent)
 has none and is placed as in phase 2.
 
 Reads: :meth:`rows` gathers the rows a sparse step selected — one ``index_select`` on the device
 tier and one on the host tier (K and V together), the host one started first on a worker thread
 (CUDA: pinned memory and a side stream, :mod:`~llm_compile.runtime.tiers.fetch`), and
 recomputes the selected phase-3 tokens (each (token, sequence) once, all heads) — and :meth:`full`
-assembles every row, recomputing every phase-3 token (dense attention over tiers, cache edits).
+assembles every row, recomputing every phase-3 token (dense attention over tiers). Cache edits
+(``map_batch``, ``crop``) keep the placement: :mod:`~llm_compile.runtime.tiers.edit`.
 ``recompute`` (a :class:`~llm_compile.runtime.tiers.recompute.KVRecompute`: the projection weights
 of the current call, graph inputs) is set by the op at every call before it appends or reads.
 """
