@@ -147,13 +147,13 @@ class KVTiersConfig:
     device_budget: int = 512 * 1024 * 1024
     """Bytes of KV (all layers, whole batch) kept on the model's device; past that (p1) rows move to the host tier."""
     host_budget: int | None = None
-    """Bytes of KV the host tier may hold (all layers); `None` = unlimited. Past it (p2) phase 3 (recompute, MHA models) takes the new tokens; what it does not take raises `HostTierFullError`."""
+    """Bytes the host tier may hold (all layers): KV rows and, with phase 3, the kept layer inputs (the plan leaves them room up to max_context); `None` = unlimited. Past the host's KV share (p2) phase 3 (recompute, MHA models) takes the new tokens; what does not fit raises `HostTierFullError`."""
     mmap_dir: str | None = None
     """CPU models only: the host tier is a memory-mapped file in this folder (KV larger than RAM); deleted with the cache. `None`: host RAM (pinned for CUDA models)."""
     recent: int = 64
     """Most recent tokens of each layer that always stay on the device."""
     max_context: int = 8192
-    """Context the plan is made for: alpha is the smallest host share that fits the budget there (longer: the oldest device rows spill)."""
+    """Context the plan is made for: alpha is the smallest host share that fits the budget there (longer: the oldest device rows spill), and host_budget keeps room for phase 3's kept rows up to it (longer: `HostTierFullError` once they fill it)."""
     recompute: str = "auto"
     """Phase 3: `"auto"` (the plan decides beta and says why: recompute only where it frees memory, i.e. MHA) or `"off"` (beta = 0)."""
     p1: int | None = None

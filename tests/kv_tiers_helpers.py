@@ -12,6 +12,15 @@ def kv_budget(model, batch: int, tokens: int) -> int:
     return cfg.num_hidden_layers * batch * heads * 2 * d * 4 * tokens
 
 
+def kept_budget(model, batch: int, tokens: int) -> int:
+    """Bytes of float32 phase-3 kept rows (layer input, plus RoPE cos/sin for rotary models) for
+    ``tokens`` tokens per layer of ``batch`` sequences of ``model``."""
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    keep = cfg.hidden_size + (2 * d if cfg.model_type in ("llama", "mistral", "qwen2") else 0)
+    return cfg.num_hidden_layers * batch * keep * 4 * tokens
+
+
 def site_kvs(cache):
     """The per-layer stores (``TieredKV``/``SiteKV``) a cache's phantoms carry."""
     return [layer.keys.llmaccel_kv for layer in cache.layers]

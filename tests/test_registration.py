@@ -41,7 +41,7 @@ def test_modules_import_alone_in_a_fresh_interpreter():
             "llm_compile.passes.kv_relocation", "llm_compile.repro_state",
             "llm_compile.runtime.offload.pool", "llm_compile.passes.manager",
             "llm_compile.codegen.anda_kernels", "llm_compile.quantize",
-            "llm_compile.runtime.tiers.plan", "llm_compile.runtime.tiers.store",
+            "llm_compile.runtime.tiers.plan", "llm_compile.runtime.tiers.store", "llm_compile.runtime.tiers.edit",
             "llm_compile.runtime.kv.store", "llm_compile.passes.local_kv_store"]
     code = "import importlib, subprocess, sys\n" \
            f"for m in {mods!r}:\n" \

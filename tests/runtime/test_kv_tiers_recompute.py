@@ -1,6 +1,7 @@
 """Phase 3 of tiered KV (recompute), model level: with budgets small enough to force all three
 phases (device, host, recompute), SWA equals SWA with everything on the device (same selections)
-and dense over tiers equals dense, on GPT-2 (fused c_attn, no RoPE) and an MHA Llama (RoPE); the
+and dense over tiers equals dense, on GPT-2 (fused c_attn, no RoPE), an MHA Llama (RoPE) and OPT
+(separate k_proj/v_proj with biases, no RoPE); the
 plan keeps beta = 0 for GQA and says why; beta > 0 where recompute frees no memory, or on a form
 of attention the pass cannot recompute, fails the compile with the reason."""
 from __future__ import annotations
@@ -10,13 +11,13 @@ import json
 import pytest
 import torch
 
-from kv_tiers_helpers import decode_logits as _run, kv_budget as _budget, site_kvs as _kvs
+from kv_tiers_helpers import decode_logits as _run, kept_budget as _kept, kv_budget as _budget, site_kvs as _kvs
 from model_zoo import build
 from llm_compile.runtime.tiers.store import TieredKV
 
 pytestmark = pytest.mark.filterwarnings("error::llm_compile.passes.manager.PassNotAppliedWarning")
 
-FAMILIES = {"gpt2": {}, "llama_mha": {"kv_heads": 4}}
+FAMILIES = {"gpt2": {}, "llama_mha": {"kv_heads": 4}, "opt": {}}
 
 
 @pytest.fixture(autouse=True)
@@ -31,15 +32,24 @@ def _model(name: str):
 
 
 def _tiers(tmp_path, model, **kw):
-    """All three phases for a 20-token prompt and 36 decode steps (56 tokens per layer): p1 = 24,
-    30 device tokens, 12 host tokens (p2 = 36), recent 8, half the older rows to the host."""
-    return {"p1": 24, "recent": 8, "alpha": 0.5, "cost_cache_dir": str(tmp_path),
-            "device_budget": _budget(model, 2, 30), "host_budget": _budget(model, 2, 12), **kw}
+    """All three phases for a 20-token prompt and 36 decode steps (56 tokens per layer, max_context):
+    p1 = 24, 32 device tokens (less 9 pending kept rows), recent 8, half the older rows to the host;
+    the host holds 12 K/V tokens (p2 = 36) and the kept rows of 32 phase-3 tokens. These budgets hold
+    56 tokens without phase 3 as well (the plan keeps beta = 0 then: test_kv_tiers_budgets covers
+    a planned beta = 1), so ``_forced`` asks for beta = 1."""
+    return {"p1": 24, "recent": 8, "alpha": 0.5, "max_context": 56, "cost_cache_dir": str(tmp_path),
+            "device_budget": _budget(model, 2, 32), "host_budget": _budget(model, 2, 12) + _kept(model, 2, 32),
+            **kw}
+
+
+def _forced(tmp_path, model, **kw):
+    return _tiers(tmp_path, model, beta=1.0, **kw)
 
 
 def _three_phases(kv: TieredKV) -> None:
     assert isinstance(kv, TieredKV) and kv.length == 56
-    assert 0 < kv.device_tokens() <= 30 and 0 < kv.host_tokens() <= 12 and kv.recompute_tokens() > 0
+    assert 0 < kv.device_tokens() <= kv.plan.cap and 0 < kv.host_tokens() <= 12 and kv.recompute_tokens() > 0
+    assert kv.host_nbytes() <= kv.plan.host_layer_bytes                 # K/V rows and kept rows
     assert kv.recomputed > 0                               # the selected/dense reads recomputed K/V
     assert kv.plan.beta == 1.0 and "frees" in kv.plan.reasons["beta"]
 
@@ -50,7 +60,7 @@ def test_swa_over_three_phases_equals_swa_on_the_device(name, tmp_path):
     ref, ref_cache = _run(_model(name), {"swa": {"sparsity": 0.6}}, ids, 36)
     torch._dynamo.reset()
     model = _model(name)
-    got, cache = _run(model, {"swa": {"sparsity": 0.6}, "kv_tiers": _tiers(tmp_path, model)}, ids, 36)
+    got, cache = _run(model, {"swa": {"sparsity": 0.6}, "kv_tiers": _forced(tmp_path, model)}, ids, 36)
     for a, b in zip(_kvs(ref_cache), _kvs(cache), strict=True):
         assert torch.equal(a.state.last_indices, b.state.last_indices)   # same selections
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)          # fp32 recompute: rounding only
@@ -66,7 +76,7 @@ def test_dense_over_three_phases_equals_dense(name, tmp_path):
     ref, _ = _run(_model(name), {"kv_store": True}, ids, 36)
     torch._dynamo.reset()
     model = _model(name)
-    got, cache = _run(model, {"kv_tiers": _tiers(tmp_path, model)}, ids, 36)
+    got, cache = _run(model, {"kv_tiers": _forced(tmp_path, model)}, ids, 36)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     for kv in _kvs(cache):
@@ -80,14 +90,15 @@ def test_gqa_plan_keeps_beta_zero_and_says_why(tmp_path):
     than K+V (64): the plan keeps beta = 0; past the host budget the step raises with that reason."""
     model = build("llama")
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(13))
-    _, cache = _run(model, {"kv_tiers": _tiers(tmp_path, model)}, ids, 2)
+    tiers = _tiers(tmp_path, model, host_budget=_budget(model, 2, 12))
+    _, cache = _run(model, {"kv_tiers": tiers}, ids, 2)
     for kv in _kvs(cache):
         assert kv.plan.beta == 0 and kv.plan.p2 == 36
         assert "64 + 2 x 16 = 96 values per token" in kv.plan.reasons["beta"]
         assert "frees no memory" in kv.plan.reasons["beta"]
     torch._dynamo.reset()
     with pytest.raises(Exception, match="host tier is full.*frees no memory"):
-        _run(build("llama"), {"kv_tiers": _tiers(tmp_path, model)}, ids, 36)
+        _run(build("llama"), {"kv_tiers": tiers}, ids, 36)
 
 
 def test_beta_on_gqa_is_refused_at_compile(tmp_path):
@@ -130,6 +141,8 @@ SPECS = {  # what the pass hands the op per site: [layer input, weights/biases, 
             r"\"v\": \[1, 2, 128, 192\]\}'\)",                      # c_attn's weight and bias: graph inputs
     "llama_mha": r"\[view_\d+, permute_\d+, permute_\d+, unsqueeze_\d+, unsqueeze_\d+\], '\{\"hidden\": 64, \"k\": "
                  r"\[1, -1, 0, 64\], \"rope\": \[3, 4\], \"v\": \[2, -1, 0, 64\]\}'\)",
+    "opt": r"\[view_\d+, permute_\d+, (arg\d+_1), permute_\d+, (arg\d+_1)\], '\{\"hidden\": 64, \"k\": \[1, 2, 0, 64\], "
+           r"\"rope\": null, \"v\": \[3, 4, 0, 64\]\}'\)",          # k_proj/v_proj weights (transposed) and biases
 }
 
 
@@ -139,7 +152,7 @@ def test_pass_hands_the_op_its_recompute_inputs_and_dump_shows_the_plan(name, tm
 
     model = _model(name)
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(17))
-    _run(model, {"kv_tiers": _tiers(tmp_path, model), "debug_dir": str(tmp_path / "dump")}, ids, 1)
+    _run(model, {"kv_tiers": _forced(tmp_path, model), "debug_dir": str(tmp_path / "dump")}, ids, 1)
     graphs = sorted((tmp_path / "dump").glob("run_*/graph_*"))
     assert len(graphs) == 2                                             # prefill and decode
     for g in graphs:
@@ -150,7 +163,7 @@ def test_pass_hands_the_op_its_recompute_inputs_and_dump_shows_the_plan(name, tm
         assert rec["stats"]["recompute"] == "recompute inputs passed at all 2 site(s)"
         plan = rec["stats"]["kv_tiers_plan"]
         assert plan["beta"] == 1.0 and plan["p2"] == 36
-    if name == "gpt2":
+    if name in ("gpt2", "opt"):
         assert "keeps the layer input (64 values per token) instead of K+V (128 values)" in plan["reasons"]["beta"]
     else:
         assert "(64 + 2 x 16 = 96 values per token) instead of K+V (128 values)" in plan["reasons"]["beta"]
@@ -165,7 +178,7 @@ def test_swa_over_three_phases_under_inductor_equals_swa_on_the_device(tmp_path)
         torch._dynamo.reset()
         model = _model("gpt2")
         opts = {"swa": {"sparsity": 0.6}, "inner": "inductor",
-                **({"kv_tiers": _tiers(tmp_path, model)} if tiers else {})}
+                **({"kv_tiers": _forced(tmp_path, model)} if tiers else {})}
         model.forward = torch.compile(model.forward, backend="llmaccel", options=opts)
         from transformers import DynamicCache
 
@@ -194,7 +207,7 @@ def test_phase_three_with_decode_matmul_equals_swa_on_the_device(monkeypatch, tm
     ref, _ = _run(_model("gpt2"), opts, ids, 36)
     torch._dynamo.reset()
     model = _model("gpt2")
-    got, cache = _run(model, {**opts, "kv_tiers": _tiers(tmp_path, model, beta=1.0)}, ids, 36)
+    got, cache = _run(model, {**opts, "kv_tiers": _forced(tmp_path, model)}, ids, 36)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     for kv in _kvs(cache):

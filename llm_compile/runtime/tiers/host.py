@@ -87,5 +87,25 @@ class Rows:
         """The rows as ``[slots * B * H, W]``."""
         return self.buf.view(-1, self.shape[2])
 
-    def nbytes(self) -> int:
-        return self.used * math.prod(self.shape) * self.buf.element_size()
+    def select_batch(self, sel: Tensor, limit: int | None) -> "Rows":
+        """A new storage (same kind; ``limit``) whose batch entry ``i`` is entry ``sel[i]`` of this
+        one, in every used slot, so slot numbers stay valid (beam search's reorder, batch edits)."""
+        new = Rows(sel.numel(), *self.shape[1:], self.dtype, self.device, self.kind, self.mmap_dir, limit)
+        if self.used:
+            new.append(self.buf[: self.used].index_select(1, sel.to(self.buf.device)))
+        return new
+
+    def taken(self, slots: Tensor) -> "Rows":
+        """A new storage (same kind and limit) holding slots ``slots`` of this one as ``0 .. len - 1``."""
+        new = Rows(*self.shape, self.dtype, self.device, self.kind, self.mmap_dir, self.limit)
+        if slots.numel():
+            new.append(self.buf.index_select(0, slots.to(self.buf.device)))
+        return new
+
+    def row_nbytes(self) -> int:
+        """Bytes of one slot (all of its batch and heads)."""
+        return math.prod(self.shape) * self.buf.element_size()
+
+    def nbytes(self, allocated: bool = False) -> int:
+        """Bytes of the used slots (``allocated``: of every slot the storage holds)."""
+        return (self.capacity if allocated else self.used) * self.row_nbytes()

@@ -9,15 +9,30 @@ take ``row_bytes = B * Hkv * (D + Dv) * elt``; the device budget is shared by th
           phase 2, past p1: of the tokens outside the ``recent`` window, share alpha lives on the
           host (every 1/alpha-th position); the smallest share that fits the budget at
           max_context, because every host row a step selects costs a fetch
-    p2    = p1 + host_budget // (sites * row_bytes)       (None: host unlimited; or kv_tiers.p2)
+    p2    = p1 + host_cap                                 (None: host unlimited; or kv_tiers.p2)
     beta  = share of the positions decided past p2 that keep no KV, only their layer input, and
             are recomputed when selected (phase 3; or kv_tiers.beta)
+
+Budgets count every byte a tier holds. The kept rows of phase 3 (``kept_row_bytes = B * keep *
+elt`` per token and layer) live in the host tier (its kind: RAM, pinned, mmap), so with beta > 0
+they share ``host_budget`` with the host's K/V rows: ``host_cap`` (K/V tokens per layer on the
+host) is the largest ``h`` with ``h * row_bytes + kept(h) * kept_row_bytes <= host_budget // sites``,
+where ``kept(h) = min(max_context - recent - h, max_context - p1)`` bounds the phase-3 tokens at
+max_context (a position has a kept row only if it was in the recent window when decided, i.e. at
+or after ``p1 - recent``; host and phase-3 positions are distinct); ``kept_cap`` is what is left
+for kept rows. The kept rows of the positions not decided yet (the recent window, at most
+``recent + 1``) wait on the model's device: with beta > 0 they come off the device budget,
+``cap = (device_budget // sites - (recent + 1) * kept_row_bytes) // row_bytes``. Without a host
+budget both are unlimited. ``predicted_host_bytes`` (all layers, at max_context, an upper bound)
+counts K/V rows and kept rows.
 
 Phase 3 pays only if what recompute keeps per token (``keep``: the layer input, ``hidden`` values,
 plus the token's RoPE cos and sin rows, ``2 * D``; :mod:`~llm_compile.runtime.tiers.recompute`) is
 smaller than K+V (``Hkv * (D + Dv)``): never for GQA models such as SmolLM2 (576 + 128 > 3 * 128 =
 384), often for MHA (GPT-2: 768 < 1536). Planned (``kv_tiers.beta`` None): beta = 1 when the host
-tier fills before max_context (p2 < max_context) and recompute frees memory — every position decided
+tier fills before max_context (the host K/V tokens needed there, ``max(alpha * (max_context -
+recent), max_context - cap)``, exceed ``host_cap``; with ``kv_tiers.p2``: p2 < max_context) and
+recompute frees memory — every position decided
 past p2 then keeps only its input, so neither tier outgrows its budget; the reason gives the memory
 freed and the recompute time per token next to a host fetch (past p2 there is no room to fetch
 from, so recompute is what lets the sequence go on). Otherwise beta = 0 with the reason (GQA, host
@@ -33,6 +48,7 @@ under SWA (its budget ``2k`` rows per layer and KV head) or dense, from the meas
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -58,6 +74,14 @@ class Plan:
     host_cap: int | None
     row_bytes: int
     """Bytes of one token's K+V in one layer, whole batch."""
+    kept_row_bytes: int
+    """Bytes of one token's kept row (phase 3) in one layer, whole batch; 0 when beta = 0."""
+    kept_cap: int | None
+    """Phase-3 tokens per layer the host budget holds next to ``host_cap`` K/V rows (None: unlimited)."""
+    host_layer_bytes: int | None
+    """``host_budget // sites``: what the host tier (K/V rows and kept rows) may hold per layer."""
+    predicted_host_bytes: int | None
+    """Host tier bytes, all layers, at max_context (an upper bound: K/V rows and kept rows)."""
     host: str
     """``"ram"``, ``"pinned"`` or ``"mmap"``."""
     predicted_step_s: float
@@ -99,8 +123,15 @@ def _swa_rows(n: int, swa: dict | None) -> int:
     return min(n, 2 * k)
 
 
+def _host_need(cfg: KVTiersConfig, cap: int, p1: int, alpha: float) -> int:
+    """Host K/V tokens per layer at max_context without phase 3: the host share alpha of the
+    positions outside the recent window, or what the device cannot hold (spilled), whichever is more."""
+    N, R = cfg.max_context, cfg.recent
+    return 0 if N <= p1 else max(math.ceil(alpha * (N - R)), N - cap)
+
+
 def _beta(cfg: KVTiersConfig, cost: Cost, hidden: int, heads: int, d: int, dv: int, p2: int | None,
-          keep: int | None, fetch_tok_s: float) -> tuple[float, str]:
+          keep: int | None, fetch_tok_s: float, need: int = 0, host_cap: int | None = None) -> tuple[float, str]:
     kv = heads * (d + dv)
     if cfg.recompute == "off":
         if cfg.beta:
@@ -130,10 +161,53 @@ def _beta(cfg: KVTiersConfig, cost: Cost, hidden: int, heads: int, d: int, dv: i
         return cfg.beta, f"override {cfg.beta}: past p2 = {p2} that share of the tokens {frees}; {cost_txt}"
     if p2 is None:
         return 0.0, f"host unlimited: nothing past p2 (recompute would free {kv - keep} of {kv} values per token)"
-    if p2 >= cfg.max_context:
-        return 0.0, f"the host tier holds max_context ({p2} >= {cfg.max_context}): nothing past p2"
-    return 1.0, (f"the host tier fills at p2 = {p2} < max_context {cfg.max_context}: past p2 every token {frees} "
-                 f"(multi-head attention); {cost_txt}")
+    if cfg.p2 is not None and p2 >= cfg.max_context:
+        return 0.0, f"p2 = {p2} >= max_context {cfg.max_context}: nothing past p2"
+    if cfg.p2 is None and host_cap is not None and need <= host_cap:
+        return 0.0, (f"the host tier holds max_context ({need} host tokens per layer at {cfg.max_context} "
+                     f"<= {host_cap}): nothing past p2")
+    fill = (f"p2 = {p2} < max_context {cfg.max_context}" if cfg.p2 is not None else
+            f"p2 = {p2} (max_context {cfg.max_context} needs {need} host tokens per layer > {host_cap})")
+    return 1.0, f"the host tier fills at {fill}: past p2 every token {frees} (multi-head attention); {cost_txt}"
+
+
+def _host_kv_cap(host_layer: int, row: int, kept: int, N: int, R: int, p1: int) -> int:
+    """The largest host K/V token count ``h`` with ``h * row + min(N - R - h, N - p1) * kept <=
+    host_layer`` (the phase-3 tokens' kept rows included, up to max_context ``N``); at least 0."""
+    if not kept:
+        return host_layer // row
+    knee = max(0, p1 - R)                                  # below it, kept(h) = N - p1
+    if knee * row + max(0, N - p1) * kept <= host_layer:
+        h = (host_layer - max(0, N - R) * kept) // (row - kept)
+    else:
+        h = (host_layer - max(0, N - p1) * kept) // row
+    return max(0, min(h, host_layer // row))
+
+
+def _layout(cfg: KVTiersConfig, sites: int, batch: int, row: int, kept: int, host_layer: int | None):
+    """cap, p1, host_cap, kept_cap, p2 for K/V rows of ``row`` bytes and kept rows of ``kept``
+    bytes per token and layer (0: no phase 3)."""
+    dev_layer = cfg.device_budget // max(1, sites) - (cfg.recent + 1) * kept
+    cap = max(0, dev_layer) // row
+    if cap <= cfg.recent:
+        raise TiersPlanError(
+            f"llmaccel kv_tiers: device_budget={cfg.device_budget} bytes holds {cap} tokens per layer "
+            f"({sites} layers x {row} bytes per token for batch {batch}"
+            + (f", after {cfg.recent + 1} pending kept rows of {kept} bytes for phase 3" if kept else "")
+            + f"), not more than the recent window ({cfg.recent}): raise device_budget, lower "
+            "kv_tiers.recent or the batch")
+    p1 = cfg.p1 if cfg.p1 is not None else cap
+    if p1 > cap:
+        raise TiersPlanError(f"llmaccel kv_tiers: p1={p1} tokens exceeds what device_budget holds per "
+                             f"layer ({cap}" + (", after the pending kept rows of phase 3" if kept else "")
+                             + "); lower p1 or raise device_budget")
+    if host_layer is None:
+        host_cap = kept_cap = None
+    else:
+        host_cap = _host_kv_cap(host_layer, row, kept, cfg.max_context, cfg.recent, p1)
+        kept_cap = (host_layer - host_cap * row) // kept if kept else 0
+    p2 = cfg.p2 if cfg.p2 is not None else (None if host_cap is None else p1 + host_cap)
+    return cap, p1, host_cap, kept_cap, p2
 
 
 def make_plan(cfg: KVTiersConfig, *, batch: int, heads: int, q_heads: int, d: int, dv: int,
@@ -148,40 +222,54 @@ def make_plan(cfg: KVTiersConfig, *, batch: int, heads: int, q_heads: int, d: in
     hidden = hidden or q_heads * d
     cost = load_or_measure(device, dtype, hidden, heads, d, dv, host, cfg.cost_cache_dir, cfg.mmap_dir)
     row_bytes = batch * heads * (d + dv) * elt
-    cap = cfg.device_budget // (max(1, sites) * row_bytes)
-    if cap <= cfg.recent:
-        raise TiersPlanError(
-            f"llmaccel kv_tiers: device_budget={cfg.device_budget} bytes holds {cap} tokens per layer "
-            f"({sites} layers x {row_bytes} bytes per token for batch {batch}), not more than the recent "
-            f"window ({cfg.recent}): raise device_budget, lower kv_tiers.recent or the batch")
-    p1 = cfg.p1 if cfg.p1 is not None else cap
-    if p1 > cap:
-        raise TiersPlanError(f"llmaccel kv_tiers: p1={p1} tokens exceeds what device_budget holds per "
-                             f"layer ({cap}); lower p1 or raise device_budget")
-    host_cap = None if cfg.host_budget is None else cfg.host_budget // (max(1, sites) * row_bytes)
-    p2 = cfg.p2 if cfg.p2 is not None else (None if host_cap is None else p1 + host_cap)
+    kept_row = batch * keep * elt if keep is not None else 0
     N, R = cfg.max_context, cfg.recent
-    auto_alpha = 0.0 if N <= p1 else max(0.0, 1.0 - (cap - R) / (N - R))
-    alpha = cfg.alpha if cfg.alpha is not None else auto_alpha
+    host_layer = None if cfg.host_budget is None else cfg.host_budget // max(1, sites)
     width = (d + dv) * elt
     fetch_row = cost.host_row_s + width / cost.h2d_bytes_s
+    def alpha_of(cap: int, p1: int) -> float:
+        auto = 0.0 if N <= p1 else max(0.0, 1.0 - (cap - R) / (N - R))
+        return cfg.alpha if cfg.alpha is not None else auto
+
+    cap, p1, host_cap, kept_cap, p2 = _layout(cfg, sites, batch, row_bytes, 0, host_layer)
+    alpha = alpha_of(cap, p1)
+    beta, why_beta = _beta(cfg, cost, hidden, heads, d, dv, p2, keep, heads * fetch_row,
+                           _host_need(cfg, cap, p1, alpha), host_cap)
+    if beta > 0:  # phase 3 keeps rows: they count against the device (pending) and host budgets
+        cap, p1, host_cap, kept_cap, p2 = _layout(cfg, sites, batch, row_bytes, kept_row, host_layer)
+        alpha = alpha_of(cap, p1)
+        beta, why_beta = _beta(cfg, cost, hidden, heads, d, dv, p2, keep, heads * fetch_row,
+                               _host_need(cfg, cap, p1, alpha), host_cap)
+    else:
+        kept_row = 0
     m = _swa_rows(N, swa)
     m_host = 0.0 if N <= p1 else alpha * max(0, m - min(R, m))
     rows = sites * batch * heads
     step = rows * ((m - m_host) * cost.dev_row_s + m_host * fetch_row)
-    beta, why_beta = _beta(cfg, cost, hidden, heads, d, dv, p2, keep, heads * fetch_row)
+    outside = max(0, N - R)
+    phase3 = beta > 0 and p2 is not None
+    host_rows = min(outside if host_cap is None else host_cap, max(0, p2 - R) if phase3 else outside)
+    kept_rows = 0 if not phase3 else min(outside - host_rows, max(0, N - p1))
+    host_bytes = sites * (host_rows * row_bytes + kept_rows * kept_row)
     reasons = {
         "p1": (f"override {cfg.p1}" if cfg.p1 is not None else
-               f"device_budget {cfg.device_budget} B / ({sites} layers x {row_bytes} B per token) = {cap} tokens"),
+               f"device_budget {cfg.device_budget} B / ({sites} layers x {row_bytes} B per token) = {cap} tokens"
+               + (f" (after {R + 1} pending kept rows of {kept_row} B per layer)" if kept_row else "")),
         "alpha": (f"override {cfg.alpha}" if cfg.alpha is not None else
                   f"smallest host share that fits {cap} device tokens per layer at max_context {N} "
                   f"(recent {R} stay): each host row a step selects costs a fetch"),
         "p2": ("override" if cfg.p2 is not None else "host unlimited" if host_cap is None else
-               f"p1 + host_budget / row bytes = {p1} + {host_cap}"),
+               f"p1 + host K/V tokens = {p1} + {host_cap}"
+               + (f" (host_budget per layer {host_layer} B holds {host_cap} x {row_bytes} B of K/V and up to "
+                  f"{kept_cap} kept rows of {kept_row} B: phase 3 up to max_context {N})" if kept_row else "")),
         "beta": why_beta,
     }
+    if host_layer is not None and host_rows * row_bytes + kept_rows * kept_row > host_layer:
+        reasons["p2"] += (f"; host_budget is too small for max_context {N}: the kept rows alone outgrow it "
+                          "(HostTierFullError before max_context): raise host_budget or lower max_context")
     return Plan(p1=p1, p2=p2, alpha=alpha, beta=beta, recent=R, cap=cap, host_cap=host_cap,
-                row_bytes=row_bytes, host=host, predicted_step_s=step,
+                row_bytes=row_bytes, kept_row_bytes=kept_row, kept_cap=kept_cap if kept_row else None,
+                host_layer_bytes=host_layer, predicted_host_bytes=host_bytes, host=host, predicted_step_s=step,
                 predicted_all_device_s=rows * m * cost.dev_row_s,
                 predicted_all_host_s=rows * m * fetch_row, reasons=reasons,
                 cost={k: v for k, v in asdict(cost).items()})

@@ -15,21 +15,27 @@ in host memory of the host tier's kind); per token position its tier (``loc``: 0
                              (share alpha, evenly spread), else device (phase 2); if the device would
                              still hold more than plan.cap rows, the oldest device rows spill too
                              (counted in ``spilled``: alpha was planned for a shorter context)
-    n >  p2 (beta > 0)       positions decided now (or once the host tier is full: p2 = p1 + host
-                             budget is the plan's estimate): share beta (plan.rec_share) keep
-                             only their kept row (phase 3; their device row is freed), the rest as
-                             in phase 2 (a full host tier raises HostTierFullError)
+    n >  p2 (beta > 0)       positions decided now (or once the host tier holds plan.host_cap K/V
+                             rows: p2 = p1 + host_cap is the plan's estimate): share beta
+                             (plan.rec_share) keep only their kept row (phase 3; their device row is
+                             freed), the rest as in phase 2
+
+The host tier's K/V rows and kept rows together stay within ``plan.host_layer_bytes`` (host_budget
+per layer), K/V rows within ``plan.host_cap``: a step that would go past either raises
+HostTierFullError before it moves a row.
 
 Phase 3 needs the kept rows of positions not decided yet: with ``plan.beta > 0`` the op passes each
 call's kept rows (``append(k, v, kept)``) and the store holds those of the last ``recent`` positions
-(``pend``; device). A position left undecided longer (only before p1, so only when p2 < p1 + recent)
+(``pend``; device, at most ``recent + 1`` rows kept alive, counted in the plan's device ``cap``).
+A position left undecided longer (only before p1, so only when p2 < p1 + recent)
 has none and is placed as in phase 2.
 
 Reads: :meth:`rows` gathers the rows a sparse step selected — one ``index_select`` on the device
 tier and one on the host tier (K and V together), the host one started first on a worker thread
 (CUDA: pinned memory and a side stream, :mod:`~llm_compile.runtime.tiers.fetch`), and
 recomputes the selected phase-3 tokens (each (token, sequence) once, all heads) — and :meth:`full`
-assembles every row, recomputing every phase-3 token (dense attention over tiers, cache edits).
+assembles every row, recomputing every phase-3 token (dense attention over tiers). Cache edits
+(``map_batch``, ``crop``) keep the placement: :mod:`~llm_compile.runtime.tiers.edit`.
 ``recompute`` (a :class:`~llm_compile.runtime.tiers.recompute.KVRecompute`: the projection weights
 of the current call, graph inputs) is set by the op at every call before it appends or reads.
 """
@@ -39,7 +45,7 @@ import torch
 from torch import Tensor
 
 from llm_compile.runtime.kv.buffer import check_new_rows
-from llm_compile.runtime.tiers import fetch
+from llm_compile.runtime.tiers import edit, fetch
 from llm_compile.runtime.tiers.host import Rows
 from llm_compile.runtime.tiers.plan import Plan
 
@@ -66,12 +72,12 @@ class TieredKV:
         self.replan, self.mmap_dir, self.prefetch = replan, mmap_dir, prefetch
         W = head_dim + v_dim
         self.dev = Rows(batch, heads, W, dtype, device, "device", limit=plan.cap)
-        self.host = Rows(batch, heads, W, dtype, device, plan.host, mmap_dir)
+        self.host = Rows(batch, heads, W, dtype, device, plan.host, mmap_dir, limit=plan.host_cap)
         self.loc = torch.zeros(0, dtype=torch.int8)
         self.slot = torch.zeros(0, dtype=torch.int64)
         self.free: list[int] = []
         self.length = self.decided = self.spilled = self.moved = self.grown = self.n_dev = 0
-        self._bh = (torch.arange(batch)[:, None, None] * heads + torch.arange(heads)[None, :, None])
+        self._bh = edit.batch_index(batch, heads)
         self.host_fetched = self.dev_fetched = 0
         """Rows gathered by sparse steps from each tier (counters for tests and benchmarks)."""
         self.rec: Rows | None = None
@@ -129,12 +135,34 @@ class TieredKV:
             self.pend = torch.cat([self.pend, kept])
         if self.rec is None:
             B, H = self.shape[:2]
-            self.rec = Rows(B, 1, kept.shape[-1], kept.dtype, self.device, self.plan.host, self.mmap_dir)
+            self.rec = Rows(B, 1, kept.shape[-1], kept.dtype, self.device, self.plan.host, self.mmap_dir,
+                            limit=self.plan.kept_cap)
 
     def _trim_pending(self, n: int) -> None:
+        """Drop the kept rows of decided positions. Past one row (a prefill) the rest is copied, so
+        that at most ``recent + 1`` kept rows stay on the device (the plan counts them there)."""
         if self.pend is not None:
             first = max(self.decided, n - self.plan.recent, self.pend0)
-            self.pend, self.pend0 = self.pend[first - self.pend0:], first
+            drop = first - self.pend0
+            self.pend, self.pend0 = (self.pend[drop:].clone() if drop > 1 else self.pend[drop:]), first
+
+    def _check_host(self, n: int, kv_rows: int, kept_rows: int) -> None:
+        """Raise :class:`HostTierFullError` unless the host tier takes ``kv_rows`` more K/V rows
+        (at most ``plan.host_cap``) and ``kept_rows`` more kept rows, all within the host budget."""
+        p = self.plan
+        if p.host_cap is None or not (kv_rows or kept_rows):
+            return
+        kept_b = 0 if self.rec is None else self.rec.row_nbytes()
+        need = self.host_nbytes() + kv_rows * p.row_bytes + kept_rows * kept_b
+        if self.host.used + kv_rows <= p.host_cap and need <= p.host_layer_bytes:
+            return
+        raise HostTierFullError(
+            f"llmaccel kv_tiers: the host tier is full at {n} tokens (host_budget: {p.host_layer_bytes} B per layer "
+            f"for {p.host_cap} K/V tokens of {p.row_bytes} B and the phase-3 kept rows of {kept_b} B; it would "
+            f"hold {need} B) and phase 3 takes no more of them (beta = {p.beta}: {p.reasons.get('beta', '')}; "
+            f"p2: {p.reasons.get('p2', '')}): raise kv_tiers.host_budget (or drop it: unlimited), raise "
+            "kv_tiers.beta (multi-head attention models) or max_context (the plan's room for kept rows), "
+            "or shorten the sequence")
 
     def _to_recompute(self, rec_pos: Tensor, n0: int) -> None:
         """Phase 3: positions ``rec_pos`` keep only their kept row; their device rows (if any) are freed."""
@@ -154,6 +182,7 @@ class TieredKV:
         self.loc[n0:n] = 0
         self._keep_pending(n0, kept)
         host_pos, rec_pos = self._to_host(n)
+        self._check_host(n, host_pos.numel(), rec_pos.numel())
         if rec_pos.numel():
             self._to_recompute(rec_pos, n0)
         self._trim_pending(n)
@@ -169,12 +198,6 @@ class TieredKV:
             return
         old = host_pos[host_pos < n0]
         new_host = host_pos[host_pos >= n0]
-        if self.plan.host_cap is not None and self.host.used + host_pos.numel() > self.plan.host_cap:
-            raise HostTierFullError(
-                f"llmaccel kv_tiers: the host tier is full at {n} tokens (host_budget: {self.plan.host_cap} "
-                f"tokens per layer) and phase 3 takes no more of them (beta = {self.plan.beta}: "
-                f"{self.plan.reasons.get('beta', '')}): raise kv_tiers.host_budget (or drop it: unlimited), "
-                "raise kv_tiers.beta (multi-head attention models), or shorten the sequence")
         if old.numel():  # device -> host, one gather
             slots = self.slot[old]
             moved = self.dev.buf.index_select(0, slots.to(self.dev.device))
@@ -280,14 +303,13 @@ class TieredKV:
         return new
 
     def map_batch(self, fn) -> "TieredKV":
-        k, v = self.full()
-        return self._rebuilt(fn(k), fn(v), None if self.state is None else self.state.map_batch(fn))
+        """Beam search's reorder and batch edits: every tier, kept rows included, gathered in place
+        (:func:`~llm_compile.runtime.tiers.edit.map_batch`)."""
+        return edit.map_batch(self, fn, HostTierFullError)
 
     def crop(self, n: int) -> None:
-        if n < self.length:
-            k, v = self.full()
-            state = None if self.state is None else self.state.crop(max(0, n))
-            self.__dict__.update(self._rebuilt(k[:, :, :n], v[:, :, :n], state).__dict__)
+        """Keep the first ``n`` positions where they are (:func:`~llm_compile.runtime.tiers.edit.crop`)."""
+        edit.crop(self, n)
 
     # -- accounting ----------------------------------------------------------------------------
     def device_tokens(self) -> int:
@@ -300,10 +322,18 @@ class TieredKV:
         """Positions in phase 3 (only their kept row stored)."""
         return int((self.loc[: self.length] == 2).sum())
 
+    def host_nbytes(self, allocated: bool = False) -> int:
+        """Bytes the host tier holds (one layer): K/V rows and the phase-3 kept rows."""
+        rec = 0 if self.rec is None else self.rec.nbytes(allocated)
+        return self.host.nbytes(allocated) + rec
+
+    def pending_nbytes(self) -> int:
+        """Device bytes of the kept rows not decided yet (the storage they keep alive)."""
+        return 0 if self.pend is None else self.pend.untyped_storage().nbytes()
+
     def nbytes(self, allocated: bool = False) -> int:
         """Bytes of K+V rows held (device and host tiers) plus the phase-3 kept rows."""
-        rec = 0 if self.rec is None else (self.rec.capacity if allocated else self.rec.used) * \
-            self.rec.buf[:1].numel() * self.rec.buf.element_size()
+        rec = 0 if self.rec is None else self.rec.nbytes(allocated)
         if allocated:
             return (self.dev.capacity + self.host.capacity) * self.plan.row_bytes + rec
         return (self.length - self.recompute_tokens()) * self.plan.row_bytes + rec
