@@ -14,6 +14,10 @@ forward. For every ``--stride``-th continuation query, each selector picks one t
 * ``mass``: the share of the exact attention weight (mean over heads) on the picked tokens;
 * ``rel.err``: ``|o_S - o| / |o|`` of attention restricted to the picked tokens against dense.
 
+``--speed``: instead, time one site's scoring on random keys (no model): the sketch's logits and
+Quest's page bounds against the dense ``q K^T`` they replace, at ``--speed-context`` tokens,
+batch 4, SmolLM2's heads (9 query, 3 KV, head dim 64), float32 CPU; median of 20 calls.
+
 Selectors: ``oracle`` (exact top-k, reads every key), ``pages<P>`` (Quest's min/max bound per page
 of P tokens), ``sketch<b>`` (the ``b``-bit per-channel key sketch over 64-token blocks,
 :class:`~llm_compile.runtime.swa.sketch.KeySketch`), ``recent`` (the newest tokens only).
@@ -109,6 +113,33 @@ def study(records, selectors, sparsity, stride, recent, context):
                 - math.ceil(summary_rows(s, context, 64))} for s, a in agg.items()}
 
 
+def speed(context: int, batch: int = 4, reps: int = 20) -> dict:
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(batch, 3, context, 64, generator=g)
+    q = torch.randn(batch, 9, 64, generator=g)
+    sk, pg = KeySketch(2, 64), PageSummary(16)
+    sk.update(k)
+    pg.update(k)
+    fns = {"dense q.K^T": lambda: torch.matmul(q.reshape(batch, 3, 3, 64), k.transpose(-1, -2)),
+           "sketch logits (2 bits)": lambda: sk.logits(q, 0.125),
+           "page bounds (16 tokens)": lambda: pg.bounds(q, 0.125)}
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out[name] = sorted(ts)[reps // 2] * 1e3
+    print(f"one site, {context} tokens, batch {batch}: | scoring | ms |\n|---|---:|")
+    for name, ms in out.items():
+        print(f"| {name} | {ms:.2f} |")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sparsities", default="0.8")
@@ -120,9 +151,14 @@ def main(argv=None) -> int:
     ap.add_argument("--recent", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/out/selector_study.json")
+    ap.add_argument("--speed", action="store_true", help="time one site's scoring instead (no model)")
+    ap.add_argument("--speed-context", type=int, default=8192)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.speed:
+        speed(args.speed_context)
+        return 0
     model, tok = load_smollm2(attn_implementation="eager")
     size = args.context + args.continuation
     ids = data.load_tokens(tok, "evaluation", args.windows * size)
