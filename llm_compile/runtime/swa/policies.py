@@ -17,7 +17,8 @@ token that is not attended receives no new weight):
 * :class:`Quest` (``"quest"``): the current page + the tokens of the pages whose key min/max
   summaries (:mod:`~llm_compile.runtime.swa.pages`) bound ``q . k`` highest (Quest).
 * :class:`Recall` (``"recall"``): ALISA's recent window and history-scored tokens, plus
-  ``query_fraction`` of the rows picked by the page bounds.
+  ``query_fraction`` of the rows picked by the query scorer (``swa.scorer``: the key sketch by
+  default, or the page bounds; :mod:`~llm_compile.runtime.swa.scorers`).
 * :class:`Oracle` (``"oracle"``): exact top-k of the current query's attention; it computes the full
   ``q K^T`` (reads every key), so it is an accuracy bound for analysis, not a speed-up.
 
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor
 
 from llm_compile.config import SWAConfig
+from llm_compile.runtime.swa.scorers import scorer_of
 
 
 def round_half_up(x: float) -> int:
@@ -142,10 +144,9 @@ class Recall(Alisa):
         return min(rem, max(1, round_half_up(rem * cfg.recent_fraction))), query
 
     def describe(self, cfg):
-        return (f"{cfg.query_fraction:.3g} of the rows by page bound (key min/max per "
-                f"{cfg.page_size} tokens; summaries counted), the rest {cfg.recent_fraction:.3g} recent "
-                f"+ top by attention summed over {self.history(cfg)} per {cfg.selection}; "
-                f"{cfg.sink_tokens} sinks")
+        return (f"{cfg.query_fraction:.3g} of the rows by {scorer_of(cfg).describe(cfg)}, the rest "
+                f"{cfg.recent_fraction:.3g} recent + top by attention summed over {self.history(cfg)} "
+                f"per {cfg.selection}; {cfg.sink_tokens} sinks")
 
 
 class Oracle(Policy):
