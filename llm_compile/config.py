@@ -59,7 +59,7 @@ class SWAConfig:
     """``"alisa"`` (recent + top-k by windowed scores), ``"streaming"`` (sinks + recent only),
     ``"h2o"`` (recent + top-k by scores accumulated over the whole history), ``"quest"`` (pages picked
     by the current query from per-page key min/max), ``"recall"`` (ALISA's recent + history tokens plus
-    query-picked pages), ``"oracle"`` (exact top-k of the current query; reads every key: analysis only)."""
+    tokens picked by the current query from a 2-bit key sketch, or pages: ``scorer``), ``"oracle"`` (exact top-k of the current query; reads every key: analysis only)."""
     bucket: int = 64
     """Budgets are rounded up to multiples of this (masked) so decode does not recompile."""
     kernel: str = "auto"
