@@ -362,8 +362,9 @@ def _validate_tiers(cfg: LLMAccelConfig) -> None:
         raise OptionsError(f"llmaccel: kv_tiers.beta={t.beta} with recompute='off': drop one of them")
     if cfg.swa is not None and cfg.swa.policy in ("quest", "recall", "oracle"):
         raise OptionsError(f"llmaccel: kv_tiers with swa.policy={cfg.swa.policy!r}: the query-aware policies "
-                           "read page summaries of every key, which the tiers do not keep yet; use "
-                           "policy 'alisa', 'h2o' or 'streaming' with kv_tiers, or drop kv_tiers")
+                           "score every key from a summary (page bounds or the key sketch) built from the cache, "
+                           "which the tiers do not build yet; use policy 'alisa', 'h2o' or 'streaming' with "
+                           "kv_tiers, or drop kv_tiers")
     if t.mmap_dir is not None and not os.path.isdir(t.mmap_dir):
         raise OptionsError(f"llmaccel: kv_tiers.mmap_dir={t.mmap_dir!r} is not an existing folder; create it "
                            "(on a local disk) or drop mmap_dir to keep the host tier in RAM")
