@@ -360,11 +360,14 @@ def _validate_tiers(cfg: LLMAccelConfig) -> None:
                            "host_budget: give kv_tiers.host_budget (or p2), or drop beta")
     if t.beta and t.recompute == "off":
         raise OptionsError(f"llmaccel: kv_tiers.beta={t.beta} with recompute='off': drop one of them")
-    if cfg.swa is not None and cfg.swa.policy in ("quest", "recall", "oracle"):
-        raise OptionsError(f"llmaccel: kv_tiers with swa.policy={cfg.swa.policy!r}: the query-aware policies "
-                           "score every key from a summary (page bounds or the key sketch) built from the cache, "
-                           "which the tiers do not build yet; use policy 'alisa', 'h2o' or 'streaming' with "
-                           "kv_tiers, or drop kv_tiers")
+    s = cfg.swa
+    if s is not None and s.policy in ("quest", "recall", "oracle") and not (
+            s.policy == "recall" and s.scorer == "sketch"):
+        what = "reads every key" if s.policy == "oracle" else "reads page summaries built from every key"
+        raise OptionsError(f"llmaccel: kv_tiers with swa.policy={s.policy!r} (scorer {s.scorer!r}): it {what}, "
+                           "which the tiers do not keep; use policy 'recall' with scorer 'sketch' (the "
+                           "sketch lives on the device, the KV in the tiers), or 'alisa', 'h2o', "
+                           "'streaming', or drop kv_tiers")
     if t.mmap_dir is not None and not os.path.isdir(t.mmap_dir):
         raise OptionsError(f"llmaccel: kv_tiers.mmap_dir={t.mmap_dir!r} is not an existing folder; create it "
                            "(on a local disk) or drop mmap_dir to keep the host tier in RAM")

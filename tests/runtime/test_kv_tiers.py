@@ -197,13 +197,35 @@ def test_swa_over_tiers_under_inductor_equals_swa_on_the_device(tmp_path):
 
 
 def test_query_aware_policy_with_tiers_is_refused():
-    """quest/recall/oracle need page summaries of every key; the tiers do not keep them: a clear
-    error at parse time, not a crash (or a wrong selection) at the first decode step."""
+    """quest, oracle and recall with page summaries need every key (summaries of the cache, or the
+    full q.K); the tiers do not keep them: a clear error at parse time, not a crash (or a wrong
+    selection) at the first decode step. recall with the key sketch (its default) is accepted."""
     from llm_compile.config import OptionsError, parse_options
 
-    for policy in ("quest", "recall", "oracle"):
-        with pytest.raises(OptionsError, match="query-aware"):
-            parse_options({"swa": {"sparsity": 0.8, "policy": policy}, "kv_tiers": {}})
+    for swa in ({"policy": "quest"}, {"policy": "oracle"}, {"policy": "recall", "scorer": "pages"}):
+        with pytest.raises(OptionsError, match="tiers do not keep"):
+            parse_options({"swa": {"sparsity": 0.8, **swa}, "kv_tiers": {}})
+    assert parse_options({"swa": {"sparsity": 0.8, "policy": "recall"}, "kv_tiers": {}}).swa.scorer == "sketch"
+
+
+def test_recall_with_the_key_sketch_over_tiers_equals_recall_on_the_device(tmp_path):
+    """The sketch lives in the sequence's SWA state on the device, the KV in the tiers: blocks are
+    sketched from rows read by position as they complete, the query picks and the history picks
+    are the same as with everything on the device, and the tokens too."""
+    swa = {"sparsity": 0.5, "policy": "recall", "sketch_block": 16}
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+    ref, ref_cache = _run(build("llama"), {"swa": swa}, ids, 16)
+    torch._dynamo.reset()
+    model = build("llama")
+    tiers = _tiers(tmp_path, device_budget=_budget(model, 2, 30))
+    got, cache = _run(model, {"swa": swa, "kv_tiers": tiers}, ids, 16)
+    for a, b in zip(_kvs(ref_cache), _kvs(cache), strict=True):
+        assert torch.equal(a.state.last_indices, b.state.last_indices)
+        assert b.state.last_budget.query > 0 and b.state.summary.n == 48   # 3 blocks of 16 sketched
+        assert torch.equal(a.state.summary.dequantized(), b.state.summary.dequantized())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert all(kv.host_tokens() >= 26 and kv.host_fetched > 0 for kv in _kvs(cache))
 
 
 # ---- a runtime module first imported while a pass runs under fake tensors (issue 14) -----------

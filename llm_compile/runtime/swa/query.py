@@ -36,7 +36,7 @@ def _group_sum(w: Tensor, groups: int) -> Tensor:
 
 
 def query_scores(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
-                 cfg, use_triton: bool) -> Tensor:
+                 cfg, use_triton: bool, source=None) -> Tensor:
     """Per-token scores [B, G, n] fp32 of the current query (see the module docstring)."""
     G = state.groups
     if policy_of(cfg).exact:
@@ -45,15 +45,15 @@ def query_scores(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor |
                               kf.float().transpose(-1, -2)).mul_(scale)
         w = torch.softmax(logits, dim=-1).reshape(q.shape[0], q.shape[1], -1)
         return _group_sum(w, G)
-    w = scorer_of(cfg).weights(state.summary, q, kc, kn, scale, b.n, use_triton)  # [B, Hq, n]
+    w = scorer_of(cfg).weights(state.summary, q, kc, kn, scale, b.n, use_triton, source)  # [B, Hq, n]
     return _group_sum(w, G)
 
 
 def select(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
-           cfg, use_triton: bool = False) -> Tensor:
+           cfg, use_triton: bool = False, source=None) -> Tensor:
     """Kept tokens [B, G, b.padded] int64 of a query-aware step, sorted, first ``b.total`` valid,
     padding slots pointing at token 0. ``q`` [B, Hq, D]; ``kc`` the key cache (without the new token
-    when ``kn`` is given)."""
+    when ``kn`` is given), or None with ``source`` (tiered KV, read by position: sketch only)."""
     B, G, n, dev = state.batch, state.groups, b.n, state.device
     taken = torch.zeros(B, G, n, dtype=torch.bool, device=dev)
     taken[..., : b.sinks] = True
@@ -61,7 +61,7 @@ def select(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None,
     parts = [torch.arange(b.sinks, device=dev).expand(B, G, b.sinks),
              torch.arange(n - b.recent, n, device=dev).expand(B, G, b.recent)]
     if b.query:
-        sc = query_scores(state, b, q, kc, kn, scale, cfg, use_triton).masked_fill_(taken, _NEG_INF)
+        sc = query_scores(state, b, q, kc, kn, scale, cfg, use_triton, source).masked_fill_(taken, _NEG_INF)
         top = torch.topk(sc, b.query, dim=-1, sorted=False).indices
         taken.scatter_(2, top, True)
         parts.append(top)

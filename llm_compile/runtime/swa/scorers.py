@@ -36,7 +36,9 @@ class PageScorer:
         return cfg.page_size + 1
 
     def weights(self, summary: PageSummary, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
-                n: int, use_triton: bool) -> Tensor:
+                n: int, use_triton: bool, source=None) -> Tensor:
+        if kc is None:  # parse_options refuses quest/recall-with-pages over kv_tiers
+            raise RuntimeError("llmaccel swa: the page scorer needs the key cache (not over kv_tiers)")
         summary.update(kc, kn)
         if use_triton:
             from llm_compile.codegen.swa_page_kernels import swa_page_bounds  # triton imported on use only
@@ -58,17 +60,22 @@ class SketchScorer:
         return KeySketch(cfg.sketch_bits, cfg.sketch_block)
 
     def summary_rows(self, n, cfg, d, dv, itemsize):
-        """The sketch of the complete blocks, plus one key row amortised (each block is quantized
-        once, from its ``block`` keys, when it completes)."""
+        """The sketch of the complete blocks, plus one token row amortised (each block is
+        quantized once, from its ``block`` rows, when it completes; over tiered KV a row is read
+        as K+V)."""
         sketched = (n // cfg.sketch_block) * cfg.sketch_block
         per_token = KeySketch.bytes_per_token(cfg.sketch_bits, cfg.sketch_block, d)
-        return (sketched * per_token + d * itemsize) / ((d + dv) * itemsize), 0
+        return (sketched * per_token) / ((d + dv) * itemsize) + 1.0, 0
 
     def min_total(self, cfg) -> int:
         return 17
 
-    def weights(self, summary: KeySketch, q, kc, kn, scale, n, use_triton):
-        summary.update(kc, kn)
+    def weights(self, summary: KeySketch, q, kc, kn, scale, n, use_triton, source=None):
+        if kc is None:  # tiered KV: the blocks completed since the last step, read by position
+            summary.update_from(lambda lo, hi: source.rows(
+                torch.arange(lo, hi, device=q.device).view(1, 1, -1))[0], n)
+        else:
+            summary.update(kc, kn)
         w = q.new_zeros(q.shape[0], q.shape[1], n, dtype=torch.float32)
         if summary.n:
             w[..., : summary.n] = torch.softmax(summary.logits(q, scale), dim=-1)

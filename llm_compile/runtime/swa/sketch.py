@@ -69,13 +69,25 @@ class KeySketch:
         """Sketch every complete block of ``k`` [B, Hkv, N, D] (and ``k_new`` after it) not yet
         sketched; a crop below ``n`` drops the blocks past it."""
         N = k.shape[2] + (0 if k_new is None else k_new.shape[2])
+
+        def read(lo: int, hi: int) -> Tensor:
+            if hi <= k.shape[2]:
+                return k[:, :, lo:hi]
+            return torch.cat([k[:, :, lo:], k_new], dim=2)[:, :, : hi - lo]
+
+        self.update_from(read, N)
+
+    def update_from(self, read, N: int) -> None:
+        """Like :meth:`update` for a cache of ``N`` tokens that is read by position (tiered KV):
+        ``read(lo, hi)`` returns the keys ``[B, Hkv, hi - lo, D]`` of positions ``lo .. hi-1``,
+        called only for the blocks that completed since the last call."""
         full = (N // self.block) * self.block
         lo = min(self.n, full)
         if lo == full:
             self.n = full
             return
-        rows = k[:, :, lo:full] if full <= k.shape[2] else torch.cat([k[:, :, lo:], k_new], dim=2)[:, :, : full - lo]
-        self._reserve(k, full)
+        rows = read(lo, full)
+        self._reserve(rows, full)
         B, H, m, D = rows.shape
         blk = rows.reshape(B, H, m // self.block, self.block, D).float()
         mn, mx = blk.amin(3), blk.amax(3)

@@ -145,7 +145,7 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
     policy = policy_of(cfg)
     query_aware = policy.pages or policy.exact  # quest / recall / oracle: slots in their own order
     if query_aware:
-        idx = query.select(state, b, q[:, :, 0], kc, kn, scale, cfg, triton_path)
+        idx = query.select(state, b, q[:, :, 0], kc, kn, scale, cfg, triton_path, source)
     else:
         idx = state.select(b)
     if source is not None:  # tiered KV: one gather per tier, then attend over the gathered rows
