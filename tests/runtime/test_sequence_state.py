@@ -59,7 +59,8 @@ def test_other_input_between_decode_steps_does_not_change_the_sequence(options):
 INDUCTOR_SWA = {"swa": {"sparsity": 0.5, "bucket": 4, "kernel": "torch"}, "kv_store": False}
 
 
-@pytest.mark.parametrize("options", [STORE, SWA, SWA_ALONE, INDUCTOR_SWA],
+@pytest.mark.parametrize("options", [STORE, SWA, SWA_ALONE,
+                                     pytest.param(INDUCTOR_SWA, marks=pytest.mark.slow)],  # -m slow
                          ids=["kv_store", "swa+store", "swa", "swa-inductor"])
 def test_two_caches_of_one_model_interleaved_step_by_step(options):
     """Each cache carries its own state, also through Inductor (the op receives the very tensor

@@ -209,18 +209,16 @@ def test_the_model_test_uses_the_sketch():
 
 
 def test_generate_with_dynamic_cache_and_llmaccel_cache():
-    """recall with the sketch over the in-place store, over HF's DynamicCache and over
-    LLMAccelCache: the same tokens."""
+    """recall with the sketch over HF's DynamicCache (SWA state on the cache's tensors) and over
+    the in-place store of LLMAccelCache: the same tokens."""
     from llm_compile import LLMAccelCache
 
     kw = dict(max_new_tokens=8, do_sample=False)
     with torch.no_grad():
         want = _model({**SK, "kv_store": False}).generate(_ids(), **kw)
         torch._dynamo.reset()
-        got = _model(SK).generate(_ids(), **kw)
-        torch._dynamo.reset()
-        got2 = _model(SK).generate(_ids(), past_key_values=LLMAccelCache(), **kw)
-    assert torch.equal(got, want) and torch.equal(got2, want)
+        got = _model(SK).generate(_ids(), past_key_values=LLMAccelCache(), **kw)
+    assert torch.equal(got, want)
     assert got.shape[1] == 68
 
 
