@@ -29,8 +29,10 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
+import transformers.models.llama.modeling_llama as ml
 
 from llm_compile.config import SWAConfig
 from llm_compile.eval import data
@@ -42,8 +44,6 @@ from llm_compile.runtime.swa.sketch import KeySketch
 
 def capture(model, ids: torch.Tensor, keep: int):
     """Per layer (q of the last ``keep`` positions [Hq, keep, D], k [Hkv, n, D], v) of one forward."""
-    import transformers.models.llama.modeling_llama as ml
-
     rec, orig = [], ml.eager_attention_forward
 
     def hook(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
@@ -70,7 +70,7 @@ def selector_weights(name: str, q, k, scale):
     else:
         s = KeySketch(int(name[6:]), 64)
     scorer = SCORERS["pages" if name.startswith("pages") else "sketch"]
-    return scorer.weights(s, q[None], k[None], None, scale, n, False)[0]
+    return scorer.to_tokens(scorer.weights(s, q[None], k[None], None, scale, n, False), s, n)[0]
 
 
 def summary_rows(name: str, n: int, D: int) -> float:
@@ -114,8 +114,6 @@ def study(records, selectors, sparsity, stride, recent, context):
 
 
 def speed(context: int, batch: int = 4, reps: int = 20) -> dict:
-    import time
-
     g = torch.Generator().manual_seed(0)
     k = torch.randn(batch, 3, context, 64, generator=g)
     q = torch.randn(batch, 9, 64, generator=g)

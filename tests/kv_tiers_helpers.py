@@ -3,6 +3,18 @@ from __future__ import annotations
 
 import torch
 
+from model_zoo import build  # torch only at import, no llm_compile (the fresh-process test checks)
+
+
+MHA_FAMILIES = {"gpt2": {}, "llama_mha": {"kv_heads": 4}, "opt": {}}
+"""The multi-head-attention models of the phase-3 (recompute) tests: ``model_zoo`` family
+(the name before ``_``) and its build options."""
+
+
+def mha_model(name: str):
+    """A small random-weight model of ``MHA_FAMILIES[name]``."""
+    return build(name.split("_")[0], **MHA_FAMILIES[name])
+
 
 def kv_budget(model, batch: int, tokens: int) -> int:
     """Bytes of float32 K+V for ``tokens`` tokens per layer of ``batch`` sequences of ``model``."""

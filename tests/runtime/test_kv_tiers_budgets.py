@@ -7,15 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_tiers_helpers import decode_logits as _run, kept_budget as _kept, kv_budget as _budget, site_kvs as _kvs
-from model_zoo import build
+from kv_tiers_helpers import (decode_logits as _run, kept_budget as _kept, kv_budget as _budget,
+                              mha_model as _model, site_kvs as _kvs)
 from llm_compile.config import KVTiersConfig
 from llm_compile.runtime.tiers.plan import make_plan
 from llm_compile.runtime.tiers.store import TieredKV
 
 pytestmark = pytest.mark.filterwarnings("error::llm_compile.passes.manager.PassNotAppliedWarning")
 
-FAMILIES = {"gpt2": {}, "llama_mha": {"kv_heads": 4}}
 
 
 @pytest.fixture(autouse=True)
@@ -23,10 +22,6 @@ def _fresh():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def _model(name: str):
-    return build(name.split("_")[0], **FAMILIES.get(name, {}))
 
 
 def _full_host(tmp_path, model, **kw):

@@ -11,13 +11,13 @@ import json
 import pytest
 import torch
 
-from kv_tiers_helpers import decode_logits as _run, kept_budget as _kept, kv_budget as _budget, site_kvs as _kvs
+from kv_tiers_helpers import (MHA_FAMILIES, decode_logits as _run, kept_budget as _kept, kv_budget as _budget,
+                              mha_model as _model, site_kvs as _kvs)
 from model_zoo import build
 from llm_compile.runtime.tiers.store import TieredKV
 
 pytestmark = pytest.mark.filterwarnings("error::llm_compile.passes.manager.PassNotAppliedWarning")
 
-FAMILIES = {"gpt2": {}, "llama_mha": {"kv_heads": 4}, "opt": {}}
 
 
 @pytest.fixture(autouse=True)
@@ -25,10 +25,6 @@ def _fresh():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def _model(name: str):
-    return build(name.split("_")[0], **FAMILIES.get(name, {}))
 
 
 def _tiers(tmp_path, model, **kw):
@@ -149,7 +145,7 @@ SPECS = {  # what the pass hands the op per site: [layer input, weights/biases, 
 }
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(MHA_FAMILIES))
 def test_pass_hands_the_op_its_recompute_inputs_and_dump_shows_the_plan(name, tmp_path):
     import re
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from helpers import compiled_llama as _model, prompt_ids as _ids
 from llm_compile.config import SWAConfig
 from llm_compile.ops.attention import dense_attention
 from llm_compile.runtime import swa
@@ -242,20 +243,6 @@ def test_the_model_tests_use_pages():
     for n in (61, 67):
         b = compute_budget(n, SWAConfig(**{k: v for k, v in RECALL["swa"].items()}))
         assert b.pages and b.query and b.global_
-
-
-def _model(options):
-    import model_zoo
-
-    m = model_zoo.build("llama", layers=2, seed=0)
-    m.forward = torch.compile(m.forward, backend="llmaccel", options=options)
-    return m
-
-
-def _ids(n=60):
-    import model_zoo
-
-    return torch.randint(0, model_zoo.VOCAB, (2, n), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.slow  # the default scorer's model test (tests/runtime/test_swa_sketch.py) stays in the suite

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import compiled_llama as _model, prompt_ids as _ids
 from llm_compile.config import OptionsError, SWAConfig, parse_options
 from llm_compile.ops.attention import dense_attention
 from llm_compile.runtime import swa
@@ -187,20 +188,6 @@ def test_sketch_brings_back_a_passkey_that_history_dropped_and_pages_miss():
 
 SK = {"inner": "eager", "swa": {"sparsity": 0.5, "bucket": 4, "kernel": "torch", "sketch_block": 16,
                                 **SKETCH}}
-
-
-def _model(options):
-    import model_zoo
-
-    m = model_zoo.build("llama", layers=2, seed=0)
-    m.forward = torch.compile(m.forward, backend="llmaccel", options=options)
-    return m
-
-
-def _ids(n=60):
-    import model_zoo
-
-    return torch.randint(0, model_zoo.VOCAB, (2, n), generator=torch.Generator().manual_seed(0))
 
 
 def test_the_model_test_uses_the_sketch():

@@ -45,8 +45,9 @@ def query_scores(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor |
                               kf.float().transpose(-1, -2)).mul_(scale)
         w = torch.softmax(logits, dim=-1).reshape(q.shape[0], q.shape[1], -1)
         return _group_sum(w, G)
-    w = scorer_of(cfg).weights(state.summary, q, kc, kn, scale, b.n, use_triton, source)  # [B, Hq, n]
-    return _group_sum(w, G)
+    scorer = scorer_of(cfg)
+    w = scorer.weights(state.summary, q, kc, kn, scale, b.n, use_triton, source)  # [B, Hq, units]
+    return scorer.to_tokens(_group_sum(w, G), state.summary, b.n)
 
 
 def select(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,

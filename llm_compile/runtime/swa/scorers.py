@@ -7,9 +7,10 @@ objects chosen by ``swa.scorer``:
 * :class:`SketchScorer` (``"sketch"``): per token, ``q . k~`` from a ``sketch_bits``-bit copy of
   the keys (:mod:`~llm_compile.runtime.swa.sketch`); tokens are taken one by one.
 
-Both give per-head weights ``[B, Hq, n]`` (a softmax over the scored units, zero where a token has
-no summary yet) and say how many token rows (K+V of one token, all KV heads) their summaries cost
-a step, so the budget counts them.
+Both give per-head weights over their scored units (a softmax over pages, or over the sketched
+tokens), spread over the ``n`` tokens by ``to_tokens`` *after* the heads are summed (so the
+expansion runs on ``G`` rows, not ``Hq``; a token without a summary yet gets 0), and say how many
+token rows (K+V of one token, all KV heads) their summaries cost a step, so the budget counts them.
 """
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ class PageScorer:
             ub = swa_page_bounds(q, summary.kmin, summary.kmax, scale)
         else:
             ub = summary.bounds(q, scale)
-        w = torch.softmax(ub, dim=-1)
+        return torch.softmax(ub, dim=-1)                            # [B, Hq, pages]
+
+    def to_tokens(self, w: Tensor, summary: PageSummary, n: int) -> Tensor:
+        """A token inherits its page's weight: [B, G, pages] -> [B, G, n]."""
         return w.repeat_interleave(summary.page, dim=-1)[..., :n]
 
     def describe(self, cfg) -> str:
@@ -76,10 +80,13 @@ class SketchScorer:
                 torch.arange(lo, hi, device=q.device).view(1, 1, -1))[0], n)
         else:
             summary.update(kc, kn)
-        w = q.new_zeros(q.shape[0], q.shape[1], n, dtype=torch.float32)
-        if summary.n:
-            w[..., : summary.n] = torch.softmax(summary.logits(q, scale), dim=-1)
-        return w
+        if not summary.n:
+            return q.new_zeros(q.shape[0], q.shape[1], 0, dtype=torch.float32)
+        return torch.softmax(summary.logits(q, scale), dim=-1)      # [B, Hq, sketched]
+
+    def to_tokens(self, w: Tensor, summary: KeySketch, n: int) -> Tensor:
+        """The newest ``n - summary.n`` tokens have no sketch yet: weight 0."""
+        return torch.nn.functional.pad(w, (0, n - w.shape[-1]))
 
     def describe(self, cfg) -> str:
         return (f"{cfg.sketch_bits}-bit key sketch per token (per channel over {cfg.sketch_block}-token "
