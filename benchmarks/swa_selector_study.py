@@ -121,7 +121,8 @@ def speed(context: int, batch: int = 4, reps: int = 20) -> dict:
     sk.update(k)
     pg.update(k)
     fns = {"dense q.K^T": lambda: torch.matmul(q.reshape(batch, 3, 3, 64), k.transpose(-1, -2)),
-           "sketch logits (2 bits)": lambda: sk.logits(q, 0.125),
+           "sketch logits (2 bits), C kernel": lambda: sk.logits(q, 0.125),
+           "sketch logits (2 bits), torch path": lambda: sk.logits_torch(q, 0.125),
            "page bounds (16 tokens)": lambda: pg.bounds(q, 0.125)}
     out = {}
     for name, fn in fns.items():

@@ -73,9 +73,9 @@ class SWAConfig:
     scorer: str | None = None
     """How ``recall`` scores tokens for the current query: ``"pages"`` (Quest's per-page key min/max bound, whole pages taken) or ``"sketch"`` (a ``sketch_bits``-bit copy of the keys, per channel over ``sketch_block``-token blocks: every token scored). Either counts in the budget. ``None``: the policy's default (``quest``: ``"pages"``, its definition; ``recall``: ``"sketch"``)."""
     sketch_bits: int = 2
-    """Bits per key value of the ``"sketch"`` scorer (1-8)."""
+    """Bits per key value of the ``"sketch"`` scorer: 1, 2, 4 or 8 (packed ``8 // bits`` per byte)."""
     sketch_block: int = 64
-    """Tokens per block of the ``"sketch"`` scorer (one float16 minimum and step per block and channel)."""
+    """Tokens per block of the ``"sketch"`` scorer (one float16 minimum and step per block and channel); a multiple of ``8 // sketch_bits``."""
     seed: str = "window"
     """How prefill seeds the history scores: ``"window"`` (attention of the last prompt rows, as many as the score window) or ``"snapkv"`` (SnapKV: the last 32 prompt rows, each max-pooled over 7 neighbouring tokens)."""
     # --- issue 17 (engineer F): never slower than dense at short context ----------------------
@@ -89,6 +89,14 @@ class SWAConfig:
             object.__setattr__(self, "sink_tokens", defaults.get("sink_tokens", 0))
         if self.scorer is None:
             object.__setattr__(self, "scorer", defaults.get("scorer", "pages"))
+        if 8 % self.sketch_bits:
+            raise OptionsError(f"llmaccel: swa.sketch_bits={self.sketch_bits}: use 1, 2, 4 or 8 (the sketch "
+                               "packs 8 // bits codes per byte)")
+        if self.sketch_block % (8 // self.sketch_bits):
+            raise OptionsError(f"llmaccel: swa.sketch_block={self.sketch_block} with sketch_bits="
+                               f"{self.sketch_bits}: use a multiple of {8 // self.sketch_bits} (the codes of "
+                               "a block are packed 8 // bits per byte); the CPU kernel's fast path wants a "
+                               f"multiple of {16 * (8 // self.sketch_bits)}")
         if self.policy == "quest" and self.scorer != "pages":
             raise OptionsError(f"llmaccel: swa.policy='quest' with scorer={self.scorer!r}: quest is Quest's "
                                "page method (scorer 'pages'); use policy 'recall' for the key sketch")

@@ -218,6 +218,27 @@ def _page_jobs():
     return jobs + [_page_bound(cc, "fp16", 128, 128, 64) for cc in TARGETS]
 
 
+def _sketch_logit(cc, dtype, d, bits, block_g, block_pb, aligned=False):
+    const = dict(D=d, BITS=bits, PER=8 // bits, BLOCK_G=block_g, BLOCK_PB=block_pb,
+                 BLOCK_D=max(16, 1 << (d - 1).bit_length()))
+    return dict(label=f"swa_sketch_logit sm_{cc} {dtype} {const} aligned={aligned}", cc=cc,
+                fn="_sketch_logit_kernel", module="llm_compile.codegen.swa_sketch_kernels",
+                signature=dict(Q="*" + dtype, PACKED="*u8", STEP="*fp16", MN="*fp16", OUT="*fp32",
+                               scale="fp32"), constexprs=const, aligned=aligned)
+
+
+def _sketch_jobs():
+    """What ``swa_sketch_logits`` passes (issue 15): every bit width (PER = 8 // bits fields per
+    byte), BLOCK_PB = pow2(bytes per channel) >= 16, BLOCK_G = pow2(query heads per KV head) >= 16,
+    head dims 64/80/128; pairwise, plus MQA (BLOCK_G 128)."""
+    rows = [dict(cc=cc, BITS=bits) for cc in TARGETS for bits in (1, 2, 4, 8)]
+    dims = dict(dtype=("fp16", "bf16", "fp32"), D=(64, 80, 128), BLOCK_G=(16, 32), BLOCK_PB=(16, 32),
+                aligned=(False, True))
+    jobs = [_sketch_logit(rows[i]["cc"], ch["dtype"], ch["D"], rows[i]["BITS"], ch["BLOCK_G"],
+                          ch["BLOCK_PB"], ch["aligned"]) for i, ch in _cover(rows, dims)]
+    return jobs + [_sketch_logit(cc, "fp16", 128, 2, 128, 16) for cc in TARGETS]
+
+
 def _fill_ints(job):
     """SWA kernels: every argument not typed above is an int32 scalar (sizes, strides)."""
     import ast
@@ -241,11 +262,12 @@ def test_swa_kernels_compile_for_sm80_and_sm90(tmp_path):
         f"{k}: {v[-600:]}" for k, v in list(bad.items())[:8])
 
 
-def test_swa_page_bound_kernel_compiles_for_sm80_and_sm90(tmp_path):
-    jobs = [_fill_ints(j) for j in _page_jobs()]
+def test_swa_query_kernels_compile_for_sm80_and_sm90(tmp_path):
+    """Page-bound (quest) and sketch-logit (recall) kernels, in one pair of compiler processes."""
+    jobs = [_fill_ints(j) for j in _page_jobs() + _sketch_jobs()]
     results = _run_jobs(jobs, tmp_path)
     bad = _failures(results)
-    assert not bad, f"{len(bad)}/{len(jobs)} page-bound kernels do not compile:\n" + "\n".join(
+    assert not bad, f"{len(bad)}/{len(jobs)} page-bound / sketch-logit kernels do not compile:\n" + "\n".join(
         f"{k}: {v[-600:]}" for k, v in list(bad.items())[:8])
 
 

@@ -8,7 +8,7 @@ from llm_compile.config import SWAConfig
 from llm_compile.ops.attention import dense_attention
 from llm_compile.ops.swa import swa_config_json
 from llm_compile.runtime import swa
-from llm_compile.runtime.swa import step as swa_step_module
+from llm_compile.runtime.swa import native, step as swa_step_module
 from llm_compile.runtime.swa.op import SequenceStateError
 from llm_compile.runtime.swa.state import compute_budget, quantize_weights
 
@@ -245,6 +245,9 @@ def test_state_travels_with_the_returned_cache_through_op():
 
 
 def test_bucketed_kernel_shapes_constant(monkeypatch):
+    """The torch path's shapes are bucketed (no recompiles where it is compiled); the C kernel, which
+    takes the step where it applies, is off here (it attends over exactly ``total`` slots)."""
+    monkeypatch.setattr(native, "library", lambda: None)
     cfg = SWAConfig(sparsity=0.8, bucket=16)
     shapes = []
     real = swa_step_module.attend_split_torch
@@ -291,6 +294,46 @@ def test_split_path_equals_gather_path(selection, sinks, masked, split_new):
     out, w = swa_step_module.attend_split_torch(q, kc, vc, idx, b, mask, SCALE, kn, vn)
     torch.testing.assert_close(out, ref_o, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w, ref_w[..., : b.total], rtol=1e-5, atol=1e-7)
+    if not split_new:   # the C kernel (rows read in place) gives the same
+        out, w = swa_step_module.attend_native(q, k, v, idx, b.total, mask, SCALE)
+        torch.testing.assert_close(out, ref_o, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w, ref_w[..., : b.total], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy", ["alisa", "recall"])
+def test_cpu_decode_runs_the_c_kernel_and_equals_the_torch_path(monkeypatch, policy):
+    """On a float32 CPU cache the sparse step attends with the C kernel (sparse_attend); with the
+    kernel off (no compiler) the torch path keeps the same tokens and gives the same outputs."""
+    calls = []
+    real = native.sparse_attend
+    def spy(*a):
+        res = real(*a)
+        calls.append(res is not None)
+        return res
+
+    monkeypatch.setattr(native, "sparse_attend", spy)
+    B, Hq, Hkv, D, L = 2, 6, 2, 16, 300
+    cfg = SWAConfig(sparsity=0.8, bucket=16, policy=policy, sketch_block=16)
+    outs, picks = {}, {}
+    for path in ("native", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(native, "library", lambda: None)
+        gen = torch.Generator().manual_seed(3)
+        q, k, v = _qkv(B, Hq, Hkv, L, D=D, gen=gen)
+        st = swa.new_state(B, Hkv, "cpu", cfg)
+        swa.swa_step(st, q, k, v, SCALE, cfg, is_causal=True)
+        outs[path], picks[path] = [], []
+        for _ in range(6):
+            k = torch.cat([k, torch.randn(B, Hkv, 1, D, generator=gen)], 2)
+            v = torch.cat([v, torch.randn(B, Hkv, 1, D, generator=gen)], 2)
+            qd = torch.randn(B, Hq, 1, D, generator=gen)
+            outs[path].append(swa.swa_step(st, qd, k, v, SCALE, cfg))
+            picks[path].append(st.last_indices.clone())
+    assert calls == [True] * 6 + [False] * 6      # the kernel ran, then (off) did not
+    for a, b in zip(picks["native"], picks["torch"]):
+        assert torch.equal(a, b)
+    for a, b in zip(outs["native"], outs["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout, bag", [("buffer", True), ("contiguous", True), ("seq_major", False),

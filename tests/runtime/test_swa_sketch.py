@@ -10,6 +10,7 @@ from helpers import compiled_llama as _model, prompt_ids as _ids
 from llm_compile.config import OptionsError, SWAConfig, parse_options
 from llm_compile.ops.attention import dense_attention
 from llm_compile.runtime import swa
+from llm_compile.runtime.swa import native
 from llm_compile.runtime.swa.sketch import KeySketch
 from llm_compile.runtime.swa.state import compute_budget
 
@@ -108,6 +109,57 @@ def test_quest_refuses_the_sketch_and_bad_values_are_refused():
     for bad in ({"scorer": "exact"}, {"sketch_bits": 9}, {"sketch_block": 1}):
         with pytest.raises(OptionsError, match="out of range"):
             parse_options({"swa": bad})
+    with pytest.raises(OptionsError, match="use 1, 2, 4 or 8"):
+        parse_options({"swa": {"policy": "recall", "sketch_bits": 3}})
+    with pytest.raises(OptionsError, match="multiple of 4"):
+        parse_options({"swa": {"policy": "recall", "sketch_bits": 2, "sketch_block": 6}})
+
+
+# ---- the CPU kernel (runtime/swa/native.py) ---------------------------------------------------------
+
+def test_the_cpu_kernel_builds_here():
+    """CI's machine has a C compiler: the kernel must be in use there, not the slow fallback."""
+    assert native.library() is not None
+
+
+@pytest.mark.parametrize("bits,block,Hq,D", [(2, 64, 9, 64), (1, 128, 4, 32), (4, 32, 8, 64),
+                                             (8, 16, 2, 16), (2, 16, 3, 8), (4, 6, 6, 24)])
+def test_cpu_kernel_equals_the_torch_path(bits, block, Hq, D):
+    """Packed codes read by the C kernel (AVX2 path for 16-byte rows, generic otherwise) give the
+    torch path's logits, incl. after the sketch grew (capacity > blocks used) and a partial block."""
+    k = _keys(B=2, H=2 if Hq % 2 == 0 else 3, n=3 * block + 5, D=D, seed=bits)
+    s = KeySketch(bits, block)
+    s.update(k[:, :, : block + 1])
+    s.update(k)
+    q = torch.randn(2, Hq, D, generator=torch.Generator().manual_seed(7))
+    got = s.logits(q, SCALE)
+    want = s.logits_torch(q, SCALE)
+    assert got.shape == want.shape == (2, Hq, 3 * block)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernel_refuses_bad_inputs():
+    s = KeySketch(2, 64)
+    s.update(_keys(n=128, D=64))
+    with pytest.raises(ValueError, match="sketch_logits: bad inputs"):
+        native.sketch_logits(s._packed, s._step, s._mn, torch.randn(2, 4, 64), 2, 2, 1.0)  # 4 % 3 heads
+    with pytest.raises(ValueError, match="sketch_logits: bad inputs"):
+        native.sketch_logits(s._packed, s._step.float(), s._mn, torch.randn(2, 3, 64), 2, 2, 1.0)
+
+
+def test_without_a_compiler_the_torch_path_runs_after_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.library.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert native.library() is None
+        assert "key-sketch kernel is unavailable (no C compiler found" in caplog.text
+        s = KeySketch(2, 64)
+        s.update(_keys(n=128))
+        q = torch.randn(2, 9, 8)
+        torch.testing.assert_close(s.logits(q, SCALE), s.logits_torch(q, SCALE))
+    finally:
+        native.library.cache_clear()
 
 
 # ---- selection -----------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Hugging Face's ``DynamicCache`` appends a decode token with ``torch.cat([past, n
 rewrites the whole cache every step; at long contexts that copy costs more than the attention
 itself. :class:`SiteKV` keeps ``[B, H, capacity, D]`` buffers instead, writes the new rows into the
 free slots, and hands out views of the filled part; when full it grows by a factor (one copy per
-growth, amortised O(1) rows per step)::
+growth, amortised O(1) rows per step; on CPU the buffers sit on huge pages,
+:mod:`~llm_compile.runtime.kv.hugepages`)::
 
     kv = SiteKV(batch=4, heads=3, head_dim=64, v_dim=64, dtype=torch.float32, device="cpu",
                 mode=DenseMode(), state=None, reserve=256, growth=1.5)
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from llm_compile.runtime.kv.hugepages import empty_kv
 
 
 def check_new_rows(shape: tuple[int, int, int, int], k: Tensor, v: Tensor) -> None:
@@ -67,7 +70,7 @@ class SiteKV:
             B, H, D, Dv = self.shape
             cap = self._capacity_for(n)
             for name, old, d in (("k", self.k, D), ("v", self.v, Dv)):
-                new = torch.empty(B, H, cap, d, dtype=self.dtype, device=self.device)
+                new = empty_kv((B, H, cap, d), self.dtype, self.device)   # huge pages on CPU
                 new[:, :, :self.length] = old[:, :, :self.length]
                 setattr(self, name, new)
             self.grown += self.length > 0

@@ -5,6 +5,9 @@ place, and return the output and the kept tokens' weights for the score update::
 
     out, w = attend_split_torch(q, k_cache, v_cache, idx, budget, attn_mask, scale)  # [B,Hq,Dv], [B,Hq,P]
 
+:func:`attend_native` runs the C kernel instead where it applies (float32 rows of a CPU cache,
+read in place: :mod:`~llm_compile.runtime.swa.native`).
+
 :func:`gather_attend_torch` (gather every kept row, then dense attention) is the reference the
 split path is tested against; :func:`attend_rows` attends over rows already gathered (tiered KV).
 """
@@ -14,6 +17,8 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+from llm_compile.runtime.swa import native
 
 
 def _mask_bias(attn_mask: Tensor | None, B: int, Lq: int, n: int) -> Tensor | None:
@@ -103,6 +108,17 @@ def weighted_rows(w: Tensor, v: Tensor, idx: Tensor) -> Tensor | None:
     out = torch.nn.functional.embedding_bag(bags, rows, mode="sum",
                                             per_sample_weights=w.reshape(B * H * G, P))
     return out.view(B, H, G, v.shape[-1])
+
+
+def attend_native(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, total: int, attn_mask: Tensor | None,
+                  scale: float) -> tuple[Tensor, Tensor] | None:
+    """The first ``total`` slots of ``idx`` attended by the C kernel
+    (:func:`~llm_compile.runtime.swa.native.sparse_attend`: rows read in place, prefetched), same
+    contract as :func:`gather_attend_torch` over those slots; None where it does not apply (GPU,
+    not float32, no C compiler): the caller takes a torch path."""
+    ii = idx[..., :total]
+    bias = None if attn_mask is None else _slot_bias(attn_mask, ii, total, q.shape[1], kf.shape[2])
+    return native.sparse_attend(q, kf, vf, ii, bias, scale)
 
 
 def gather_attend_torch(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, bias: Tensor,

@@ -82,7 +82,14 @@ class SketchScorer:
             summary.update(kc, kn)
         if not summary.n:
             return q.new_zeros(q.shape[0], q.shape[1], 0, dtype=torch.float32)
-        return torch.softmax(summary.logits(q, scale), dim=-1)      # [B, Hq, sketched]
+        if use_triton:
+            from llm_compile.codegen.swa_sketch_kernels import swa_sketch_logits  # triton imported on use only
+
+            packed, step, mn, nb = summary.parts()
+            logits = swa_sketch_logits(packed, step, mn, q, nb, summary.bits, scale)
+        else:   # the C kernel on CPU (runtime/swa/native.py), else torch
+            logits = summary.logits(q, scale)
+        return torch.softmax(logits, dim=-1)                        # [B, Hq, sketched]
 
     def to_tokens(self, w: Tensor, summary: KeySketch, n: int) -> Tensor:
         """The newest ``n - summary.n`` tokens have no sketch yet: weight 0."""

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from llm_compile.ops.attention import dense_attention, full_kv
 from llm_compile.runtime.swa import query
-from llm_compile.runtime.swa.attend import (_mask_bias, _slot_bias, attend_rows, attend_split_torch,
-                                            gather_attend_torch)
+from llm_compile.runtime.swa.attend import (_mask_bias, _slot_bias, attend_native, attend_rows,
+                                            attend_split_torch, gather_attend_torch)
 from llm_compile.runtime.swa.policies import policy_of, seed_of
 from llm_compile.runtime.swa.scorers import scorer_of
 from llm_compile.runtime.swa.state import SWAState, compute_budget, quantize_weights
@@ -158,6 +158,9 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
             out, w = swa_decode_attention(q[:, :, 0], kg, vg, seq, bias, scale)
         else:
             out, w = attend_rows(q[:, :, 0], kg, vg, bias, scale)
+    elif not triton_path and kn is None and (
+            res := attend_native(q[:, :, 0], kc, vc, idx, b.total, attn_mask, scale)) is not None:
+        out, w = res    # the C kernel: kept rows read in place (float32 CPU cache)
     elif query_aware and not triton_path:  # no sinks/global/recent layout: plain gather
         bias = _slot_bias(attn_mask, idx, b.total, Hq, n)
         out, w = gather_attend_torch(q[:, :, 0], kc, vc, idx, bias, scale, kn, vn)
