@@ -16,6 +16,7 @@ import torch
 from llm_compile.config import SWAConfig
 from llm_compile.ops.attention import dense_attention
 from llm_compile.runtime import swa
+from llm_compile.runtime.kv.hugepages import empty_kv
 from llm_compile.runtime.swa.state import SWAState, compute_budget
 
 
@@ -24,12 +25,13 @@ def cpu_op_bench(args) -> dict:
     ``llmaccel::stored_attention`` runs it over an ``LLMAccelCache`` site: the new row is already
     in a preallocated ``[B, Hkv, capacity, D]`` buffer and both paths read the filled rows in
     place — dense (``dense_attention``: SDPA over every row) vs ``swa_step`` (trim, select,
-    gather, attend, score update). The SWA state starts with random scores; the two paths run
+    attend over the kept rows with the C kernel, score update). The SWA state starts with random scores; the two paths run
     interleaved step by step."""
     B, Hq, Hkv, D, n0, steps = args.batch, 9, 3, 64, args.op_context, args.steps
     g = torch.Generator().manual_seed(0)
     cap = n0 + steps + 64
-    kc, vc = torch.randn(B, Hkv, cap, D, generator=g), torch.randn(B, Hkv, cap, D, generator=g)
+    kc, vc = (empty_kv((B, Hkv, cap, D), torch.float32, "cpu").copy_(torch.randn(B, Hkv, cap, D, generator=g))
+              for _ in range(2))   # allocated as LLMAccelCache's buffers are (huge pages)
     qs = torch.randn(steps, B, Hq, 1, D, generator=g)
     cfg = SWAConfig(sparsity=args.sparsity, bucket=args.bucket, kernel="torch", policy=args.policy)
     st = swa.new_state(B, Hkv, "cpu", cfg)
