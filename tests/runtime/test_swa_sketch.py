@@ -153,7 +153,7 @@ def test_without_a_compiler_the_torch_path_runs_after_a_warning(monkeypatch, cap
     try:
         with caplog.at_level("WARNING"):
             assert native.library() is None
-        assert "key-sketch kernel is unavailable (no C compiler found" in caplog.text
+        assert "CPU SWA kernels (key sketch, sparse attend) are unavailable (no C compiler found" in caplog.text
         s = KeySketch(2, 64)
         s.update(_keys(n=128))
         q = torch.randn(2, 9, 8)
