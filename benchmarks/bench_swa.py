@@ -80,6 +80,7 @@ def model_configs(args) -> dict:
         "dense_dynamic": ("llmaccel", dict(inner), "dynamic"),
         "dense_llmaccel": ("llmaccel", dict(inner, kv_store=True), "llmaccel"),
         "swa_llmaccel": ("llmaccel", dict(inner, swa=dict(swa)), "llmaccel"),
+        "recall_llmaccel": ("llmaccel", dict(inner, swa=dict(swa, policy="recall")), "llmaccel"),
         "dense_llmaccel_mm": ("llmaccel", dict(mm, kv_store=True), "llmaccel"),
         "swa_llmaccel_mm": ("llmaccel", dict(mm, swa=dict(swa)), "llmaccel"),
         "swa_dynamic": ("llmaccel", dict(inner, swa=dict(swa), kv_store=False), "dynamic"),
@@ -125,6 +126,7 @@ def _check_memory(names, table, cfg, args, max_len: int) -> None:
 
 
 RATIOS = (("swa_llmaccel", "dense_llmaccel", "SWA vs dense, both LLMAccelCache (target >= 2.3x)"),
+          ("recall_llmaccel", "dense_llmaccel", "recall SWA vs dense, both LLMAccelCache (issue 15 target >= 2x)"),
           ("swa_llmaccel_mm", "dense_llmaccel_mm", "SWA vs dense, both LLMAccelCache, both decode_matmul (target >= 2.3x)"),
           ("dense_llmaccel_mm", "dense_llmaccel", "dense + decode_matmul vs dense, both LLMAccelCache"),
           ("dense_llmaccel", "dense_dynamic", "dense LLMAccelCache vs dense DynamicCache (target >= 1.3x)"),
