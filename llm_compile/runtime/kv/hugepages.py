@@ -2,7 +2,8 @@
 
 A sparse decode step reads a few hundred scattered rows per head out of a cache of tens of MB;
 with 4 KiB pages nearly every row is a TLB miss, and the page walks, not the bytes, set the time
-(SWA's CPU attend at 8k tokens, batch 4: 5.0 ms on 4 KiB pages, 1.4 ms on 2 MiB pages). So
+(SWA's CPU attend at 8k tokens, batch 4, in scratch timings: about 2-3x slower than on 2 MiB
+pages). So
 :func:`empty_kv` maps large CPU buffers anonymously and asks the kernel for huge pages
 (``madvise(MADV_HUGEPAGE)``, honoured when ``/sys/kernel/mm/transparent_hugepage/enabled`` is
 ``always`` or ``madvise``) before anything touches them. PyTorch's own switch for the same thing,
