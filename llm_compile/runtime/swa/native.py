@@ -4,7 +4,7 @@
   :meth:`~llm_compile.runtime.swa.sketch.KeySketch.logits` widens every code to float32 before a
   matmul, which on a CPU costs more than the dense ``q K^T`` it replaces (issue 15: 26 ms against
   14 ms at 8k tokens, batch 4). The C kernel reads the packed codes directly (2 bits per value) and
-  multiply-adds them in registers: 3-4x faster than that ``q K^T``
+  multiply-adds them in registers: 3-5x faster than that ``q K^T``
   (``python benchmarks/swa_selector_study.py --speed``).
 * :func:`sparse_attend`: attention over the kept rows of a float32 cache, read in place with the
   next rows prefetched; replaces a gather (``index_select``: a scattered read, a write and a

@@ -23,7 +23,7 @@ its ``map_batch``/``crop``), and it is updated lazily from the key cache, like
 Codes are packed ``8 // bits`` per byte, channel-major within a block (``_packed`` [B, H, blocks,
 D, block * bits / 8]: byte ``j`` of channel ``d`` holds tokens ``j + s * block * bits / 8`` at bits
 ``s * bits``), so a CPU step reads exactly the bytes the budget counts and sums over channels with
-whole vectors of tokens: :mod:`~llm_compile.runtime.swa.native` (a C kernel, 3-4x faster than the
+whole vectors of tokens: :mod:`~llm_compile.runtime.swa.native` (a C kernel, 3-5x faster than the
 dense ``q K^T`` it replaces); elsewhere, or without a C compiler, a torch path unpacks the codes
 (same values).
 """
