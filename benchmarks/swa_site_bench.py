@@ -25,8 +25,8 @@ def cpu_op_bench(args) -> dict:
     ``llmaccel::stored_attention`` runs it over an ``LLMAccelCache`` site: the new row is already
     in a preallocated ``[B, Hkv, capacity, D]`` buffer and both paths read the filled rows in
     place — dense (``dense_attention``: SDPA over every row) vs ``swa_step`` (trim, select,
-    attend over the kept rows with the C kernel, score update). The SWA state starts with random scores; the two paths run
-    interleaved step by step."""
+    attend over the kept rows with the C kernel, score update). The SWA state starts with random
+    scores; the two paths run interleaved step by step."""
     B, Hq, Hkv, D, n0, steps = args.batch, 9, 3, 64, args.op_context, args.steps
     g = torch.Generator().manual_seed(0)
     cap = n0 + steps + 64

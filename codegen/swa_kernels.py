@@ -129,7 +129,8 @@ def _swa_finish_kernel(
         tl.store(ptrs, tl.exp(logits - m[:, None]) * inv[:, None], mask=gt_mask)
 
 
-def _pow2(x: int, lo: int = 16) -> int:
+def block_pow2(x: int, lo: int = 16) -> int:
+    """A Triton block size: the next power of two of ``x``, at least ``lo`` (16: ``tl.dot``'s minimum)."""
     return max(lo, triton.next_power_of_2(int(x)))
 
 
@@ -158,7 +159,7 @@ def swa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
         raise ValueError(f"swa kernel: idx has {idx.shape[1]} groups, expected 1 or {Hkv}")
     grp = Hq // Hkv
     bias = bias.to(torch.float32).expand(B, Hq, T)
-    BLOCK_T = block_t or (64 if T >= 64 else _pow2(T))
+    BLOCK_T = block_t or (64 if T >= 64 else block_pow2(T))
     n_blocks = triton.cdiv(T, BLOCK_T)
     if num_splits is None:
         if q.is_cuda:
@@ -175,17 +176,17 @@ def swa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
     lp = torch.empty_like(mp)
     acc = torch.empty(B, Hq, nsplit, Dv, dtype=torch.float32, device=dev)
     out = torch.empty(B, Hq, Dv, dtype=q.dtype, device=dev)
-    blocks = dict(BLOCK_G=_pow2(grp), BLOCK_T=BLOCK_T, BLOCK_DV=_pow2(Dv))
+    blocks = dict(BLOCK_G=block_pow2(grp), BLOCK_T=BLOCK_T, BLOCK_DV=block_pow2(Dv))
     grid = (B, Hkv, nsplit)
     _swa_partial_kernel[grid](
         q, k, v, idx, bias, w, mp, lp, acc, float(scale), T, grp, t_split,
         *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *bias.stride(), *w.stride(),
         *mp.stride(), *acc.stride(),
-        D=D, DV=Dv, PER_HEAD_IDX=idx.shape[1] != 1, BLOCK_D=_pow2(D), **blocks,
+        D=D, DV=Dv, PER_HEAD_IDX=idx.shape[1] != 1, BLOCK_D=block_pow2(D), **blocks,
     )
     _swa_finish_kernel[grid](
         w, mp, lp, acc, out, T, grp, t_split, nsplit,
         *w.stride(), *mp.stride(), *acc.stride(), *out.stride(),
-        DV=Dv, BLOCK_S=_pow2(nsplit, 2), **blocks,
+        DV=Dv, BLOCK_S=block_pow2(nsplit, 2), **blocks,
     )
     return out, w

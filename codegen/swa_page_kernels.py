@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llm_compile.codegen.swa_kernels import block_pow2
+
 
 @triton.jit
 def _page_bound_kernel(
@@ -50,9 +52,6 @@ def _page_bound_kernel(
              mask=g_mask[:, None] & p_mask[None, :])
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
-
 
 def swa_page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, scale: float,
                     block_p: int | None = None) -> torch.Tensor:
@@ -72,11 +71,11 @@ def swa_page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sca
     out = torch.empty(B, Hq, NP, dtype=torch.float32, device=q.device)
     if NP == 0:
         return out
-    BLOCK_P = block_p or (64 if NP >= 64 else _pow2(NP))
+    BLOCK_P = block_p or (64 if NP >= 64 else block_pow2(NP))
     grid = (B, Hkv, triton.cdiv(NP, BLOCK_P))
     _page_bound_kernel[grid](
         q, kmin, kmax, out, float(scale), NP, grp,
         *q.stride(), *kmin.stride(), *out.stride(),
-        D=D, BLOCK_G=_pow2(grp), BLOCK_P=BLOCK_P, BLOCK_D=_pow2(D),
+        D=D, BLOCK_G=block_pow2(grp), BLOCK_P=BLOCK_P, BLOCK_D=block_pow2(D),
     )
     return out

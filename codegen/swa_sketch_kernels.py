@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llm_compile.codegen.swa_kernels import block_pow2
+
 
 @triton.jit
 def _sketch_logit_kernel(
@@ -56,9 +58,6 @@ def _sketch_logit_kernel(
                  mask=g_mask[:, None] & j_mask[None, :])
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
-
 
 def swa_sketch_logits(packed: torch.Tensor, step: torch.Tensor, mn: torch.Tensor, q: torch.Tensor,
                       nb: int, bits: int, scale: float) -> torch.Tensor:
@@ -82,6 +81,7 @@ def swa_sketch_logits(packed: torch.Tensor, step: torch.Tensor, mn: torch.Tensor
     _sketch_logit_kernel[(B, H, nb)](
         q, packed, step, mn, out, float(scale), Hq // H, PB,
         q.stride(0), q.stride(1), *packed.stride()[:4], *step.stride()[:3], out.stride(0), out.stride(1),
-        D=D, BITS=bits, PER=per, BLOCK_G=_pow2(Hq // H), BLOCK_PB=_pow2(PB), BLOCK_D=_pow2(D),
+        D=D, BITS=bits, PER=per, BLOCK_G=block_pow2(Hq // H), BLOCK_PB=block_pow2(PB),
+        BLOCK_D=block_pow2(D),
     )
     return out

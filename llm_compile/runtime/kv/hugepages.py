@@ -12,6 +12,7 @@ buffers only. Elsewhere (GPU, small buffers, no ``MADV_HUGEPAGE``) it is ``torch
 """
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -24,10 +25,8 @@ MIN_BYTES = 2 << 20
 def empty_kv(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
     """An uninitialised tensor like ``torch.empty(shape, dtype=dtype, device=device)``; on CPU and
     from 2 MiB up, backed by an anonymous mapping advised to use huge pages (freed with the tensor)."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype, device=device)
     mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # private: THP (shared is shmem)

@@ -95,7 +95,6 @@ def library() -> ctypes.CDLL | None:
     L, P = ctypes.c_long, ctypes.c_void_p
     lib.sketch_logits.argtypes = [P, P, P, P, P, L, L, L, L, L, L, L, L, L, ctypes.c_float, ctypes.c_int]
     lib.sketch_logits.restype = None
-    lib.sketch_has_avx2.restype = ctypes.c_int
     lib.sparse_attend.argtypes = [P, P, P, P, P, P, P, L, L, L, L, L, L, L, L, L, L, L, L,
                                   ctypes.c_float, ctypes.c_int]
     lib.sparse_attend.restype = None

@@ -46,7 +46,7 @@ class KeySketch:
         self.n = 0
         """Tokens sketched (a multiple of ``block``)."""
         if 8 % bits or block % (8 // bits):
-            raise ValueError(f"KeySketch: bits={bits} must divide 8 and block={block} be a multiple of {8 // max(bits, 1)}")
+            raise ValueError(f"KeySketch: bits={bits} must divide 8 and block={block} be a multiple of 8 // bits")
         self.per_byte = 8 // bits
         self._packed: Tensor | None = None  # [B, H, cap // block, D, block // per_byte] uint8
         self._mn: Tensor | None = None      # [B, H, cap // block, D] float16
@@ -145,9 +145,9 @@ class KeySketch:
 
     def logits(self, q: Tensor, scale: float) -> Tensor:
         """``scale * q . k~`` for every sketched token: q [B, Hq, D] -> [B, Hq, n] float32."""
-        nb = self.n // self.block
         if not q.is_cuda and native.library() is not None:
-            return native.sketch_logits(self._packed, self._step, self._mn, q, nb, self.bits, scale)
+            packed, step, mn, nb = self.parts()
+            return native.sketch_logits(packed, step, mn, q, nb, self.bits, scale)
         return self.logits_torch(q, scale)
 
     def logits_torch(self, q: Tensor, scale: float) -> Tensor:

@@ -15,6 +15,7 @@
  * two float vectors and multiply-adds them into per-head accumulators, so the reduction over d is
  * vertical (no horizontal sums).
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -93,14 +94,6 @@ static void block_avx2(const uint8_t* p, const float* w, float* acc, int G, int 
 }
 #endif
 
-int sketch_has_avx2(void) {
-#ifdef SK_AVX2
-  return 1;
-#else
-  return 0;
-#endif
-}
-
 void sketch_logits(const uint8_t* P, const uint16_t* S, const uint16_t* M, const float* Q, float* O,
                    long B, long H, long G, long D, long NBc, long PB, long bits, long nb, long ldo,
                    float scale, int threads) {
@@ -148,7 +141,6 @@ void sketch_logits(const uint8_t* P, const uint16_t* S, const uint16_t* M, const
  * one pass over the V rows; the rows PF slots ahead are prefetched, so the scattered reads of a
  * sparse selection overlap instead of waiting on memory one by one.
  */
-#include <math.h>
 #define SK_PF 16   /* rows prefetched ahead */
 
 static void prefetch_row(const float* r, long d) {
