@@ -1,4 +1,4 @@
-"""Sparse window attention's CPU kernels (``swa_cpu.c``), built on first use.
+"""Sparse window attention's CPU kernels (``swa_cpu.c``, ``swa_scores.c``), built on first use.
 
 * :func:`sketch_logits`: the key sketch's logits (``recall``). The torch path of
   :meth:`~llm_compile.runtime.swa.sketch.KeySketch.logits` widens every code to float32 before a
@@ -9,6 +9,11 @@
 * :func:`sparse_attend`: attention over the kept rows of a float32 cache, read in place with the
   next rows prefetched; replaces a gather (``index_select``: a scattered read, a write and a
   re-read) and two small matmuls, for every policy.
+* :func:`score_sub`, :func:`score_add`, :func:`select_top`: the windowed score bookkeeping of a
+  decode step (:class:`~llm_compile.runtime.swa.state.SWAState`: a ring row leaving the window, the
+  step's weights entering it, the top-scored tokens in position order). In torch these are ~30 small
+  ops per site and step (``topk``, ``sort``, ``scatter_add_``, casts, copies: ~1.2 ms at 8k tokens,
+  batch 4, a quarter of an ``alisa`` site's step); here they are three calls.
 
 It is compiled with the C compiler Inductor uses (``$CC``, else ``cc``/``gcc``), with AVX2/FMA/F16C
 when ``torch.backends.cpu.get_cpu_capability()`` reports them and OpenMP when the compiler has it,
@@ -33,7 +38,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("swa_cpu.c")
+_SOURCES = [Path(__file__).with_name(f) for f in ("swa_cpu.c", "swa_scores.c")]
 
 
 def _compiler() -> str | None:
@@ -59,7 +64,7 @@ def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc)")
-    src = _SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in _SOURCES)
     errors = []
     for flags in _flag_sets():
         key = hashlib.sha256(src + " ".join([cc, *flags]).encode()).hexdigest()[:16]
@@ -68,7 +73,7 @@ def _build() -> ctypes.CDLL:
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
                 out = Path(tmp) / lib.name
-                res = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True,
+                res = subprocess.run([cc, *flags, *map(str, _SOURCES), "-o", str(out), "-lm"], capture_output=True,
                                      text=True, timeout=120)
                 if res.returncode:
                     errors.append(f"{' '.join(flags)}: {res.stderr.strip()[-300:]}")
@@ -98,6 +103,12 @@ def library() -> ctypes.CDLL | None:
     lib.sparse_attend.argtypes = [P, P, P, P, P, P, P, L, L, L, L, L, L, L, L, L, L, L, L,
                                   ctypes.c_float, ctypes.c_int]
     lib.sparse_attend.restype = None
+    lib.score_sub.argtypes = [P, L, P, P, L, L]
+    lib.score_sub.restype = None
+    lib.score_add.argtypes = [P, L, P, L, P, L, L, L, L, L, P, P, L]
+    lib.score_add.restype = None
+    lib.select_top.argtypes = [P, L, L, L, L, L, L, L, P, ctypes.c_int]
+    lib.select_top.restype = ctypes.c_int
     return lib
 
 
@@ -158,3 +169,65 @@ def sparse_attend(q: Tensor, kf: Tensor, vf: Tensor, idx: Tensor, bias: Tensor |
     else:
         out.zero_()
     return out.to(q.dtype), w
+
+
+def _rows(x: Tensor) -> int | None:
+    """Row stride of ``x`` [B, G, n] viewed as [B*G, n] rows (None if it cannot be)."""
+    B, G, _ = x.shape
+    if x.stride(-1) != 1 or (G > 1 and B > 1 and x.stride(0) != G * x.stride(1)):
+        return None
+    return x.stride(1) if G > 1 else x.stride(0)
+
+
+def score_sub(buf: Tensor, idx: Tensor, w: Tensor) -> bool:
+    """``buf[b, g, idx[b, g, t]] -= w[b, g, t]`` (a ring row leaving the score window): ``buf``
+    [B, G, cap] int64, ``idx`` [B, G, T] int32, ``w`` [B, G, T] int64. False where the kernel does
+    not apply (the caller runs torch)."""
+    lib, ld = library(), _rows(buf)
+    if (lib is None or buf.is_cuda or ld is None or buf.dtype != torch.int64 or idx.dtype != torch.int32
+            or w.dtype != torch.int64 or not (idx.is_contiguous() and w.is_contiguous())):
+        return False
+    B, G, T = idx.shape
+    lib.score_sub(buf.data_ptr(), ld, idx.data_ptr(), w.data_ptr(), B * G, T)
+    return True
+
+
+def score_add(buf: Tensor, w: Tensor, idx: Tensor, T: int, ring_idx: Tensor | None,
+              ring_w: Tensor | None) -> bool:
+    """The first ``T`` slots of a step enter the scores ``buf`` [B, G, cap] int64: per group, the
+    sum of the weights ``w`` [B, G*grp, P] of its query heads, each quantised to fixed point
+    (exactly :func:`~llm_compile.runtime.swa.state.quantize_weights`), added at ``idx`` [B, G, >=T]
+    and written to the ring row ``ring_idx`` [B, G, W] int32 / ``ring_w`` int64 (slots from ``T``
+    zeroed; None: no ring). False where the kernel does not apply."""
+    lib, ld = library(), _rows(buf)
+    B, G = buf.shape[:2]
+    if (lib is None or buf.is_cuda or ld is None or buf.dtype != torch.int64 or w.dtype != torch.float32
+            or idx.dtype != torch.int64 or not (w.is_contiguous() and idx.is_contiguous())
+            or w.shape[0] != B or w.shape[1] % G or idx.shape[:2] != (B, G) or idx.shape[2] < T
+            or w.shape[2] < T):
+        return False
+    if ring_idx is None:
+        ring_idx = torch.empty(B, G, T, dtype=torch.int32)
+        ring_w = torch.empty(B, G, T, dtype=torch.int64)
+    if not (ring_idx.is_contiguous() and ring_w.is_contiguous() and ring_idx.shape[2] >= T):
+        return False
+    lib.score_add(buf.data_ptr(), ld, w.data_ptr(), w.shape[2], idx.data_ptr(), idx.shape[2],
+                  B, G, w.shape[1] // G, T, ring_idx.data_ptr(), ring_w.data_ptr(), ring_idx.shape[2])
+    return True
+
+
+def select_top(score: Tensor, n: int, sinks: int, recent: int, glob: int, padded: int) -> Tensor | None:
+    """Kept tokens [B, G, padded] int64 from ``score`` [B, G, >=n] int64: sinks, the ``glob``
+    best-scored tokens of ``[sinks, n - recent)`` in position order (ties at the threshold: the
+    earliest), the last ``recent``, padding 0. None where the kernel does not apply."""
+    lib, ld = library(), _rows(score)
+    if lib is None or score.is_cuda or ld is None or score.dtype != torch.int64:
+        return None
+    B, G = score.shape[:2]
+    if not (0 <= glob <= n - sinks - recent and sinks + glob + recent <= padded):
+        raise ValueError(f"select_top: n={n}, sinks={sinks}, recent={recent}, global={glob}, padded={padded}")
+    out = torch.empty(B, G, padded, dtype=torch.int64)
+    if lib.select_top(score.data_ptr(), ld, B * G, n, sinks, recent, glob, padded, out.data_ptr(),
+                      torch.get_num_threads()):
+        raise MemoryError("select_top: no memory for the selection scratch")
+    return out

@@ -25,14 +25,9 @@ from torch import Tensor
 
 from llm_compile.runtime.swa.policies import policy_of
 from llm_compile.runtime.swa.scorers import scorer_of
-from llm_compile.runtime.swa.state import Budget, SWAState
+from llm_compile.runtime.swa.state import Budget, SWAState, group_sum
 
 _NEG_INF = float("-inf")
-
-
-def _group_sum(w: Tensor, groups: int) -> Tensor:
-    B, Hq = w.shape[:2]
-    return w.reshape(B, groups, Hq // groups, *w.shape[2:]).sum(2)
 
 
 def query_scores(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
@@ -44,10 +39,10 @@ def query_scores(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor |
         logits = torch.matmul(q.float().reshape(q.shape[0], kf.shape[1], -1, q.shape[-1]),
                               kf.float().transpose(-1, -2)).mul_(scale)
         w = torch.softmax(logits, dim=-1).reshape(q.shape[0], q.shape[1], -1)
-        return _group_sum(w, G)
+        return group_sum(w, G)
     scorer = scorer_of(cfg)
     w = scorer.weights(state.summary, q, kc, kn, scale, b.n, use_triton, source)  # [B, Hq, units]
-    return scorer.to_tokens(_group_sum(w, G), state.summary, b.n)
+    return scorer.to_tokens(group_sum(w, G), state.summary, b.n)
 
 
 def select(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,

@@ -40,21 +40,26 @@ class RowRing:
         w[: self.count, ..., :W] = self._w[order]
         self._idx, self._w, self.head = idx, w, 0
 
-    def push(self, idx: Tensor, wq: Tensor) -> None:
-        """Append a row: token indices ``idx`` [B, G, T] and fixed-point weights ``wq`` [B, G, T]."""
-        T = idx.shape[-1]
+    def claim(self, T: int) -> tuple[Tensor, Tensor]:
+        """Append an empty row for ``T`` tokens and return its slot (indices [B, G, width] int32,
+        weights int64: views, to be filled by the caller, padding slots included)."""
         S, W = self._idx.shape[0], self._idx.shape[-1]
         if self.count == S or T > W:
             self._grow(S + max(16, S // 4) if self.count == S else S,
                        max(W, -(-(T + T // 8) // 64) * 64))
-            S, W = self._idx.shape[0], self._idx.shape[-1]
+            S = self._idx.shape[0]
         slot = (self.head + self.count) % S
-        self._idx[slot, ..., :T] = idx
-        self._w[slot, ..., :T] = wq
-        if T < W:
-            self._idx[slot, ..., T:] = 0
-            self._w[slot, ..., T:] = 0
         self.count += 1
+        return self._idx[slot], self._w[slot]
+
+    def push(self, idx: Tensor, wq: Tensor) -> None:
+        """Append a row: token indices ``idx`` [B, G, T] and fixed-point weights ``wq`` [B, G, T]."""
+        T = idx.shape[-1]
+        ri, rw = self.claim(T)
+        ri[..., :T] = idx
+        rw[..., :T] = wq
+        ri[..., T:] = 0
+        rw[..., T:] = 0
 
     def pop_newest(self, m: int) -> tuple[Tensor, Tensor]:
         """Remove the ``m`` newest rows; returns their indices (int64) and weights, [B, G, m*width]."""
@@ -70,16 +75,24 @@ class RowRing:
         self._idx = fn(self._idx.transpose(0, 1)).transpose(0, 1).contiguous()
         self._w = fn(self._w.transpose(0, 1)).transpose(0, 1).contiguous()
 
+    def pop_oldest(self) -> tuple[Tensor, Tensor]:
+        """Remove the oldest row; returns views of its slot (indices int32, weights int64,
+        [B, G, width]): use them before the next push."""
+        idx, w = self._idx[self.head], self._w[self.head]
+        self.head = (self.head + 1) % self._idx.shape[0]
+        self.count -= 1
+        return idx, w
+
     def pop(self, m: int) -> tuple[Tensor, Tensor]:
         """Remove the ``m`` oldest rows; returns their indices (int64) and weights, [B, G, m*width]
         (for ``m == 1`` the weights are a view of the freed slot: use them before the next push)."""
-        S, B, G, W = self._idx.shape
         if m == 1:  # the usual step: one row leaves the window (a view of its slot, no gather)
-            idx, w = self._idx[self.head].long(), self._w[self.head]
-        else:
-            order = self._order(m)
-            idx = self._idx[order].permute(1, 2, 0, 3).reshape(B, G, m * W).long()
-            w = self._w[order].permute(1, 2, 0, 3).reshape(B, G, m * W)
+            idx, w = self.pop_oldest()
+            return idx.long(), w
+        S, B, G, W = self._idx.shape
+        order = self._order(m)
+        idx = self._idx[order].permute(1, 2, 0, 3).reshape(B, G, m * W).long()
+        w = self._w[order].permute(1, 2, 0, 3).reshape(B, G, m * W)
         self.head = (self.head + m) % S
         self.count -= m
         return idx, w

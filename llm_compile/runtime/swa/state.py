@@ -11,7 +11,8 @@ Budget (ALISA Algorithm 1), at a decode step whose cache holds ``n`` tokens incl
     total  = 2k tokens attended (dense if 2k >= n, or sparsity == 0)
     sinks  = min(sink_tokens, total - 1)           first tokens, always kept, taken from the budget
     recent = round_half_up(total * recent_fraction) most recent tokens (the newest is always kept)
-    global = total - sinks - recent                 top-``global`` older tokens by score
+    global = total - sinks - recent                 top-``global`` older tokens by score (ties at
+                                                    the threshold: the earliest positions)
     ("streaming": global = 0, recent = total - sinks)
 
 Query-aware policies ("quest", "recall"; issue 15) count every row a step reads, the summaries
@@ -44,6 +45,10 @@ To make add-then-subtract exact, weights enter the sum as fixed-point integers
 (``round(w * 2**36)``, int64): quantisation is deterministic, so a row leaving the window removes
 exactly what it added, and the running sum equals the windowed sum of the quantised weights
 (resolution 1.5e-11, below float32 precision of any weight that can matter for a ranking).
+A decode step's weights enter the sums per query head (each head's weights quantised, then summed
+over the group: integers, so the C kernels (:mod:`~llm_compile.runtime.swa.native`) and torch give
+the same bits). On a CPU state the step's bookkeeping (a row leaving, the top-``global`` selection,
+the new row entering) is three C calls; torch where the library is unavailable and on GPUs.
 Memory: about ``W * total`` decode entries (12 bytes; the ring keeps up to ~25 % spare) plus
 ``W0 * L`` prompt weights per group, where ``W0`` is the window at the first decode step; prompt
 rows are freed once they leave the window.
@@ -58,6 +63,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llm_compile.runtime.swa import native
 from llm_compile.runtime.swa.policies import half_budget, policy_of, round_half_up  # noqa: F401
 from llm_compile.runtime.swa.ring import RowRing
 from llm_compile.runtime.swa.scorers import scorer_of
@@ -71,6 +77,12 @@ _FIXED_SCALE = float(2 ** FIXED_POINT_BITS)
 def quantize_weights(w: Tensor) -> Tensor:
     """Attention weights (float) -> fixed-point int64 used in the running score sums."""
     return torch.round(w.float() * _FIXED_SCALE).to(torch.int64)
+
+
+def group_sum(w: Tensor, groups: int) -> Tensor:
+    """Per-head weights [B, Hq, ..., T] -> per-group sums [B, G, ..., T] (G = 1 or KV heads)."""
+    B, Hq = w.shape[:2]
+    return w.reshape(B, groups, Hq // groups, *w.shape[2:]).sum(2)
 
 
 
@@ -303,32 +315,65 @@ class SWAState:
             extra -= drop
             if self.prompt_in == 0:
                 self.prompt_rows = None
-        if extra:
+        if extra == 1:   # the usual step: one row leaves (C kernel, or torch)
+            idx, wq = self.rows.pop_oldest()
+            if not native.score_sub(self._buf, idx, wq):
+                self._buf.scatter_add_(2, idx.long(), -wq)
+        elif extra:
             idx, wq = self.rows.pop(extra)
             self._buf.scatter_add_(2, idx, -wq)
 
     def add(self, idx: Tensor, w: Tensor) -> None:
         """A step's weights ``w`` [B,G,T] on tokens ``idx`` [B,G,T] enter the scores."""
-        wq = quantize_weights(w)
+        self._add_fixed(idx, quantize_weights(w))
+
+    def _add_fixed(self, idx: Tensor, wq: Tensor) -> None:
         self._buf.scatter_add_(2, idx, wq)
         if self.windowed:
             self.rows.push(idx, wq)
         self.steps += 1
 
+    def add_heads(self, idx: Tensor, w: Tensor, total: int) -> None:
+        """The first ``total`` slots of a step enter the scores from its per-head weights ``w``
+        [B, Hq, >=total] on the tokens ``idx`` [B, G, >=total]: each head's weights quantised,
+        then summed per group (exact integers: the same in any order). One C call on a CPU state
+        (quantisation, group sum, scatter, ring row), else torch."""
+        if w.device == self._buf.device and not w.is_cuda:
+            ring = self.rows.claim(total) if self.windowed else (None, None)
+            if native.score_add(self._buf, w, idx, total, *ring):
+                self.steps += 1
+                return
+            if self.windowed:
+                self.rows.pop_newest(1)   # the claimed row, unfilled
+        self._add_fixed(idx[..., :total], group_sum(quantize_weights(w[..., :total]), self.groups))
     # -- selection ---------------------------------------------------------------------------
     def select(self, b: Budget) -> Tensor:
         """Kept tokens of a sparse step: [B, G, b.padded] int64, the first ``b.total`` valid
         (sinks, then global sorted by position, then recent), padding slots point at token 0."""
         B, G, n, dev = self.batch, self.groups, b.n, self.device
-        parts = [torch.arange(b.sinks, device=dev).expand(B, G, b.sinks)]
-        if b.global_:
-            cand = self.score[:, :, b.sinks: n - b.recent]
-            top = torch.topk(cand, b.global_, dim=-1, sorted=False).indices
-            parts.append(torch.sort(top, dim=-1).values + b.sinks)
-        parts.append(torch.arange(n - b.recent, n, device=dev).expand(B, G, b.recent))
-        if b.padded > b.total:
-            parts.append(torch.zeros(B, G, b.padded - b.total, dtype=torch.int64, device=dev))
-        idx = torch.cat(parts, dim=-1)
+        idx = native.select_top(self.score, n, b.sinks, b.recent, b.global_, b.padded)
+        if idx is None:
+            parts = [torch.arange(b.sinks, device=dev).expand(B, G, b.sinks)]
+            if b.global_:
+                parts.append(top_positions(self.score[:, :, b.sinks: n - b.recent], b.global_) + b.sinks)
+            parts.append(torch.arange(n - b.recent, n, device=dev).expand(B, G, b.recent))
+            if b.padded > b.total:
+                parts.append(torch.zeros(B, G, b.padded - b.total, dtype=torch.int64, device=dev))
+            idx = torch.cat(parts, dim=-1)
         self.last_indices = idx[:, :, : b.total]
         self.last_budget = b
         return idx
+
+
+def top_positions(score: Tensor, k: int) -> Tensor:
+    """Positions [..., k] (ascending) of the ``k`` largest of ``score`` [..., m]; ties at the
+    threshold go to the earliest positions (as the C kernel ``select_top`` does)."""
+    if k >= score.shape[-1]:
+        return torch.arange(score.shape[-1], device=score.device).expand(*score.shape[:-1], score.shape[-1])
+    thr = torch.topk(score, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = score > thr
+    at = score == thr
+    take = above | (at & (at.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    m = score.shape[-1]
+    pos = torch.arange(m, device=score.device)
+    return torch.sort(torch.where(take, pos, m), dim=-1).values[..., :k]   # no host sync (GPU)

@@ -34,7 +34,7 @@ from llm_compile.runtime.swa.attend import (_mask_bias, _slot_bias, attend_nativ
                                             attend_split_torch, gather_attend_torch)
 from llm_compile.runtime.swa.policies import policy_of, seed_of
 from llm_compile.runtime.swa.scorers import scorer_of
-from llm_compile.runtime.swa.state import SWAState, compute_budget, quantize_weights
+from llm_compile.runtime.swa.state import SWAState, compute_budget, group_sum, quantize_weights
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,6 @@ def _reinit(state: SWAState, batch: int, kv_heads: int, device, cfg) -> None:
 
 def _needs_scores(cfg) -> bool:
     return cfg.sparsity > 0 and policy_of(cfg).needs_scores
-
-
-def _group_sum(w: Tensor, groups: int) -> Tensor:
-    """Per-head weights [B, Hq, ..., T] -> per-group sums [B, G, ..., T] (G = 1 or KV heads)."""
-    B, Hq = w.shape[:2]
-    return w.reshape(B, groups, Hq // groups, *w.shape[2:]).sum(2)
 
 
 def query_weights(q: Tensor, kf: Tensor, bias: Tensor | None, scale: float, row0: int,
@@ -102,7 +96,7 @@ def _seed(state: SWAState, q: Tensor, kf: Tensor, attn_mask: Tensor | None, scal
         r1 = min(Lq, r0 + step)
         w = query_weights(q[:, :, r0:r1], kf32, None if bias is None else bias[:, :, r0:r1],
                           scale, r0, is_causal)
-        g = seeding.transform(_group_sum(w, state.groups))  # [B, G, C, n]
+        g = seeding.transform(group_sum(w, state.groups))  # [B, G, C, n]
         if policy.windowed:
             rows.append(g)
         else:
@@ -140,7 +134,7 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
             bias = _mask_bias(attn_mask, B, 1, n)
             w = query_weights(q, kc, bias, scale, 0, False)[:, :, 0]
             idx = torch.arange(n, device=q.device).expand(B, state.groups, n)
-            state.add(idx, _group_sum(w, state.groups))
+            state.add(idx, group_sum(w, state.groups))
         return out
     policy = policy_of(cfg)
     query_aware = policy.pages or policy.exact  # quest / recall / oracle: slots in their own order
@@ -172,7 +166,7 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
     else:
         out, w = attend_split_torch(q[:, :, 0], kc, vc, idx, b, attn_mask, scale, kn, vn)
     if _needs_scores(cfg):
-        state.add(idx[..., : b.total], _group_sum(w, state.groups)[..., : b.total])
+        state.add_heads(idx, w.contiguous(), b.total)
     else:
         state.steps += 1
     return out.unsqueeze(2)
