@@ -179,10 +179,15 @@ def cpu_bench(args) -> dict:
         print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {per_round[n][-1]:.1f}" for n in names),
               flush=True)
     runs = {}
+    row_bytes = 2 * cfg.num_key_value_heads * 64 * 4 * args.batch * args.layers  # K+V, fp32
     for name in names:
         v = per_round[name]
+        own = _budget_of(dec[name].cache)   # this config's own SWA budget (None: dense)
+        reads = dec[name].L if own is None or own.dense else own.reads
         runs[name] = {"step_ms_median": _median(v), "step_ms_range": [min(v), max(v)], "rounds_ms": v,
                       "tokens_per_s": args.batch / (_median(v) / 1e3), "prefill_s": dec[name].prefill_s,
+                      "budget": None if own is None else own.describe(),
+                      "kv_bytes_read_per_step": reads * row_bytes,
                       "top_ops": dec[name].profile(args.profile) if args.profile else None}
     ratios = {}
     for fast, slow, label in RATIOS:
@@ -191,7 +196,6 @@ def cpu_bench(args) -> dict:
             ratios[f"{fast}/{slow}"] = {"label": label, "median": _median(rr), "range": [min(rr), max(rr)]}
     n = max(d.L for d in dec.values())
     budget = next((b for b in map(_budget_of, (d.cache for d in dec.values())) if b is not None), None)
-    row_bytes = 2 * cfg.num_key_value_heads * 64 * 4 * args.batch * args.layers  # K+V, fp32
     b = compute_budget(n, SWAConfig(sparsity=args.sparsity, bucket=args.bucket, policy=args.policy))
     return {"device": "cpu", "threads": torch.get_num_threads(), "layers": args.layers,
             "batch": args.batch, "context": args.context, "steps": args.steps, "repeats": args.repeats,
@@ -212,8 +216,8 @@ def print_cpu(c: dict) -> None:
     print("|---|---:|---:|---:|---:|")
     rd, wr = c["kv_bytes_read_per_step"], c["kv_bytes_written_per_step"]
     for name, r in c["runs"].items():
-        att, cache = name.split("_")[:2]
-        read = rd["swa_kept"] if att == "swa" else rd["dense"]
+        cache = name.split("_")[1]
+        read = r.get("kv_bytes_read_per_step", rd["dense"])   # its own budget, summaries included
         lo, hi = r["step_ms_range"]
         print(f"| {name} | {r['step_ms_median']:.1f} [{lo:.1f}-{hi:.1f}] | {r['tokens_per_s']:.2f} | "
               f"{read / 1e6:.1f} | {wr[cache] / 1e6:.2f} |")
