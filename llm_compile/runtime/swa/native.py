@@ -83,7 +83,7 @@ def _build() -> ctypes.CDLL:
             return ctypes.CDLL(str(lib))
         except OSError as e:
             errors.append(f"{lib}: {e}")
-    raise RuntimeError("could not build swa_cpu.c: " + " | ".join(errors))
+    raise RuntimeError("could not build swa_cpu.c + swa_scores.c: " + " | ".join(errors))
 
 
 @functools.cache
