@@ -338,7 +338,7 @@ class SWAState:
         [B, Hq, >=total] on the tokens ``idx`` [B, G, >=total]: each head's weights quantised,
         then summed per group (exact integers: the same in any order). One C call on a CPU state
         (quantisation, group sum, scatter, ring row), else torch."""
-        if w.device == self._buf.device and not w.is_cuda:
+        if w.device == self._buf.device and not w.is_cuda and native.library() is not None:
             ring = self.rows.claim(total) if self.windowed else (None, None)
             if native.score_add(self._buf, w, idx, total, *ring):
                 self.steps += 1
