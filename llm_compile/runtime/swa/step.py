@@ -133,8 +133,8 @@ def _sparse_decode(state: SWAState, q: Tensor, kc: Tensor, vc: Tensor, kn: Tenso
         if _needs_scores(cfg) and _scores_wanted(n, cfg):
             bias = _mask_bias(attn_mask, B, 1, n)
             w = query_weights(q, kc, bias, scale, 0, False)[:, :, 0]
-            idx = torch.arange(n, device=q.device).expand(B, state.groups, n)
-            state.add(idx, group_sum(w, state.groups))
+            idx = torch.arange(n, device=q.device).expand(B, state.groups, n).contiguous()
+            state.add_heads(idx, w.contiguous(), n)   # per head, as a sparse step's weights
         return out
     policy = policy_of(cfg)
     query_aware = policy.pages or policy.exact  # quest / recall / oracle: slots in their own order
