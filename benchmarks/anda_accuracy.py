@@ -10,7 +10,10 @@ searched tuples (``--tuple NAME=PATH`` files written by ``python -m llm_compile.
 dict or, from a layer-band search, a per-layer list; or ``--delta`` to search here with the same
 calibration settings and cache). ``--calib`` adds each row's calibration-split perplexity with the
 eager evaluator (the search's own numbers, from the cache) and the evaluations its search spent
-(from the tuple file's ``.search.json``), side by side with the evaluation split. Every Anda row is the
+(from the tuple file's ``.search.json``), side by side with the evaluation split; ``--calib-split``
+picks the calibration split (``calibration``, default, or ``calibration-wide``: as the search CLI's
+flag) and ``--calib-parts K`` adds the worst part's ratio to W4A16 (the CLI's per-part rule; the
+same K reuses a per-part search's cached evaluations). Every Anda row is the
 model compiled with ``backend="llmaccel"``, ``options={"anda": {"mantissa_bits": ..., "kernel":
 "reference"}, "inner": "eager"}`` (the reference kernel is the generated Triton kernels' math in
 torch, fast on CPU); the table says how many linears each compiled graph lowered.
@@ -38,8 +41,9 @@ import torch
 
 from pathlib import Path
 
-from llm_compile.anda_cli import (DEFAULT_CONTEXT, DEFAULT_GROUP, DEFAULT_TOKENS, MODEL_NAME, WEIGHTS,
-                                  load_w4_model, model_macs, relative_bops, run_search, weights_setting)
+from llm_compile.anda_cli import (CALIB_SPLITS, DEFAULT_CONTEXT, DEFAULT_GROUP, DEFAULT_TOKENS, MODEL_NAME,
+                                  WEIGHTS, positive_int, load_w4_model, model_macs, part_scores,
+                                  relative_bops, run_search, weights_setting)
 from llm_compile.anda_eval import EvalCache, Evaluator
 from llm_compile.anda_widths import ANDA_MODULE_KINDS, describe, normalise
 
@@ -58,16 +62,22 @@ def _pct(v):
 
 
 def markdown(rows, args) -> str:
+    from llm_compile.eval.data import split_books
+
     calib = any("calib_ppl" in r for r in rows)
+    parts = calib and any("calib_worst_part" in r for r in rows)
     out = [f"SmolLM2-135M-Instruct, evaluation split (Luke, John), {args.tokens} tokens, context "
            f"{args.context}; INT4 weights: "
            f"{'GGUF Q4_1 (lossless)' if args.weights == 'gguf' else f're-quantized, group {args.group_size}'}; Anda rows compiled with "
            f"backend=\"llmaccel\" (kernel \"reference\")"
-           + (f"; calibration split (Genesis, Exodus) {args.calib_tokens} tokens, eager evaluator (as the "
-              f"search)." if calib else "."), ""]
+           + (f"; calibration split {args.calib_split} ({', '.join(split_books(args.calib_split))}) "
+              f"{args.calib_tokens} tokens, eager evaluator (as the search)"
+              + (f", worst of {args.calib_parts} parts" if parts else "") + "." if calib else "."), ""]
     if calib:
-        out += ["| config | M (qkv, o, gate_up, down) | calib ppl | vs W4A16 | eval ppl | vs W4A16 | "
-                "BOPs / W4A16 | fewer BOPs | evaluations | linears lowered |", "|---|---|---|---|---|---|---|---|---|---|"]
+        wp = " worst part vs W4A16 |" if parts else ""
+        out += ["| config | M (qkv, o, gate_up, down) | calib ppl | vs W4A16 |" + wp + " eval ppl | vs W4A16 | "
+                "BOPs / W4A16 | fewer BOPs | evaluations | linears lowered |",
+                "|---|---|---|---|" + ("---|" if parts else "") + "---|---|---|---|---|---|"]
     else:
         out += ["| config | M (qkv, o, gate_up, down) | eval ppl | vs W4A16 | BOPs / W4A16 | linears lowered |",
                 "|---|---|---|---|---|---|"]
@@ -78,7 +88,9 @@ def markdown(rows, args) -> str:
         if calib:
             c = "—" if r.get("calib_ppl") is None else f"{r['calib_ppl']:.4f}"
             x = "—" if not r["bops_vs_w4a16"] else f"{1 / r['bops_vs_w4a16']:.2f}×"
-            out.append(f"| {r['config']} | {w} | {c} | {_pct(r.get('calib_vs_w4a16'))} | {r['ppl']:.4f} | "
+            wp = f" {_pct(r['calib_worst_part'] - 1.0)} |" if parts and "calib_worst_part" in r else (
+                " — |" if parts else "")
+            out.append(f"| {r['config']} | {w} | {c} | {_pct(r.get('calib_vs_w4a16'))} |{wp} {r['ppl']:.4f} | "
                        f"{_pct(r['vs_w4a16'])} | {b} | {x} | {r.get('evaluations') or '—'} | {low} |")
         else:
             out.append(f"| {r['config']} | {w} | {r['ppl']:.4f} | {_pct(r['vs_w4a16'])} | {b} | {low} |")
@@ -101,6 +113,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--calib", action="store_true",
                     help="also give each row's calibration-split ppl (eager evaluator, as the search: "
                          "cached values from the search are reused) and the search's evaluations")
+    ap.add_argument("--calib-split", choices=CALIB_SPLITS, default="calibration",
+                    help="calibration split of --calib and --delta (as anda_cli's --calib-split)")
+    ap.add_argument("--calib-parts", type=positive_int, default=1, metavar="K",
+                    help="--calib: also the worst of K parts vs W4A16 (as anda_cli's --calib-parts); "
+                         "--delta: search with the per-part rule")
     ap.add_argument("--cache", default="anda_search_cache.json")
     ap.add_argument("--out", default="anda_accuracy.json")
     args = ap.parse_args(argv)
@@ -136,8 +153,8 @@ def main(argv=None) -> dict:
             evals[name] = s.get("total_evaluations", s.get("evaluations"))
     searches = []
     if args.delta:
-        calib = Evaluator(model, load_tokens(tok, "calibration", args.calib_tokens), context=args.context,
-                          cache=cache, setting=dict(setting, split="calibration"))
+        calib = Evaluator(model, load_tokens(tok, args.calib_split, args.calib_tokens), context=args.context,
+                          cache=cache, setting=dict(setting, split=args.calib_split), parts=args.calib_parts)
         for d in args.delta:
             res = run_search(calib, macs, d)
             searches.append({"delta": d, "best": res.best, "calib_ppl": res.best_ppl,
@@ -163,16 +180,23 @@ def main(argv=None) -> dict:
         print(f"  {name}: ppl {rows[-1]['ppl']:.4f}", file=sys.stderr, flush=True)
     ev.close()
     if args.calib:                   # calibration split, eager evaluator: the search's own numbers
-        cal = Evaluator(model, load_tokens(tok, "calibration", args.calib_tokens), context=args.context,
-                        mode="eager", cache=cache, setting=dict(setting, split="calibration"))
+        cal = Evaluator(model, load_tokens(tok, args.calib_split, args.calib_tokens), context=args.context,
+                        mode="eager", cache=cache, setting=dict(setting, split=args.calib_split),
+                        parts=args.calib_parts)
         cref = cal.reference()
+        cref_parts = cal.last.get("parts")
         for r in rows[1:]:
             r["calib_ppl"] = cref if r["widths"] is None else cal(r["widths"])
             r["calib_vs_w4a16"] = r["calib_ppl"] / cref - 1.0
+            if args.calib_parts > 1:
+                sc = part_scores(cal.last["parts"] if r["widths"] is not None else cref_parts, cref_parts)
+                r["calib_part_ppl"], r["calib_worst_part"] = sc["part_ppl"], sc["worst_part_ratio"]
         cal.close()
     table = markdown(rows, args)
     print(table)
     result = {"model": MODEL_NAME, "split": "evaluation", "tokens": args.tokens, "context": args.context,
+              "calib_split": args.calib_split if (args.calib or args.delta) else None,
+              "calib_parts": args.calib_parts if (args.calib or args.delta) else None,
               "weight_bits": 4, "weights": args.weights,
               "group_size": 32 if args.weights == "gguf" else args.group_size, "macs_per_token": macs,
               "searches": searches, "rows": rows, "markdown": table,

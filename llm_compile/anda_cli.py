@@ -41,9 +41,19 @@ The eager and compiled models compute the same ops, yet not the same bits (decom
 canonical attention: ~1e-4 logit differences), and Anda's truncation turns those into different
 rounding decisions downstream: at M = 7 the two perplexities differ by ~0.2% (1024 tokens).
 
+Calibration split and per-part acceptance. ``--calib-split`` picks the split of
+:mod:`llm_compile.eval.data` the search measures on: ``calibration`` (default: a prefix of Genesis,
+Exodus) or ``calibration-wide`` (``--tokens / 8`` tokens from the start of each of Genesis, Exodus,
+Psalms, Proverbs, Isaiah, Acts, Romans, Revelation). ``--calib-parts K`` (default 1: the whole-split
+rule, ``ppl <= (1+delta) * ppl(W4A16)``) cuts the calibration tokens into K contiguous parts
+(:func:`llm_compile.anda_eval.part_bounds`; with the wide split and K = 8, one part per book) and
+accepts a candidate only if *every* part's perplexity is within ``(1+delta)`` of W4A16's on the same
+part (which implies the whole-split rule). The reported ppl stays the whole-split value; the history
+entries add ``part_ppl``, ``part_ratio`` (candidate / W4A16 per part) and ``worst_part_ratio``.
+
 Evaluations are memoised in a JSON file (``--cache``), keyed by everything that changes a number
-(model, quantization, split, tokens, context, stride, evaluator, kernel) and the tuple, so a second
-``--delta`` reuses the first one's evaluations.
+(model, quantization, split, tokens, context, stride, evaluator, kernel, parts when K > 1) and the
+tuple, so a second ``--delta`` reuses the first one's evaluations.
 """
 from __future__ import annotations
 
@@ -56,7 +66,7 @@ from pathlib import Path
 from typing import Mapping
 
 from llm_compile import anda_widths
-from llm_compile.anda_eval import MODES, EvalCache, Evaluator, kind_widths, linear_kinds
+from llm_compile.anda_eval import MODES, EvalCache, Evaluator, kind_widths, linear_kinds, part_bounds
 from llm_compile.anda_widths import ANDA_MODULE_KINDS
 
 log = logging.getLogger(__name__)
@@ -65,7 +75,20 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_TOKENS, DEFAULT_CONTEXT, DEFAULT_GROUP = 512, 512, 64
 
 __all__ = ["load_w4_model", "WEIGHTS", "weights_setting", "model_macs", "relative_bops", "run_search",
-           "parse_start", "write_tuple", "main"]
+           "part_scores", "parse_start", "write_tuple", "CALIB_SPLITS", "positive_int", "main"]
+
+CALIB_SPLITS = ("calibration", "calibration-wide")
+"""Splits ``--calib-split`` takes (:mod:`llm_compile.eval.data`; never the evaluation split)."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
 
 
 WEIGHTS = ("gguf", "requant")
@@ -119,7 +142,8 @@ def run_search(evaluator: Evaluator, macs, delta: float, *, start=11, max_evals:
     widths are over the search slots (the kinds, or ``kind@first-last`` with ``bands > 1``:
     :mod:`llm_compile.anda_bands`; :func:`llm_compile.anda_bands.to_mantissa_bits` gives the option
     value). ``macs`` are per kind over all ``num_layers`` layers (needed for bands or a per-layer
-    ``start``); ``start`` is an int, a kind dict or a per-layer list."""
+    ``start``); ``start`` is an int, a kind dict or a per-layer list. With ``evaluator.parts > 1``
+    the per-part rule decides (module docstring); the result then has ``reference_parts``."""
     from tqdm.auto import tqdm
 
     from llm_compile.anda_bands import slot_macs, slots_from, to_mantissa_bits
@@ -133,6 +157,9 @@ def run_search(evaluator: Evaluator, macs, delta: float, *, start=11, max_evals:
     if not isinstance(start, int):
         start = slots_from(start, num_layers, bands)
     ref = evaluator.reference()
+    ref_parts = evaluator.last.get("parts") if getattr(evaluator, "parts", 1) > 1 else None
+    if getattr(evaluator, "parts", 1) > 1 and (not ref_parts or len(ref_parts) != evaluator.parts):
+        raise ValueError(f"the W4A16 record has no {evaluator.parts} part perplexities: {ref_parts}")
     bar = tqdm(total=max_evals, desc=f"anda search d={delta:g} bands={bands}", disable=not progress,
                dynamic_ncols=True)
 
@@ -143,12 +170,27 @@ def run_search(evaluator: Evaluator, macs, delta: float, *, start=11, max_evals:
                             f"{' (cached)' if evaluator.last.get('cached') else ''} "
                             f"limit={(1 + delta) * ref:.4f}")
         bar.update(1)
-        return v
+        if ref_parts is None:
+            return v
+        return {"ppl": v, **part_scores(evaluator.last["parts"], ref_parts)}
+
+    def per_part(entry) -> bool:
+        return all(r <= 1.0 + delta for r in entry["part_ratio"])
     try:
-        return adaptive_precision_search(ppl, ref, smacs, delta=delta, start=start,
-                                         max_evals=max_evals, min_bits=min_bits)
+        res = adaptive_precision_search(ppl, ref, smacs, delta=delta, start=start, max_evals=max_evals,
+                                        min_bits=min_bits, accept=per_part if ref_parts else None)
     finally:
         bar.close()
+    res.reference_parts = ref_parts
+    return res
+
+
+def part_scores(part_ppl, ref_parts) -> dict:
+    """``{"part_ppl", "part_ratio", "worst_part_ratio"}`` of a candidate's part perplexities against
+    W4A16's (a NaN ratio is the worst)."""
+    ratios = [float(p) / float(r) for p, r in zip(part_ppl, ref_parts, strict=True)]
+    worst = float("nan") if any(x != x for x in ratios) else max(ratios)
+    return {"part_ppl": [float(p) for p in part_ppl], "part_ratio": ratios, "worst_part_ratio": worst}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -171,6 +213,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--start", default="11",
                     help="start widths: an int for every slot, 'qkv,o,gate_up,down', or a JSON file "
                          "({'mantissa_bits': ...}, e.g. an earlier search's --out: a warm start)")
+    ap.add_argument("--calib-split", choices=CALIB_SPLITS, default="calibration",
+                    help="calibration split: 'calibration' (Genesis, Exodus prefix; default) or "
+                         "'calibration-wide' (tokens/8 from the start of each of 8 books)")
+    ap.add_argument("--calib-parts", type=positive_int, default=1, metavar="K",
+                    help="accept a candidate only if each of K contiguous parts of the calibration "
+                         "tokens is within (1+delta) of W4A16 on that part (default 1: whole split; "
+                         "with calibration-wide, 8 = one part per book)")
     ap.add_argument("--min-bits", type=int, default=1)
     ap.add_argument("--max-evals", type=int, default=32, help="evaluation cap (Anda: 32)")
     ap.add_argument("--evaluator", choices=MODES, default="eager",
@@ -210,20 +259,26 @@ def write_tuple(path, mantissa_bits) -> None:
 def main(argv=None) -> dict:
     from llm_compile.anda_bands import band_ranges, to_mantissa_bits
 
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     from llm_compile.eval.data import load_tokens
 
+    try:
+        part_bounds(args.tokens, args.calib_parts)    # checks --calib-parts before loading anything
+    except ValueError as e:
+        ap.error(f"--calib-parts: {e}")
     start, start_summary = parse_start(args.start)
     model, tok = load_w4_model(args.weights, 4, args.group_size)
     num_layers = model.config.num_hidden_layers
     band_ranges(num_layers, args.bands)           # checks --bands before any evaluation
-    ids = load_tokens(tok, "calibration", args.tokens)
+    ids = load_tokens(tok, args.calib_split, args.tokens)
     setting = {"model": MODEL_NAME, "weights": weights_setting(args.weights, args.group_size),
-               "split": "calibration"}
+               "split": args.calib_split}
     ev = Evaluator(model, ids, context=args.context, stride=args.stride, mode=args.evaluator,
-                   cache=EvalCache(args.cache or None), setting=setting, progress=False)
+                   cache=EvalCache(args.cache or None), setting=setting, progress=False,
+                   parts=args.calib_parts)
     macs = model_macs(model)
     res = run_search(ev, macs, args.delta, start=start, max_evals=args.max_evals,
                      min_bits=args.min_bits, progress=not args.quiet, bands=args.bands,
@@ -234,19 +289,30 @@ def main(argv=None) -> dict:
         if start_summary else 0
     summary = {"delta": args.delta, "bands": args.bands, "band_layers": band_ranges(num_layers, args.bands),
                "start": args.start, "tokens": args.tokens, "context": args.context,
+               "calib_split": args.calib_split, "calib_parts": args.calib_parts,
+               "part_bounds": part_bounds(args.tokens, args.calib_parts),
                "w4a16_ppl": res.reference_ppl, "limit": (1 + args.delta) * res.reference_ppl,
+               "w4a16_part_ppl": res.reference_parts,
                "best": best, "best_slots": res.best, "best_text": anda_widths.describe(best),
                "best_ppl": res.best_ppl, "feasible": res.feasible,
                "bops_vs_fp16_act": relative_bops(best, macs), "evaluations": res.evaluations,
                "start_evaluations": prior, "total_evaluations": prior + res.evaluations,
                "max_evals": args.max_evals, "cache_hits": ev.hits, "new_evaluations": ev.misses,
                "history": res.history}
-    print(f"W4A16 calibration ppl {res.reference_ppl:.4f} ({args.tokens} tokens, context {args.context}); "
-          f"limit {(1 + args.delta) * res.reference_ppl:.4f} (delta {args.delta:g}); {args.bands} band(s) "
-          f"{band_ranges(num_layers, args.bands)}")
+    if res.reference_parts:
+        best_entry = next((h for h in res.history if h["widths"] == res.best), None)
+        summary["best_part_ppl"] = best_entry and best_entry["part_ppl"]
+        summary["best_worst_part_ratio"] = best_entry and best_entry["worst_part_ratio"]
+    print(f"W4A16 calibration ppl {res.reference_ppl:.4f} ({args.calib_split}, {args.tokens} tokens, "
+          f"context {args.context}); limit {(1 + args.delta) * res.reference_ppl:.4f} (delta {args.delta:g}); "
+          f"{args.bands} band(s) {band_ranges(num_layers, args.bands)}")
+    if res.reference_parts:
+        print(f"per-part rule: {args.calib_parts} parts, W4A16 part ppl "
+              f"{', '.join(f'{p:.4f}' for p in res.reference_parts)}")
     for i, h in enumerate(res.history, 1):
         mb = to_mantissa_bits(h["widths"], num_layers, args.bands)
-        print(f"  {i:2d} [{anda_widths.describe(mb)}] ppl {h['ppl']:.4f} "
+        worst = f" worst part {100 * (h['worst_part_ratio'] - 1):+.2f}%" if "worst_part_ratio" in h else ""
+        print(f"  {i:2d} [{anda_widths.describe(mb)}] ppl {h['ppl']:.4f}{worst} "
               f"bops {relative_bops(mb, macs):.4f} {'accept' if h['accepted'] else 'reject'}")
     print(f"chosen [{summary['best_text']}] ppl {res.best_ppl:.4f}, BOPs {summary['bops_vs_fp16_act']:.4f} x "
           f"W4A16 (M=16) = {1 / summary['bops_vs_fp16_act']:.3f}x fewer; {res.evaluations} evaluations "
@@ -258,11 +324,14 @@ def main(argv=None) -> dict:
     if args.evaluator == "eager" and not args.no_verify:
         ev.close()
         cv = Evaluator(model, ids, context=args.context, stride=args.stride, mode="compile",
-                       cache=ev.cache, setting=setting)
+                       cache=ev.cache, setting=setting, parts=args.calib_parts)
         ppl = cv(best)
         summary["verify"] = v = {"compiled_ppl": ppl, "within_limit": ppl <= summary["limit"],
                                  "lowered": cv.last["lowered"], "quantized": len(linear_kinds(model)),
                                  "seconds": cv.last["seconds"]}
+        if res.reference_parts:
+            v.update(part_scores(cv.last["parts"], res.reference_parts))
+            v["within_limit"] = all(r <= 1 + args.delta for r in v["part_ratio"])
         cv.close()
         print(f"verify: the chosen tuple compiled with backend='llmaccel' lowers {v['lowered']}/"
               f"{v['quantized']} linears; calibration ppl {ppl:.4f} (eager evaluator {res.best_ppl:.4f}), "

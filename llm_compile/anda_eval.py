@@ -23,8 +23,45 @@ window unwritten in an uninitialised buffer: a few garbage NLLs per value, occas
 a cache file of another version is ignored and rewritten."""
 MODES = ("compile", "recompile", "eager")
 
+MIN_PART_TOKENS = 64
+"""Fewest tokens a calibration part may hold (``Evaluator(parts=K)``, ``--calib-parts``)."""
+
 __all__ = ["kind_widths", "linear_kinds", "anda_options", "anda_eager", "lowered_count", "EvalCache", "RetargetBackend",
-           "Evaluator", "MODES"]
+           "Evaluator", "MODES", "MIN_PART_TOKENS", "part_bounds", "part_perplexities"]
+
+
+def part_bounds(n_tokens: int, parts: int) -> list[tuple[int, int]]:
+    """``[(begin, end), ...]``: ``n_tokens`` tokens cut into ``parts`` contiguous parts of
+    ``n_tokens // parts`` tokens, the first ``n_tokens % parts`` one more (the rule of
+    :func:`llm_compile.eval.data.part_lengths`, so K = the number of books of a balanced split gives
+    one part per book). Raises ``ValueError`` for ``parts < 1`` or parts under
+    :data:`MIN_PART_TOKENS` tokens."""
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"calibration parts must be an int >= 1, got {parts!r}")
+    q, r = divmod(n_tokens, parts)
+    if parts > 1 and q < MIN_PART_TOKENS:
+        raise ValueError(f"{parts} calibration parts of {n_tokens} tokens hold {q} tokens each; at most "
+                         f"{n_tokens // MIN_PART_TOKENS} parts ({MIN_PART_TOKENS}+ tokens each) fit")
+    out, b = [], 0
+    for i in range(parts):
+        e = b + q + (i < r)
+        out.append((b, e))
+        b = e
+    return out
+
+
+def part_perplexities(nll_per_token: torch.Tensor, bounds) -> list[float]:
+    """Perplexity of each part from the NLLs of positions ``1..N-1`` (``perplexity(...,
+    return_nll=True)``): part ``[b, e)`` averages the NLLs of the tokens it holds (position 0 is never
+    scored)."""
+    import math
+
+    out = []
+    for b, e in bounds:
+        v = nll_per_token[max(b, 1) - 1:e - 1]
+        m = float(v.mean())
+        out.append(math.exp(m) if m < 700 else float("inf"))
+    return out
 
 
 def linear_kinds(model) -> dict[str, str]:
@@ -146,26 +183,36 @@ class Evaluator:
 
     def __init__(self, model, input_ids: torch.Tensor, *, context: int, stride: int | None = None,
                  mode: str = "compile", kernel: str = "reference", cache: EvalCache | None = None,
-                 setting: dict | None = None, progress: bool = False):
+                 setting: dict | None = None, progress: bool = False, parts: int = 1):
         """``mode``: ``compile`` (backend per candidate on one Dynamo trace), ``recompile`` (a fresh
-        ``torch.compile`` per candidate), ``eager`` (``QuantLinear`` calls the op; no compile)."""
+        ``torch.compile`` per candidate), ``eager`` (``QuantLinear`` calls the op; no compile).
+        ``parts`` > 1: every record also holds ``"parts"``, the perplexity of each of ``parts``
+        contiguous parts of the tokens (:func:`part_bounds`), and the cache setting names ``parts``
+        (with 1, records and keys are as before)."""
         if mode not in MODES:
             raise ValueError(f"evaluator mode {mode!r} not in {MODES}")
         self.model, self.ids, self.context = model, input_ids, context
         self.stride = stride or context
         self.mode, self.kernel, self.progress = mode, kernel, progress
         self.cache = cache or EvalCache(None)
+        self.parts = parts
+        self.bounds = part_bounds(int(input_ids.shape[1]), parts)
+        extra = {"parts": parts} if parts > 1 else {}
         self.setting = json.dumps(dict(setting or {}, tokens=int(input_ids.shape[1]), context=context,
-                                       stride=self.stride, kernel=kernel), sort_keys=True)
+                                       stride=self.stride, kernel=kernel, **extra), sort_keys=True)
         self.hits = self.misses = 0
         self.last: dict = {}
         self._backend: RetargetBackend | None = None
 
-    def _ppl(self) -> float:
+    def _ppl(self) -> tuple[float, dict]:
+        """``(ppl, {"parts": [...]})`` with parts, ``(ppl, {})`` without."""
         from llm_compile.eval.metrics import perplexity
 
-        return perplexity(self.model, self.ids, context=self.context, stride=self.stride,
-                          progress=self.progress)["ppl"]
+        r = perplexity(self.model, self.ids, context=self.context, stride=self.stride,
+                       progress=self.progress, return_nll=self.parts > 1)
+        if self.parts == 1:
+            return r["ppl"], {}
+        return r["ppl"], {"parts": part_perplexities(r["nll_per_token"], self.bounds)}
 
     def _cached(self, key: str, fn) -> float:
         rec = self.cache.get(self.setting, key)
@@ -185,7 +232,7 @@ class Evaluator:
         """W4A16 reference: the quantized model, eager (``QuantLinear``: float activations)."""
         def run():
             self.close()
-            return self._ppl(), {}
+            return self._ppl()
         return self._cached("w4a16", run)
 
     def __call__(self, widths) -> float:
@@ -204,12 +251,13 @@ class Evaluator:
 
         if self.mode == "eager":
             with anda_eager(self.model, w, self.kernel) as n:
-                return self._ppl(), {"lowered": n}
+                ppl, extra = self._ppl()
+                return ppl, {"lowered": n, **extra}
         before = {r["graph_id"] for r in COMPILED}
         if self.mode == "recompile":
             compile_model(self.model, anda_options(w, self.kernel))
             try:
-                ppl = self._ppl()
+                ppl, extra = self._ppl()
             finally:
                 uncompile_model(self.model)
         else:
@@ -218,9 +266,9 @@ class Evaluator:
                 self._backend = RetargetBackend(anda_options(w, self.kernel))
                 self.model.forward = torch.compile(self.model.forward, backend=self._backend)
             self._backend.set(anda_options(w, self.kernel))
-            ppl = self._ppl()
+            ppl, extra = self._ppl()
         new = [r for r in COMPILED if r["graph_id"] not in before]
-        return ppl, {"lowered": lowered_count(new), "graphs": len(new)}
+        return ppl, {"lowered": lowered_count(new), "graphs": len(new), **extra}
 
     def close(self) -> None:
         """Restore the model's eager forward."""

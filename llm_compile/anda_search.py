@@ -17,7 +17,11 @@ processes one mantissa plane per cycle, so cost grows linearly with ``M``).
 
 The perplexity callback takes ``{"qkv": m, "o": m, "gate_up": m, "down": m}`` (the value of
 ``options={"anda": {"mantissa_bits": ...}}``) and returns a float; ``llm_compile.eval`` provides
-one for real models. ``python -m llm_compile.anda_cli`` runs the search on SmolLM2-135M
+one for real models. It may instead return a dict with ``"ppl"`` and further fields (e.g. the
+perplexity of each part of the calibration tokens), which go into the history entry; an
+``accept(entry) -> bool`` predicate then replaces the default rule ``ppl <= (1 + delta) *
+reference_ppl`` (the CLI's per-part rule, ``--calib-parts``: :func:`llm_compile.anda_cli.run_search`).
+``python -m llm_compile.anda_cli`` runs the search on SmolLM2-135M
 (:mod:`llm_compile.anda_cli`).
 """
 from __future__ import annotations
@@ -61,16 +65,20 @@ class SearchResult:
     """Whether ``best`` meets the tolerance (False only when the start tuple already fails)."""
     evaluations: int
     history: list[dict] = field(default_factory=list)
-    """One entry per evaluation, in order: ``{"widths", "ppl", "bops", "accepted"}``."""
+    """One entry per evaluation, in order: ``{"widths", "ppl", "bops", "accepted"}`` plus the extra
+    fields of a dict-returning callback."""
 
 
-def adaptive_precision_search(perplexity: Callable[[dict[str, int]], float], reference_ppl: float,
-                              macs: Mapping[str, float], delta: float = 0.01,
+def adaptive_precision_search(perplexity: Callable[[dict[str, int]], float | Mapping],
+                              reference_ppl: float, macs: Mapping[str, float], delta: float = 0.01,
                               start: int | Mapping[str, int] = 11, min_bits: int = 1,
-                              max_evals: int = 32, weight_bits: int = 4) -> SearchResult:
+                              max_evals: int = 32, weight_bits: int = 4,
+                              accept: Callable[[dict], bool] | None = None) -> SearchResult:
     """Anda Algorithm 1 (see the module docstring). ``reference_ppl`` is the W4A16 perplexity. The
     slots searched are the keys of ``macs`` (per kind, or per kind and layer band); ``start`` is one
-    width for every slot or a dict over the slots."""
+    width for every slot or a dict over the slots. ``perplexity`` returns a float or a dict with
+    ``"ppl"`` and extra fields for the history; ``accept(entry)`` (the history entry without
+    ``"accepted"``) decides acceptance, default ``entry["ppl"] <= (1 + delta) * reference_ppl``."""
     if max_evals < 1 or delta < 0:
         raise ValueError("max_evals must be >= 1 and delta >= 0")
     slots = list(macs)
@@ -93,9 +101,13 @@ def adaptive_precision_search(perplexity: Callable[[dict[str, int]], float], ref
     best_t, best_ppl, feasible = start_t, None, False
     while queue and len(history) < max_evals:
         b, t = heapq.heappop(queue)
-        ppl = float(perplexity(_as_dict(t)))
-        ok = ppl <= limit
-        history.append({"widths": _as_dict(t), "ppl": ppl, "bops": b, "accepted": ok})
+        value = perplexity(_as_dict(t))
+        extra = dict(value) if isinstance(value, Mapping) else {"ppl": value}
+        ppl = float(extra.pop("ppl"))
+        entry = {"widths": _as_dict(t), "ppl": ppl, "bops": b, **extra}
+        ok = bool(accept(entry)) if accept is not None else ppl <= limit
+        entry["accepted"] = ok
+        history.append(entry)
         log.info("anda search %d: %s ppl=%.4f (limit %.4f) bops=%.3g %s", len(history), _as_dict(t),
                  ppl, limit, b, "accept" if ok else "reject")
         if t == start_t:

@@ -8,16 +8,30 @@ imported. The file is located with :func:`importlib.util.find_spec`.
 
 Splits are fixed, documented and disjoint by book:
 
-=============== ======================= ==========================================
-split           books                   use
-=============== ======================= ==========================================
-``calibration`` Genesis, Exodus         calibration / searches (Anda precision search)
-``evaluation``  Luke, John              every reported metric (perplexity, passkey filler, prompts)
-=============== ======================= ==========================================
+==================== ============================== ==========================================
+split                books                          use
+==================== ============================== ==========================================
+``calibration``      Genesis, Exodus                calibration / searches (Anda precision search)
+``calibration-wide`` Genesis, Exodus, Psalms,       calibration over varied genres (narrative,
+                     Proverbs, Isaiah, Acts,        law, poetry, wisdom, prophecy, history,
+                     Romans, Revelation             letter, apocalypse): Anda searches
+``evaluation``       Luke, John                     every reported metric (perplexity, passkey filler, prompts)
+==================== ============================== ==========================================
 
-The longest verbatim run the two splits share is 58 characters (a formula, "the God of Abraham, the
-God of Isaac, and the God of Jacob"); the tests check that no 100-character window of the
-evaluation split occurs in the calibration split.
+The longest verbatim run the calibration and evaluation splits share is 58 characters (a formula,
+"the God of Abraham, the God of Isaac, and the God of Jacob"); the tests check that no
+100-character window of the evaluation split occurs in either calibration split. ``calibration-wide``
+leaves out Matthew and Mark on purpose: the synoptic gospels run parallel to Luke, often
+near-verbatim.
+
+Balanced splits (``calibration-wide``, listed in :data:`BALANCED`): ``load_tokens(tok, split, n)``
+does not take a prefix (it would be all Genesis) but ``n // K`` consecutive tokens from the start of
+each of the K books (the first ``n % K`` books one token more), each book tokenized on its own, the
+pieces concatenated in book order with no separator tokens; :func:`part_lengths` gives the piece
+lengths (one part per book). ``offset`` skips that many tokens at the start of every book. The text
+of such a split (:func:`load_split`, :func:`split_token_count`, :func:`prompt_windows`,
+:func:`filler_tokens`) is still the books joined by a blank line. ``calibration`` and ``evaluation``
+are plain: a prefix of the joined text, as before.
 
 Normalisation (applied to every book): the backtick the source uses as an apostrophe becomes
 ``'`` and runs of whitespace (poetry indentation) collapse to one space. Books are joined with a
@@ -42,8 +56,13 @@ BIBLE_FILE = "plain_text_readers_bible.py"
 SPLITS: dict[str, tuple[str, ...]] = {
     "calibration": ("Genesis", "Exodus"),
     "evaluation": ("Luke", "John"),
+    "calibration-wide": ("Genesis", "Exodus", "Psalms", "Proverbs", "Isaiah", "Acts", "Romans",
+                         "Revelation"),
 }
 """Books of each split, in the order they are concatenated."""
+
+BALANCED = frozenset({"calibration-wide"})
+"""Splits whose :func:`load_tokens` takes an equal share from the start of every book."""
 
 BOOK_SEPARATOR = "\n\n"
 
@@ -98,7 +117,7 @@ def load_books() -> dict[str, str]:
 
 
 def split_books(split: str) -> tuple[str, ...]:
-    """Titles of the books in ``split`` (``"calibration"`` or ``"evaluation"``)."""
+    """Titles of the books in ``split`` (a key of :data:`SPLITS`)."""
     try:
         return SPLITS[split]
     except KeyError:
@@ -115,8 +134,20 @@ def load_tokens(tokenizer, split: str = "evaluation", n_tokens: int | None = Non
                 offset: int = 0) -> torch.Tensor:
     """Token ids ``[1, n]`` of ``split`` (no BOS/special tokens), from token ``offset`` on.
 
-    Raises ``ValueError`` when the split has fewer than ``offset + n_tokens`` tokens.
+    Raises ``ValueError`` when the split has fewer than ``offset + n_tokens`` tokens. For a
+    balanced split (:data:`BALANCED`) the tokens are ``n_tokens // K`` (+1 for the first
+    ``n_tokens % K`` books) from each of its K books, from token ``offset`` of every book on
+    (``n_tokens=None``: every book whole from ``offset``).
     """
+    if split in BALANCED:
+        pieces = [_tokenize_book(tokenizer, b) for b in split_books(split)]
+        lengths = (part_lengths(split, n_tokens) if n_tokens is not None
+                   else [len(p) - offset for p in pieces])
+        if offset < 0 or min(lengths) < 1 or any(offset + k > len(p) for k, p in zip(lengths, pieces)):
+            raise ValueError(f"split {split!r} (books of {[len(p) for p in pieces]} tokens): cannot "
+                             f"take {n_tokens} tokens ({lengths} per book) from offset {offset}")
+        ids = [t for k, p in zip(lengths, pieces) for t in p[offset:offset + k]]
+        return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
     ids = _tokenize_split(tokenizer, split)
     if n_tokens is None:
         n_tokens = len(ids) - offset
@@ -127,7 +158,25 @@ def load_tokens(tokenizer, split: str = "evaluation", n_tokens: int | None = Non
     return torch.tensor(ids[offset:offset + n_tokens], dtype=torch.long).unsqueeze(0)
 
 
+def part_lengths(split: str, n_tokens: int) -> list[int]:
+    """Token count of each book in ``load_tokens(tok, split, n_tokens)`` for a balanced split:
+    ``n_tokens // K``, one more for the first ``n_tokens % K`` books; ``[n_tokens]`` otherwise."""
+    if split not in BALANCED:
+        split_books(split)                      # checks the name
+        return [n_tokens]
+    k = len(split_books(split))
+    q, r = divmod(n_tokens, k)
+    return [q + (i < r) for i in range(k)]
+
+
 _TOKEN_CACHE: dict[tuple, list[int]] = {}
+
+
+def _tokenize_book(tokenizer, book: str) -> list[int]:
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer), "book", book)
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = list(tokenizer(load_books()[book], add_special_tokens=False)["input_ids"])
+    return _TOKEN_CACHE[key]
 
 
 def _tokenize_split(tokenizer, split: str) -> list[int]:

@@ -51,3 +51,49 @@ def test_prompt_windows(smollm2):
     prompts = data.prompt_windows(tok, "evaluation", n=4, prompt_tokens=32)
     assert len(prompts) == 4 and all(p.shape == (1, 32) for p in prompts)
     assert len({tuple(p[0].tolist()) for p in prompts}) == 4
+
+
+WIDE = ("Genesis", "Exodus", "Psalms", "Proverbs", "Isaiah", "Acts", "Romans", "Revelation")
+
+
+def test_wide_calibration_split_books():
+    books = data.split_books("calibration-wide")
+    assert books == WIDE and "calibration-wide" in data.BALANCED
+    # disjoint by book from the evaluation split, and no synoptic gospel (parallel to Luke)
+    assert not set(books) & {"Matthew", "Mark", "Luke", "John"}
+    assert data.split_books("calibration") == ("Genesis", "Exodus")       # unchanged
+    assert data.part_lengths("calibration-wide", 2048) == [256] * 8
+    assert data.part_lengths("calibration-wide", 2051) == [257, 257, 257] + [256] * 5
+    assert data.part_lengths("calibration", 2048) == [2048]
+
+
+def test_wide_split_shares_no_long_substring_with_evaluation():
+    wide, ev = data.load_split("calibration-wide"), data.load_split("evaluation")
+    hits = [i for i in range(0, len(ev) - 100, 50) if ev[i:i + 100] in wide]
+    assert not hits, f"shared text: {ev[hits[0]:hits[0] + 100]!r}"
+
+
+def test_wide_split_tokens_come_from_every_book(smollm2):
+    _, tok = smollm2
+    n = 8 * 40 + 3
+    ids = data.load_tokens(tok, "calibration-wide", n)
+    lengths = data.part_lengths("calibration-wide", n)
+    assert ids.shape == (1, n) and lengths == [41, 41, 41] + [40] * 5
+    books = data.load_books()
+    pos = 0
+    for book, k in zip(WIDE, lengths):
+        piece = ids[0, pos:pos + k].tolist()
+        assert piece == tok(books[book], add_special_tokens=False)["input_ids"][:k]
+        pos += k
+    assert tok.decode(ids[0, :lengths[0]]).startswith("In the beginning")
+    assert tok.decode(ids[0, sum(lengths[:7]):]).startswith("This is the Revelation of Jesus Christ")
+    # offset: the same share from token 10 of every book
+    shifted = data.load_tokens(tok, "calibration-wide", 16, offset=10)
+    assert shifted[0, :2].tolist() == ids[0, 10:12].tolist()
+    # the plain splits still take a prefix
+    assert data.load_tokens(tok, "calibration", 64).tolist() == \
+        [tok(data.load_split("calibration"), add_special_tokens=False)["input_ids"][:64]]
+    with pytest.raises(ValueError, match="cannot take"):
+        data.load_tokens(tok, "calibration-wide", 10**6)
+    with pytest.raises(ValueError, match="cannot take"):
+        data.load_tokens(tok, "calibration-wide", 4)                      # 0 tokens for some books
