@@ -319,8 +319,10 @@ def main(argv=None) -> dict:
           f"(cap {args.max_evals}; {prior + res.evaluations} with the start's search), {ev.misses} new, "
           f"{ev.hits} from cache; -> {args.out}")
     if not res.feasible:
-        print(f"INFEASIBLE: the start widths already fail the tolerance (ppl {res.best_ppl:.4f} > "
-              f"{summary['limit']:.4f}); {args.out} holds the start, not a searched tuple: start higher")
+        why = (f"worst part {100 * (summary['best_worst_part_ratio'] - 1):+.2f}% > {100 * args.delta:g}%"
+               if res.reference_parts else f"ppl {res.best_ppl:.4f} > {summary['limit']:.4f}")
+        print(f"INFEASIBLE: the start widths already fail the tolerance ({why}); {args.out} holds the "
+              f"start, not a searched tuple: start higher")
     if args.evaluator == "eager" and not args.no_verify:
         ev.close()
         cv = Evaluator(model, ids, context=args.context, stride=args.stride, mode="compile",
