@@ -9,6 +9,10 @@
 * :func:`sparse_attend`: attention over the kept rows of a float32 cache, read in place with the
   next rows prefetched; replaces a gather (``index_select``: a scattered read, a write and a
   re-read) and two small matmuls, for every policy.
+* :func:`query_select`: a query-aware step's pick (``quest``, ``recall``) from the scorer's logits:
+  softmax per head, sum per group, the query's top tokens, the history's top tokens among the rest,
+  in position order; in torch ~15 ops per site and step over ``[B, Hq, n]`` float buffers that no
+  longer fit in L2 at 8k tokens (two ``topk``, a softmax, a sort, masks, pads, a ``cat``).
 * :func:`score_sub`, :func:`score_add`, :func:`select_top`: the windowed score bookkeeping of a
   decode step (:class:`~llm_compile.runtime.swa.state.SWAState`: a ring row leaving the window, the
   step's weights entering it, the top-scored tokens in position order). In torch these are ~30 small
@@ -109,6 +113,8 @@ def library() -> ctypes.CDLL | None:
     lib.score_add.restype = None
     lib.select_top.argtypes = [P, L, L, L, L, L, L, L, P, ctypes.c_int]
     lib.select_top.restype = ctypes.c_int
+    lib.query_select.argtypes = [P, L, L, L, L, L, L, P, L, L, L, L, L, L, L, P, ctypes.c_int]
+    lib.query_select.restype = ctypes.c_int
     return lib
 
 
@@ -230,4 +236,35 @@ def select_top(score: Tensor, n: int, sinks: int, recent: int, glob: int, padded
     if lib.select_top(score.data_ptr(), ld, B * G, n, sinks, recent, glob, padded, out.data_ptr(),
                       torch.get_num_threads()):
         raise MemoryError("select_top: no memory for the selection scratch")
+    return out
+
+
+def query_select(logits: Tensor, unit: int, hist: Tensor | None, n: int, sinks: int, recent: int,
+                 nq: int, nglob: int, padded: int, groups: int) -> Tensor | None:
+    """Kept tokens [B, G, padded] int64 of a query-aware step from the scorer's ``logits``
+    [B, Hq, units] float32 (token ``t`` scored by unit ``t // unit``; none past ``units``: 0):
+    sinks; among ``[sinks, n - recent)`` the ``nq`` tokens with the largest softmax weight summed
+    over the group's heads, then the ``nglob`` largest of ``hist`` [B, G, >=n] int64 among the
+    rest; the last ``recent``; in position order, padding 0; ties at a threshold go to the earliest
+    positions. None where the kernel does not apply (the caller runs torch)."""
+    lib = library()
+    if lib is None or logits.is_cuda or logits.dtype != torch.float32 or logits.stride(-1) != 1:
+        return None
+    B, Hq, units = logits.shape
+    ldh = 0
+    if nglob:
+        ldh = _rows(hist) if hist is not None and not hist.is_cuda and hist.dtype == torch.int64 else None
+        if ldh is None:
+            return None
+    if (Hq % groups or unit < 1 or logits.stride(0) != Hq * logits.stride(1)
+            or not (0 <= nq and 0 <= nglob and nq + nglob <= n - sinks - recent and sinks + recent <= n
+                    and sinks + nq + nglob + recent <= padded)
+            or (hist is not None and nglob and hist.shape[:2] != (B, groups))):
+        raise ValueError(f"query_select: logits {tuple(logits.shape)}, unit={unit}, groups={groups}, n={n}, "
+                         f"sinks={sinks}, recent={recent}, query={nq}, global={nglob}, padded={padded}")
+    out = torch.empty(B, groups, padded, dtype=torch.int64)
+    if lib.query_select(logits.data_ptr(), logits.stride(1), B, Hq, units, unit, groups,
+                        hist.data_ptr() if nglob else None, ldh, n, sinks, recent, nq, nglob, padded,
+                        out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("query_select: no memory for the selection scratch")
     return out

@@ -17,12 +17,20 @@ picks, with no token twice and exactly ``b.total`` tokens per sequence (and per 
 
 Nothing here computes ``q K^T`` over the whole cache except "oracle": quest/recall read the
 summaries (page min/max, or the low-bit key sketch) and then the selected rows.
+
+On a CPU, quest/recall pick with one C call after the scorer's logits
+(:func:`~llm_compile.runtime.swa.native.query_select`: softmax, group sum, both picks, position
+order), where ties at either threshold go to the earliest positions; the torch path below (GPU, no
+C compiler, ``LLMACCEL_NATIVE=0``) picks with ``torch.topk``, whose order among equal scores is
+unspecified, and its softmax differs from the C one in the last bits: the two paths keep the same
+tokens except where scores tie or nearly tie at a threshold.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from llm_compile.runtime.swa import native
 from llm_compile.runtime.swa.policies import policy_of
 from llm_compile.runtime.swa.scorers import scorer_of
 from llm_compile.runtime.swa.state import Budget, SWAState, group_sum
@@ -51,6 +59,14 @@ def select(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None,
     padding slots pointing at token 0. ``q`` [B, Hq, D]; ``kc`` the key cache (without the new token
     when ``kn`` is given), or None with ``source`` (tiered KV, read by position: sketch only)."""
     B, G, n, dev = state.batch, state.groups, b.n, state.device
+    if b.query and not policy_of(cfg).exact and not q.is_cuda and not use_triton and native.library():
+        scorer = scorer_of(cfg)
+        logits = scorer.logits(state.summary, q, kc, kn, scale, n, use_triton, source)
+        idx = native.query_select(logits.float(), scorer.unit(state.summary),
+                                  state.score if b.global_ else None, n, b.sinks, b.recent, b.query,
+                                  b.global_, b.padded, G)
+        if idx is not None:
+            return _record(state, b, idx)
     taken = torch.zeros(B, G, n, dtype=torch.bool, device=dev)
     taken[..., : b.sinks] = True
     taken[..., n - b.recent:] = True
@@ -67,6 +83,10 @@ def select(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None,
     idx = torch.sort(torch.cat(parts, dim=-1), dim=-1).values
     if b.padded > b.total:
         idx = torch.cat([idx, torch.zeros(B, G, b.padded - b.total, dtype=torch.int64, device=dev)], -1)
+    return _record(state, b, idx)
+
+
+def _record(state: SWAState, b: Budget, idx: Tensor) -> Tensor:
     state.last_indices = idx[:, :, : b.total]
     state.last_budget = b
     return idx

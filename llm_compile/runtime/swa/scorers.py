@@ -36,8 +36,17 @@ class PageScorer:
     def min_total(self, cfg) -> int:
         return cfg.page_size + 1
 
-    def weights(self, summary: PageSummary, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
-                n: int, use_triton: bool, source=None) -> Tensor:
+    def unit(self, summary: PageSummary) -> int:
+        """Tokens per scored unit (a page)."""
+        return summary.page
+
+    def weights(self, summary, q, kc, kn, scale, n, use_triton, source=None) -> Tensor:
+        """Per-head weights [B, Hq, pages]: a softmax of :meth:`logits`."""
+        return torch.softmax(self.logits(summary, q, kc, kn, scale, n, use_triton, source), dim=-1)
+
+    def logits(self, summary: PageSummary, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
+               n: int, use_triton: bool, source=None) -> Tensor:
+        """Upper bounds of ``scale * q . k`` per page [B, Hq, pages] float32."""
         if kc is None:  # parse_options refuses quest/recall-with-pages over kv_tiers
             raise RuntimeError("llmaccel swa: the page scorer needs the key cache (not over kv_tiers)")
         summary.update(kc, kn)
@@ -47,7 +56,7 @@ class PageScorer:
             ub = swa_page_bounds(q, summary.kmin, summary.kmax, scale)
         else:
             ub = summary.bounds(q, scale)
-        return torch.softmax(ub, dim=-1)                            # [B, Hq, pages]
+        return ub                                                   # [B, Hq, pages]
 
     def to_tokens(self, w: Tensor, summary: PageSummary, n: int) -> Tensor:
         """A token inherits its page's weight: [B, G, pages] -> [B, G, n]."""
@@ -74,7 +83,16 @@ class SketchScorer:
     def min_total(self, cfg) -> int:
         return 17
 
-    def weights(self, summary: KeySketch, q, kc, kn, scale, n, use_triton, source=None):
+    def unit(self, summary: KeySketch) -> int:
+        """Tokens per scored unit (one)."""
+        return 1
+
+    def weights(self, summary, q, kc, kn, scale, n, use_triton, source=None) -> Tensor:
+        """Per-head weights [B, Hq, sketched]: a softmax of :meth:`logits`."""
+        return torch.softmax(self.logits(summary, q, kc, kn, scale, n, use_triton, source), dim=-1)
+
+    def logits(self, summary: KeySketch, q, kc, kn, scale, n, use_triton, source=None) -> Tensor:
+        """``scale * q . k~`` per sketched token [B, Hq, sketched] float32."""
         if kc is None:  # tiered KV: the blocks completed since the last step, read by position
             summary.update_from(lambda lo, hi: source.rows(
                 torch.arange(lo, hi, device=q.device).view(1, 1, -1))[0], n)
@@ -89,7 +107,7 @@ class SketchScorer:
             logits = swa_sketch_logits(packed, step, mn, q, nb, summary.bits, scale)
         else:   # the C kernel on CPU (runtime/swa/native.py), else torch
             logits = summary.logits(q, scale)
-        return torch.softmax(logits, dim=-1)                        # [B, Hq, sketched]
+        return logits
 
     def to_tokens(self, w: Tensor, summary: KeySketch, n: int) -> Tensor:
         """The newest ``n - summary.n`` tokens have no sketch yet: weight 0."""

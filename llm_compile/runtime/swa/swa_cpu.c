@@ -62,35 +62,52 @@ static void block_generic(const uint8_t* p, const float* w, float* acc, int G, i
 }
 
 #ifdef SK_AVX2
-/* The same for PB a multiple of 16: tiles of 16 tokens (16 bytes of a channel, one shift s), up to
- * four query heads at a time (eight accumulators). */
-static void block_avx2(const uint8_t* p, const float* w, float* acc, int G, int D, int PB, int bits) {
-  const int per = 8 / bits, blk = PB * per;
+/* The same for PB a multiple of 16, written straight to the output rows: o[g][t] = scale * (logit
+ * sum + base[g]). Tiles of 16 tokens (16 bytes of a channel, one shift s) for NG <= 4 query heads;
+ * NG is a constant after inlining, so the 2 * NG accumulators stay in registers. */
+static inline __attribute__((always_inline)) void tile_avx2(const uint8_t* p, const float* w, const float* base,
+                                                            float* const* o, float scale, const int NG,
+                                                            int D, int PB, int bits) {
+  const int per = 8 / bits;
   const __m128i mask = _mm_set1_epi8((char)((1u << bits) - 1u));
   for (int j0 = 0; j0 < PB; j0 += 16)
-    for (int s = 0; s < per; ++s)
-      for (int g0 = 0; g0 < G; g0 += 4) {
-        const int ng = G - g0 < 4 ? G - g0 : 4;
-        __m256 a[4][2];
-        for (int g = 0; g < 4; ++g) a[g][0] = a[g][1] = _mm256_setzero_ps();
-        for (int d = 0; d < D; ++d) {
-          __m128i x = _mm_loadu_si128((const __m128i*)(p + d * PB + j0));
-          /* a 16-bit shift then the byte mask: bits shifted in from the neighbour byte are masked */
-          __m128i y = _mm_and_si128(_mm_srl_epi16(x, _mm_cvtsi32_si128(s * bits)), mask);
-          __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(y));
-          __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(y, 8)));
-          for (int g = 0; g < ng; ++g) {
-            __m256 wv = _mm256_set1_ps(w[(g0 + g) * D + d]);
-            a[g][0] = _mm256_fmadd_ps(wv, c0, a[g][0]);
-            a[g][1] = _mm256_fmadd_ps(wv, c1, a[g][1]);
-          }
-        }
-        for (int g = 0; g < ng; ++g) {
-          float* dst = acc + (g0 + g) * blk + s * PB + j0;
-          _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), a[g][0]));
-          _mm256_storeu_ps(dst + 8, _mm256_add_ps(_mm256_loadu_ps(dst + 8), a[g][1]));
+    for (int s = 0; s < per; ++s) {
+      const __m128i sh = _mm_cvtsi32_si128(s * bits);
+      __m256 a0[4], a1[4];
+      for (int g = 0; g < NG; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+      for (int d = 0; d < D; ++d) {
+        __m128i x = _mm_loadu_si128((const __m128i*)(p + d * PB + j0));
+        /* a 16-bit shift then the byte mask: bits shifted in from the neighbour byte are masked */
+        __m128i y = _mm_and_si128(_mm_srl_epi16(x, sh), mask);
+        __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(y));
+        __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(y, 8)));
+        for (int g = 0; g < NG; ++g) {
+          const __m256 wv = _mm256_broadcast_ss(w + g * D + d);
+          a0[g] = _mm256_fmadd_ps(wv, c0, a0[g]);
+          a1[g] = _mm256_fmadd_ps(wv, c1, a1[g]);
         }
       }
+      const __m256 sc = _mm256_set1_ps(scale);
+      for (int g = 0; g < NG; ++g) {
+        const __m256 bg = _mm256_set1_ps(base[g]);
+        float* dst = o[g] + s * PB + j0;
+        _mm256_storeu_ps(dst, _mm256_mul_ps(sc, _mm256_add_ps(a0[g], bg)));
+        _mm256_storeu_ps(dst + 8, _mm256_mul_ps(sc, _mm256_add_ps(a1[g], bg)));
+      }
+    }
+}
+
+static void block_avx2(const uint8_t* p, const float* w, const float* base, float* const* o, float scale,
+                       int G, int D, int PB, int bits) {
+  for (int g0 = 0; g0 < G; g0 += 4) {
+    const float* wg = w + g0 * D;
+    switch (G - g0 < 4 ? G - g0 : 4) {
+      case 1: tile_avx2(p, wg, base + g0, o + g0, scale, 1, D, PB, bits); break;
+      case 2: tile_avx2(p, wg, base + g0, o + g0, scale, 2, D, PB, bits); break;
+      case 3: tile_avx2(p, wg, base + g0, o + g0, scale, 3, D, PB, bits); break;
+      default: tile_avx2(p, wg, base + g0, o + g0, scale, 4, D, PB, bits); break;
+    }
+  }
 }
 #endif
 
@@ -101,29 +118,43 @@ void sketch_logits(const uint8_t* P, const uint16_t* S, const uint16_t* M, const
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (long job = 0; job < B * H * nb; ++job) {
     const long bh = job / nb, i = job % nb, b = bh / H, h = bh % H;
-    float w[G * D], acc[G * blk], base[G];
+    float w[G * D], base[G], sf[D], mf[D];
+    float* o[G];
     const uint16_t* s = S + (bh * NBc + i) * D;
     const uint16_t* m = M + (bh * NBc + i) * D;
     const uint8_t* p = P + (bh * NBc + i) * D * PB;
+    long d0 = 0;
+#ifdef SK_AVX2
+    for (; d0 + 8 <= D; d0 += 8) {
+      _mm256_storeu_ps(sf + d0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + d0))));
+      _mm256_storeu_ps(mf + d0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + d0))));
+    }
+#endif
+    for (long d = d0; d < D; ++d) {
+      sf[d] = half_to_float(s[d]);
+      mf[d] = half_to_float(m[d]);
+    }
     for (long g = 0; g < G; ++g) {
       const float* qq = Q + (b * H * G + h * G + g) * D;
-      float bs = 0.f;
+      float bs[8] = {0.f};   /* q . mn in 8 interleaved partial sums (no 64-long add chain) */
       for (long d = 0; d < D; ++d) {
-        w[g * D + d] = qq[d] * half_to_float(s[d]);
-        bs += qq[d] * half_to_float(m[d]);
+        w[g * D + d] = qq[d] * sf[d];
+        bs[d & 7] += qq[d] * mf[d];
       }
-      base[g] = bs;
+      base[g] = ((bs[0] + bs[1]) + (bs[2] + bs[3])) + ((bs[4] + bs[5]) + (bs[6] + bs[7]));
+      o[g] = O + (b * H * G + h * G + g) * ldo + i * blk;
     }
-    memset(acc, 0, sizeof acc);
 #ifdef SK_AVX2
-    if (PB % 16 == 0) block_avx2(p, w, acc, (int)G, (int)D, (int)PB, (int)bits);
-    else
-#endif
-      block_generic(p, w, acc, (int)G, (int)D, (int)PB, (int)bits);
-    for (long g = 0; g < G; ++g) {
-      float* o = O + (b * H * G + h * G + g) * ldo + i * blk;
-      for (long t = 0; t < blk; ++t) o[t] = scale * (acc[g * blk + t] + base[g]);
+    if (PB % 16 == 0) {
+      block_avx2(p, w, base, o, scale, (int)G, (int)D, (int)PB, (int)bits);
+      continue;
     }
+#endif
+    float acc[G * blk];
+    memset(acc, 0, sizeof acc);
+    block_generic(p, w, acc, (int)G, (int)D, (int)PB, (int)bits);
+    for (long g = 0; g < G; ++g)
+      for (long t = 0; t < blk; ++t) o[g][t] = scale * (acc[g * blk + t] + base[g]);
   }
 }
 
