@@ -20,7 +20,7 @@
   batch 4, a quarter of an ``alisa`` site's step); here they are three calls.
 
 It is compiled with the C compiler Inductor uses (``$CC``, else ``cc``/``gcc``), with AVX2/FMA/F16C
-when ``torch.backends.cpu.get_cpu_capability()`` reports them and OpenMP when the compiler has it,
+(and AVX-512 F/BW/VL/DQ) when ``torch.backends.cpu.get_cpu_capability()`` reports them and OpenMP when the compiler has it,
 into ``$LLMACCEL_CACHE_DIR`` (default ``~/.cache/llm_compile``) under a name keyed by the source,
 the flags and the compiler, and loaded with :mod:`ctypes`. Where no compiler works, the torch path
 runs instead, after one warning that says why. ``LLMACCEL_NATIVE=0`` turns the kernel off.
@@ -58,8 +58,10 @@ def _cache_dir() -> Path:
 
 def _flag_sets() -> list[list[str]]:
     """Flags to try, best first: SIMD only where this CPU has it (the library is keyed by them)."""
-    simd = ["-mavx2", "-mfma", "-mf16c"] if torch.backends.cpu.get_cpu_capability() in (
-        "AVX2", "AVX512") else []
+    cap = torch.backends.cpu.get_cpu_capability()
+    simd = ["-mavx2", "-mfma", "-mf16c"] if cap in ("AVX2", "AVX512") else []
+    if cap == "AVX512":   # the sketch's 16-token tiles (swa_cpu.c); same sums, same floats
+        simd += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     base = ["-O3", "-shared", "-fPIC", "-std=gnu99"]
     return [base + simd + ["-fopenmp"], base + simd + ["-fopenmp-simd"], base]
 

@@ -97,15 +97,43 @@ static inline __attribute__((always_inline)) void tile_avx2(const uint8_t* p, co
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* The same with 16-token vectors (one widening and one conversion per channel and tile instead of
+ * five AVX2 instructions; one multiply-add per head): same sums in the same order, same floats. */
+#define SK_TILE tile_avx512
+static inline __attribute__((always_inline)) void tile_avx512(const uint8_t* p, const float* w, const float* base,
+                                                              float* const* o, float scale, const int NG,
+                                                              int D, int PB, int bits) {
+  const int per = 8 / bits;
+  const __m128i mask = _mm_set1_epi8((char)((1u << bits) - 1u));
+  for (int j0 = 0; j0 < PB; j0 += 16)
+    for (int s = 0; s < per; ++s) {
+      const __m128i sh = _mm_cvtsi32_si128(s * bits);
+      __m512 a[4];
+      for (int g = 0; g < NG; ++g) a[g] = _mm512_setzero_ps();
+      for (int d = 0; d < D; ++d) {
+        __m128i x = _mm_loadu_si128((const __m128i*)(p + d * PB + j0));
+        __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srl_epi16(x, sh), mask)));
+        for (int g = 0; g < NG; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(w[g * D + d]), c, a[g]);
+      }
+      const __m512 sc = _mm512_set1_ps(scale);
+      for (int g = 0; g < NG; ++g)
+        _mm512_storeu_ps(o[g] + s * PB + j0, _mm512_mul_ps(sc, _mm512_add_ps(a[g], _mm512_set1_ps(base[g]))));
+    }
+}
+#else
+#define SK_TILE tile_avx2
+#endif
+
 static void block_avx2(const uint8_t* p, const float* w, const float* base, float* const* o, float scale,
                        int G, int D, int PB, int bits) {
   for (int g0 = 0; g0 < G; g0 += 4) {
     const float* wg = w + g0 * D;
     switch (G - g0 < 4 ? G - g0 : 4) {
-      case 1: tile_avx2(p, wg, base + g0, o + g0, scale, 1, D, PB, bits); break;
-      case 2: tile_avx2(p, wg, base + g0, o + g0, scale, 2, D, PB, bits); break;
-      case 3: tile_avx2(p, wg, base + g0, o + g0, scale, 3, D, PB, bits); break;
-      default: tile_avx2(p, wg, base + g0, o + g0, scale, 4, D, PB, bits); break;
+      case 1: SK_TILE(p, wg, base + g0, o + g0, scale, 1, D, PB, bits); break;
+      case 2: SK_TILE(p, wg, base + g0, o + g0, scale, 2, D, PB, bits); break;
+      case 3: SK_TILE(p, wg, base + g0, o + g0, scale, 3, D, PB, bits); break;
+      default: SK_TILE(p, wg, base + g0, o + g0, scale, 4, D, PB, bits); break;
     }
   }
 }
