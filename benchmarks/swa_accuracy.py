@@ -84,14 +84,15 @@ def table(results: list[dict], sparsities, policies, key: str, fmt: str) -> str:
     return "\n".join(lines)
 
 
-def plot(results, sparsities, policies, path: str, passkey: bool) -> None:
+def plot(results, sparsities, policies, path: str, metrics) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     by = {r["name"]: r["row"] for r in results if not r.get("error")}
-    keys = [("stream_ppl", "streaming perplexity")] + ([("passkey", "passkey accuracy")] if passkey else [])
+    keys = [(k, t) for m, k, t in (("stream", "stream_ppl", "streaming perplexity"),
+                                    ("passkey", "passkey", "passkey accuracy")) if m in metrics]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
     for ax, (k, title) in zip(axes[0], keys):
         for p in policies:
@@ -190,7 +191,7 @@ def report(results, settings, args, t0) -> None:
             if per:
                 print(f"  {r['name']}: " + ", ".join(f"{k}: {v:.2f}" for k, v in per.items()))
     if args.plot:
-        plot(results, sparsities, policies, args.plot, "passkey" in settings.metrics)
+        plot(results, sparsities, policies, args.plot, settings.metrics)
         print(f"wrote {args.plot}")
 
 
