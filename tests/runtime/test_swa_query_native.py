@@ -103,11 +103,12 @@ def _state(policy, scorer, selection, seed=3):
     return cfg, st, b, q, k, D ** -0.5
 
 
+@pytest.mark.parametrize("policy, scorer", [("recall", "sketch"), ("recall", "pages"), ("quest", "pages")])
 @pytest.mark.parametrize("selection", ["layer", "kv_head"])
-def test_select_picks_what_the_torch_path_picks(monkeypatch, selection):
-    """recall with the sketch through the C pick and through torch (topk; random float scores do
-    not tie): the same kept tokens."""
-    cfg, st, b, q, k, scale = _state("recall", "sketch", selection)
+def test_select_picks_what_the_torch_path_picks(monkeypatch, policy, scorer, selection):
+    """query.select through the C pick and through torch (the GPU's path: top_positions, ties to
+    the earliest positions too; a page's tokens tie): the same kept tokens."""
+    cfg, st, b, q, k, scale = _state(policy, scorer, selection)
     got = query.select(st, b, q, k, None, scale, cfg)
     assert st.last_indices.shape[-1] == b.total
     monkeypatch.setattr(native, "library", lambda: None)

@@ -20,10 +20,11 @@ summaries (page min/max, or the low-bit key sketch) and then the selected rows.
 
 On a CPU, quest/recall pick with one C call after the scorer's logits
 (:func:`~llm_compile.runtime.swa.native.query_select`: softmax, group sum, both picks, position
-order), where ties at either threshold go to the earliest positions; the torch path below (GPU, no
-C compiler, ``LLMACCEL_NATIVE=0``) picks with ``torch.topk``, whose order among equal scores is
-unspecified, and its softmax differs from the C one in the last bits: the two paths keep the same
-tokens except where scores tie or nearly tie at a threshold.
+order); elsewhere (GPU, no C compiler, ``LLMACCEL_NATIVE=0``) the torch path below does the same
+with :func:`~llm_compile.runtime.swa.state.top_positions`. On both, ties at either threshold go to
+the earliest positions (a page scorer's tokens tie within a page: the threshold page is taken from
+its first token on). The two softmaxes differ in the last bits, so the paths keep the same tokens
+except where scores nearly tie at a threshold.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from torch import Tensor
 from llm_compile.runtime.swa import native
 from llm_compile.runtime.swa.policies import policy_of
 from llm_compile.runtime.swa.scorers import scorer_of
-from llm_compile.runtime.swa.state import Budget, SWAState, group_sum
+from llm_compile.runtime.swa.state import Budget, SWAState, group_sum, top_positions
 
 _NEG_INF = float("-inf")
 
@@ -74,12 +75,12 @@ def select(state: SWAState, b: Budget, q: Tensor, kc: Tensor, kn: Tensor | None,
              torch.arange(n - b.recent, n, device=dev).expand(B, G, b.recent)]
     if b.query:
         sc = query_scores(state, b, q, kc, kn, scale, cfg, use_triton, source).masked_fill_(taken, _NEG_INF)
-        top = torch.topk(sc, b.query, dim=-1, sorted=False).indices
+        top = top_positions(sc, b.query)        # ties: the earliest positions, as in C
         taken.scatter_(2, top, True)
         parts.append(top)
     if b.global_:
         hist = state.score.masked_fill(taken, torch.iinfo(torch.int64).min)
-        parts.append(torch.topk(hist, b.global_, dim=-1, sorted=False).indices)
+        parts.append(top_positions(hist, b.global_))
     idx = torch.sort(torch.cat(parts, dim=-1), dim=-1).values
     if b.padded > b.total:
         idx = torch.cat([idx, torch.zeros(B, G, b.padded - b.total, dtype=torch.int64, device=dev)], -1)
