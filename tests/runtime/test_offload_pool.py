@@ -141,13 +141,14 @@ def test_prefill_on_workers_async_overlap_and_callable_mode(pools):
     pool.release(5)
 
 
-def test_swa_mode_plugs_into_workers(pools):
+@pytest.mark.parametrize("policy, L", [("alisa", 24), ("recall", 150)])   # recall: 2 sketched blocks
+def test_swa_mode_plugs_into_workers(pools, policy, L):
     from llm_compile.config import SWAConfig
     from llm_compile.runtime.swa import new_state, swa_step
 
     pool = pools(1)  # one worker sees all heads: equals local SWA exactly
-    cfg = SWAConfig(sparsity=0.5, bucket=1)
-    L, scale = 24, D ** -0.5
+    cfg = SWAConfig(sparsity=0.5, bucket=1, policy=policy)
+    scale = D ** -0.5
     q, k, v = _rand(1, HQ, L, D, seed=1), _rand(1, HKV, L, D, seed=2), _rand(1, HKV, L, D, seed=3)
     state = new_state(1, HKV, "cpu", cfg)
     ref_out = swa_step(state, q, k, v, scale, cfg, attn_mask=None, is_causal=True)
