@@ -59,11 +59,11 @@ def _cache_dir() -> Path:
 def _flag_sets() -> list[list[str]]:
     """Flags to try, best first: SIMD only where this CPU has it (the library is keyed by them)."""
     cap = torch.backends.cpu.get_cpu_capability()
-    simd = ["-mavx2", "-mfma", "-mf16c"] if cap in ("AVX2", "AVX512") else []
-    if cap == "AVX512":   # the sketch's 16-token tiles (swa_cpu.c); same sums, same floats
-        simd += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]  # the sketch's 16-token tiles
+    simds = {"AVX512": [avx512, avx2, []], "AVX2": [avx2, []]}.get(cap, [[]])
     base = ["-O3", "-shared", "-fPIC", "-std=gnu99"]
-    return [base + simd + ["-fopenmp"], base + simd + ["-fopenmp-simd"], base]
+    return [base + simd + omp for simd in simds for omp in (["-fopenmp"], ["-fopenmp-simd"])] + [base]
 
 
 def _build() -> ctypes.CDLL:
@@ -103,6 +103,11 @@ def library() -> ctypes.CDLL | None:
         log.warning("llmaccel: the CPU SWA kernels (key sketch, sparse attend) are unavailable (%s); "
                     "the torch path runs instead (correct, slower)", e)
         return None
+    return _declare(lib)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The kernels' ctypes signatures."""
     L, P = ctypes.c_long, ctypes.c_void_p
     lib.sketch_logits.argtypes = [P, P, P, P, P, L, L, L, L, L, L, L, L, L, ctypes.c_float, ctypes.c_int]
     lib.sketch_logits.restype = None
