@@ -187,9 +187,13 @@ def report(results, settings, args, t0) -> None:
         print(f"\nPasskey accuracy over lengths {list(settings.passkey_lengths)} x depths {list(settings.passkey_depths)}:\n"
               + table(results, sparsities, policies, "passkey", ".2f"))
         for r in results:
-            per = r["metrics"].get("passkey", {}).get("by_length")
-            if per:
-                print(f"  {r['name']}: " + ", ".join(f"{k}: {v:.2f}" for k, v in per.items()))
+            pk = r["metrics"].get("passkey", {})
+            if pk.get("by_length"):
+                found = sum(a["ok"] for cell in pk.get("grid", []) for a in cell["answers"])
+                trials = sum(len(cell["answers"]) for cell in pk.get("grid", []))
+                print(f"  {r['name']}: found {found} / {trials}; by length "
+                      + ", ".join(f"{k}: {v:.2f}" for k, v in pk["by_length"].items()) + "; by depth "
+                      + ", ".join(f"{k}: {v:.2f}" for k, v in pk.get("by_depth", {}).items()))
     if args.plot:
         plot(results, sparsities, policies, args.plot, settings.metrics)
         print(f"wrote {args.plot}")
