@@ -178,3 +178,18 @@ def test_swa_continuation_ids_only_and_unknown_only(capsys):
     with pytest.raises(SystemExit):
         s.main(["--only", "dense,recall@0.7", "--sparsities", "0.8"])
     assert "unknown configs ['recall@0.7']" in capsys.readouterr().err
+
+
+def test_swa_accuracy_merges_passkey_only_runs(tmp_path, capsys):
+    """--merge of passkey-only JSON (no stream metric): the table, the found counts and a plot
+    (the plot used to fail on the missing stream_ppl)."""
+    pytest.importorskip("matplotlib")
+    m = _load("swa_accuracy")
+    runs = ROOT / "benchmarks" / "continuation"
+    png = tmp_path / "grid.png"
+    m.main(["--merge", str(runs / "passkey_grid_dense_alisa.json"), str(runs / "passkey_grid_h2o08.json"),
+            "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert "| dense | 1.00 |" in out and "| h2o | 0.00 |" in out
+    assert "alisa@0.8: found 3 / 15" in out
+    assert png.stat().st_size > 0
