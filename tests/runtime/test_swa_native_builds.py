@@ -42,8 +42,7 @@ def _run_all(lib, monkeypatch):
 
 @pytest.mark.parametrize("simd", ["none", "avx2"])
 def test_builds_agree(monkeypatch, tmp_path, simd):
-    if native.library() is None:
-        pytest.skip("no C compiler")
+    assert native.library() is not None   # the machine has a C compiler (CI does)
     if simd == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("this CPU has no AVX2")
     want = _run_all(native.library(), monkeypatch)

@@ -21,7 +21,13 @@ from llm_compile.runtime.swa.pages import PageSummary
 from llm_compile.runtime.swa.sketch import KeySketch
 
 
-class PageScorer:
+class _Scorer:
+    def weights(self, summary, q, kc, kn, scale, n, use_triton, source=None) -> Tensor:
+        """Per-head weights [B, Hq, units]: a softmax of the subclass's ``logits``."""
+        return torch.softmax(self.logits(summary, q, kc, kn, scale, n, use_triton, source), dim=-1)
+
+
+class PageScorer(_Scorer):
     name = "pages"
 
     def new(self, cfg) -> PageSummary:
@@ -39,10 +45,6 @@ class PageScorer:
     def unit(self, summary: PageSummary) -> int:
         """Tokens per scored unit (a page)."""
         return summary.page
-
-    def weights(self, summary, q, kc, kn, scale, n, use_triton, source=None) -> Tensor:
-        """Per-head weights [B, Hq, pages]: a softmax of :meth:`logits`."""
-        return torch.softmax(self.logits(summary, q, kc, kn, scale, n, use_triton, source), dim=-1)
 
     def logits(self, summary: PageSummary, q: Tensor, kc: Tensor, kn: Tensor | None, scale: float,
                n: int, use_triton: bool, source=None) -> Tensor:
@@ -66,7 +68,7 @@ class PageScorer:
         return f"page bound (key min/max per {cfg.page_size} tokens; summaries counted)"
 
 
-class SketchScorer:
+class SketchScorer(_Scorer):
     name = "sketch"
 
     def new(self, cfg) -> KeySketch:
@@ -86,10 +88,6 @@ class SketchScorer:
     def unit(self, summary: KeySketch) -> int:
         """Tokens per scored unit (one)."""
         return 1
-
-    def weights(self, summary, q, kc, kn, scale, n, use_triton, source=None) -> Tensor:
-        """Per-head weights [B, Hq, sketched]: a softmax of :meth:`logits`."""
-        return torch.softmax(self.logits(summary, q, kc, kn, scale, n, use_triton, source), dim=-1)
 
     def logits(self, summary: KeySketch, q, kc, kn, scale, n, use_triton, source=None) -> Tensor:
         """``scale * q . k~`` per sketched token [B, Hq, sketched] float32."""

@@ -62,6 +62,12 @@ static void block_generic(const uint8_t* p, const float* w, float* acc, int G, i
 }
 
 #ifdef SK_AVX2
+/* The codes of 16 tokens (bytes j0.. of channel d, shift sh) as 16 bytes: a 16-bit shift then the
+ * byte mask (bits shifted in from the neighbour byte are masked). */
+static inline __m128i codes16(const uint8_t* p, int d, int PB, int j0, __m128i sh, __m128i mask) {
+  return _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i*)(p + d * PB + j0)), sh), mask);
+}
+
 /* The same for PB a multiple of 16, written straight to the output rows: o[g][t] = scale * (logit
  * sum + base[g]). Tiles of 16 tokens (16 bytes of a channel, one shift s) for NG <= 4 query heads;
  * NG is a constant after inlining, so the 2 * NG accumulators stay in registers. */
@@ -76,9 +82,7 @@ static inline __attribute__((always_inline)) void tile_avx2(const uint8_t* p, co
       __m256 a0[4], a1[4];
       for (int g = 0; g < NG; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
       for (int d = 0; d < D; ++d) {
-        __m128i x = _mm_loadu_si128((const __m128i*)(p + d * PB + j0));
-        /* a 16-bit shift then the byte mask: bits shifted in from the neighbour byte are masked */
-        __m128i y = _mm_and_si128(_mm_srl_epi16(x, sh), mask);
+        const __m128i y = codes16(p, d, PB, j0, sh, mask);
         __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(y));
         __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(y, 8)));
         for (int g = 0; g < NG; ++g) {
@@ -112,8 +116,7 @@ static inline __attribute__((always_inline)) void tile_avx512(const uint8_t* p, 
       __m512 a[4];
       for (int g = 0; g < NG; ++g) a[g] = _mm512_setzero_ps();
       for (int d = 0; d < D; ++d) {
-        __m128i x = _mm_loadu_si128((const __m128i*)(p + d * PB + j0));
-        __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srl_epi16(x, sh), mask)));
+        const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes16(p, d, PB, j0, sh, mask)));
         for (int g = 0; g < NG; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(w[g * D + d]), c, a[g]);
       }
       const __m512 sc = _mm512_set1_ps(scale);

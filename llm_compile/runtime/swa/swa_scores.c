@@ -105,6 +105,16 @@ static int64_t kth_largest(const int64_t* s, long m, long k, int64_t* a) {
   }
 }
 
+/* The k-th largest of s[0..m) (1 <= k < m) as the threshold of a top-k pick, and in *ties how
+ * many of the values equal to it are taken (the earliest ones: the rest of k after those above). */
+static int64_t top_threshold(const int64_t* s, long m, long k, int64_t* a, long* ties) {
+  const int64_t thr = kth_largest(s, m, k, a);
+  long above = 0;
+  for (long t = 0; t < m; ++t) above += s[t] > thr;
+  *ties = k - above;
+  return thr;
+}
+
 /* score [R, ld] int64 (first n valid); out [R, padded] int64. Returns 0, or -1 on no memory. */
 int select_top(const int64_t* score, long ld, long R, long n, long sinks, long recent, long glob,
                long padded, int64_t* out, int threads) {
@@ -125,10 +135,8 @@ int select_top(const int64_t* score, long ld, long R, long n, long sinks, long r
 #else
       int64_t* a = scratch;
 #endif
-      const int64_t thr = kth_largest(s + lo, m, glob, a);
-      long above = 0;
-      for (long t = lo; t < hi; ++t) above += s[t] > thr;
-      long ties = glob - above;      /* equal to the threshold: the earliest ones */
+      long ties;                     /* equal to the threshold: the earliest ones */
+      const int64_t thr = top_threshold(s + lo, m, glob, a, &ties);
       const long end = j + glob;
       for (long t = lo; t < hi && j < end; ++t) {   /* branch-free: store, then advance if kept */
         const int gt = s[t] > thr, eq = s[t] == thr, tie = eq & (ties > 0);
@@ -240,10 +248,8 @@ int query_select(const float* L, long ldl, long B, long Hq, long units, long uni
         memcpy(&bits, &w, sizeof bits);
         for (; t < end; ++t) key[t - lo] = (int64_t)(bits & 0x7fffffffu);   /* -0 and +0 alike */
       }
-      const int64_t thr = kth_largest(key, m, q, a);
-      long above = 0;
-      for (long i = 0; i < m; ++i) above += key[i] > thr;
-      long ties = q - above;
+      long ties;
+      const int64_t thr = top_threshold(key, m, q, a, &ties);
       for (long i = 0; i < m; ++i) {
         const int gt = key[i] > thr, tie = (key[i] == thr) & (ties > 0);
         kept[lo + i] = (unsigned char)(gt | tie);
@@ -262,10 +268,8 @@ int query_select(const float* L, long ldl, long B, long Hq, long units, long uni
       if (gl >= c) {
         for (long t = lo; t < hi; ++t) kept[t] = 1;
       } else {
-        const int64_t thr = kth_largest(key, c, gl, a);
-        long above = 0;
-        for (long i = 0; i < c; ++i) above += key[i] > thr;
-        long ties = gl - above;
+        long ties;
+        const int64_t thr = top_threshold(key, c, gl, a, &ties);
         for (long t = lo; t < hi; ++t) {
           const int free_ = !kept[t], gt = free_ & (s[t] > thr), tie = free_ & (s[t] == thr) & (ties > 0);
           kept[t] |= (unsigned char)(gt | tie);
