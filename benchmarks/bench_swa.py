@@ -36,7 +36,7 @@ from llm_compile.config import POLICY_DEFAULTS, SWAConfig
 from llm_compile.runtime.swa.state import compute_budget
 from decode_harness import Decoder, _median, smollm2_config  # benchmarks/ (this script's folder)
 from swa_short_bench import print_short, short_bench
-from swa_site_bench import cpu_op_bench, gpu_bench
+from swa_site_bench import cpu_op_bench, gpu_bench, policy_bench, print_policy_bench
 
 
 def _decode_run(model, ids, steps: int, warmup: int, options: dict | None, profile: int = 0,
@@ -253,6 +253,10 @@ def main(argv=None) -> dict:
     p.add_argument("--prefill-threads", type=int, default=None,
                    help="threads for the (untimed) prefills; decode uses --threads")
     p.add_argument("--gpu-context", type=int, default=32768)
+    p.add_argument("--gpu-policies", type=lambda x: [v for v in x.split(",") if v], default=["alisa", "quest", "recall"],
+                   help="policies of the GPU one-site step bench (empty: skip it)")
+    p.add_argument("--gpu-policy-contexts", type=lambda x: [int(v) for v in x.split(",")], default=[8192, 32768])
+    p.add_argument("--gpu-steps", type=int, default=20, help="timed steps per policy of the GPU step bench")
     p.add_argument("--op-context", type=int, default=8192, help="context of the one-site CPU op bench")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", type=int, default=0,
@@ -270,6 +274,9 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default="bench_swa.json")
     p.add_argument("--png", default=None, help="bar chart of the step times (needs matplotlib)")
     args = p.parse_args(argv)
+    bad = sorted(set(args.gpu_policies) - set(POLICY_DEFAULTS))
+    if bad:
+        p.error(f"--gpu-policies: unknown {bad}; choose from {sorted(POLICY_DEFAULTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     res = {"platform": platform.platform(), "torch": torch.__version__}
@@ -286,6 +293,8 @@ def main(argv=None) -> dict:
         print(f"\nGPU decode attention, {g['device']}, context {g['context']}, batch {g['batch']}, fp16")
         for key in ("dense_sdpa_ms", "swa_triton_ms", "swa_torch_gather_ms", "select_topk_ms"):
             print(f"{key:22}{g[key]:10.4f} ms")
+        if args.gpu_policies:
+            print_policy_bench(res.setdefault("gpu_policies", policy_bench(args)))
     else:
         res["gpu"] = "no CUDA device in this run"
     with open(args.json, "w") as f:

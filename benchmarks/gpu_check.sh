@@ -6,7 +6,9 @@
 #
 # Steps (each under its own timeout; a step that fails or times out is reported, the rest still run):
 #   tests     pytest -m gpu (TRITON_INTERPRET=0: Triton kernels compiled for the GPU)        180 s
-#   swa       SWA decode kernel at 32k context vs SDPA (benchmarks/bench_swa.py, GPU part)     75 s
+#   swa       SWA decode kernel at 32k context vs SDPA, and one decode site per policy (alisa,
+#             quest, recall: scorer + pick + attend) at 8k and 32k, batch 4, vs SDPA
+#             (benchmarks/bench_swa.py, GPU part)                                             110 s
 #   anda      Anda GEMM/GEMV vs cuBLAS FP16 and torch's int4 weight-only kernel
 #             (aten._weight_int4pack_mm), rows 1, 4, 16 (decode) and 512 (prefill), N = K = 4096
 #                                                                                              120 s
@@ -100,7 +102,7 @@ step() {  # step NAME TIMEOUT_S CMD...   -> $OUT/NAME.log, one line in steps.jso
 TIMEOUT_ARG=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARG=(--timeout 120)
 step tests 180 "$PY" -m pytest -q -m gpu tests "${TIMEOUT_ARG[@]}" -p no:cacheprovider --junitxml="$OUT/tests.xml"
-step swa 75 "$PY" benchmarks/bench_swa.py --no-cpu --steps 4 --op-context 2048 --gpu-context 32768 \
+step swa 110 "$PY" benchmarks/bench_swa.py --no-cpu --steps 4 --op-context 2048 --gpu-context 32768 \
     --json "$OUT/swa.json"
 step anda 120 "$PY" benchmarks/bench_anda.py --quick --out "$OUT/anda.json"
 if [ "$NGPU" -ge 2 ]; then

@@ -44,6 +44,25 @@ def swa_rows(swa) -> list[str]:
     ] + ["", f"max abs err Triton vs torch: {g['max_abs_err_triton_vs_torch']:.2e}"]
 
 
+def policy_rows(swa) -> list[str]:
+    r = swa.get("gpu_policies") if isinstance(swa, dict) else None
+    if not isinstance(r, dict) or not r.get("rows"):
+        return []
+    names = list(dict.fromkeys(p for row in r["rows"] for p in [*row["ms"], *row["errors"]]))
+    lines = ["", f"### One SWA decode site per policy at sparsity {r['sparsity']} (ms, median of {r['steps']} "
+                 "steps; x = speed vs dense SDPA)", "",
+             "| context | batch | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+    for row in r["rows"]:
+        dense = row["ms"].get("dense")
+        cells = []
+        for n in names:
+            ms = row["ms"].get(n)
+            cells.append("FAILED" if ms is None else f"{ms:.3f}" + (f" ({dense / ms:.2f}x)" if dense and n != "dense" else ""))
+        lines.append(f"| {row['context']} | {row['batch']} | " + " | ".join(cells) + " |")
+    errors = [f"- context {row['context']}, {n}: {e}" for row in r["rows"] for n, e in row["errors"].items()]
+    return lines + (["", "Failures:"] + errors if errors else [])
+
+
 def anda_rows(anda) -> list[str]:
     if not isinstance(anda, dict) or not anda.get("results"):
         return []
@@ -77,6 +96,7 @@ def main(argv=None) -> None:
     summary = {"gpu": True, "device": a.device, "date": datetime.date.today().isoformat(),
                "llm_compile_import": a.import_how, "total_s": a.total_s, "steps": steps,
                "tests": tests_summary(out / "tests.xml"), "swa": (_load(out / "swa.json") or {}).get("gpu"),
+               "swa_policies": (_load(out / "swa.json") or {}).get("gpu_policies"),
                "anda": _load(out / "anda.json"), "offload": _load(out / "offload.json")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     md = [f"## GPU check: {a.device}, {summary['date']}", "",
@@ -90,7 +110,7 @@ def main(argv=None) -> None:
     t = summary["tests"]
     if t:
         md += ["", f"GPU tests: {t['tests']} run, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped"]
-    md += swa_rows(_load(out / "swa.json")) + anda_rows(summary["anda"])
+    md += swa_rows(_load(out / "swa.json")) + policy_rows(_load(out / "swa.json")) + anda_rows(summary["anda"])
     if summary["offload"]:
         md += ["", "### Offload over NCCL", "", "```", json.dumps(summary["offload"], indent=1)[:3000], "```"]
     (out / "summary.md").write_text("\n".join(md) + "\n")

@@ -70,7 +70,10 @@ def test_gpu_summary_tables(tmp_path):
                                         '</testsuites>')
     (tmp_path / "swa.json").write_text(json.dumps({"gpu": {
         "context": 32768, "batch": 4, "dtype": "fp16", "budget": "b", "dense_sdpa_ms": 2.0, "swa_triton_ms": 0.5,
-        "swa_torch_gather_ms": 1.0, "select_topk_ms": 0.1, "max_abs_err_triton_vs_torch": 1e-3}}))
+        "swa_torch_gather_ms": 1.0, "select_topk_ms": 0.1, "max_abs_err_triton_vs_torch": 1e-3},
+        "gpu_policies": {"sparsity": 0.8, "steps": 20, "rows": [
+            {"context": 8192, "batch": 4, "ms": {"dense": 0.3, "alisa": 0.1, "recall": 0.15},
+             "errors": {"quest": "RuntimeError: boom"}}]}}))
     (tmp_path / "anda.json").write_text(json.dumps({"results": [{
         "rows": 1, "N": 4096, "K": 4096, "times_ms": {"float16_matmul": 0.02, "anda_m7_w4": 0.01,
                                                       "aten_int4pack_mm": None},
@@ -80,7 +83,44 @@ def test_gpu_summary_tables(tmp_path):
     assert "| anda | 124 | 120 | timed out |" in md and "| offload | -1 | 0 | needs 2 GPUs |" in md
     assert "5 run, 1 failed" in md and "| SWA Triton kernel | 0.5000 | 4.00x |" in md
     assert "| 1 | 4096 | 4096 | 0.020 | 0.010 (2.00x) | n/a | 1.0e-04 |" in md
+    assert "| 8192 | 4 | 0.300 | 0.100 (3.00x) | 0.150 (2.00x) | FAILED |" in md
+    assert "- context 8192, quest: RuntimeError: boom" in md
     assert json.loads((tmp_path / "summary.json").read_text())["tests"]["failures"] == 1
+
+
+def test_policy_bench_times_every_policy_and_reports_failures():
+    """The GPU one-site step bench of bench_swa.py (issue 15's speed target on a lent GPU) runs on
+    any device: here on the CPU at a small context, every policy timed, a bad one reported."""
+    import argparse
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        m = _load("swa_site_bench")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    args = argparse.Namespace(batch=2, sparsity=0.8, bucket=64, gpu_steps=3, gpu_policy_contexts=[320],
+                              gpu_policies=["alisa", "quest", "recall", "no-such-policy"])
+    r = m.policy_bench(args, device="cpu", dtype=torch.float32)
+    (row,) = r["rows"]
+    assert set(row["ms"]) == {"dense", "alisa", "quest", "recall"} and all(v > 0 for v in row["ms"].values())
+    assert list(row["errors"]) == ["no-such-policy"] and "no-such-policy" in row["errors"]["no-such-policy"]
+    assert set(row["budget"]) == {"alisa", "quest", "recall"}
+
+
+def test_bench_swa_rejects_an_unknown_gpu_policy(capsys):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        m = _load("bench_swa")
+        with pytest.raises(SystemExit):
+            m.main(["--gpu-policies", "alisa,recal"])
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert "--gpu-policies: unknown ['recal']" in capsys.readouterr().err
 
 
 def test_gpu_check_import_shim_maps_the_package_dirs(tmp_path):
