@@ -51,6 +51,13 @@ accepts a candidate only if *every* part's perplexity is within ``(1+delta)`` of
 part (which implies the whole-split rule). The reported ppl stays the whole-split value; the history
 entries add ``part_ppl``, ``part_ratio`` (candidate / W4A16 per part) and ``worst_part_ratio``.
 
+Held-out stopping check (``--holdout-tokens N``, default 0: off). Besides the calibration rule, every
+candidate that passes it is also measured on ``N`` tokens of the ``holdout`` split (``N / 8`` from the
+start of each of Deuteronomy, 1 Samuel, Job, Jeremiah, 1 Corinthians, Hebrews, James, 1 Peter: in
+neither calibration split nor the evaluation split) and rejected (so not expanded) if its whole-split
+held-out ppl exceeds ``(1+delta)`` times W4A16's there. ``--max-evals`` counts the calibration
+evaluations only; the history entries add ``holdout_ppl`` and ``holdout_ratio``.
+
 Evaluations are memoised in a JSON file (``--cache``), keyed by everything that changes a number
 (model, quantization, split, tokens, context, stride, evaluator, kernel, parts when K > 1) and the
 tuple, so a second ``--delta`` reuses the first one's evaluations.
@@ -137,13 +144,17 @@ def relative_bops(widths, macs: Mapping[str, float]) -> float:
 
 
 def run_search(evaluator: Evaluator, macs, delta: float, *, start=11, max_evals: int = 32,
-               min_bits: int = 1, progress: bool = True, bands: int = 1, num_layers: int | None = None):
+               min_bits: int = 1, progress: bool = True, bands: int = 1, num_layers: int | None = None,
+               holdout: Evaluator | None = None):
     """W4A16 reference + :func:`adaptive_precision_search` with a tqdm bar; returns the result, whose
     widths are over the search slots (the kinds, or ``kind@first-last`` with ``bands > 1``:
     :mod:`llm_compile.anda_bands`; :func:`llm_compile.anda_bands.to_mantissa_bits` gives the option
     value). ``macs`` are per kind over all ``num_layers`` layers (needed for bands or a per-layer
     ``start``); ``start`` is an int, a kind dict or a per-layer list. With ``evaluator.parts > 1``
-    the per-part rule decides (module docstring); the result then has ``reference_parts``."""
+    the per-part rule decides (module docstring); the result then has ``reference_parts``. With
+    ``holdout`` (an evaluator on other tokens), a candidate that passes that rule is also measured there
+    and accepted only if its ppl is within ``(1+delta)`` of W4A16's on those tokens (the held-out
+    stopping check); the result then has ``holdout_reference`` and ``holdout_evaluations``."""
     from tqdm.auto import tqdm
 
     from llm_compile.anda_bands import slot_macs, slots_from, to_mantissa_bits
@@ -174,14 +185,32 @@ def run_search(evaluator: Evaluator, macs, delta: float, *, start=11, max_evals:
             return v
         return {"ppl": v, **part_scores(evaluator.last["parts"], ref_parts)}
 
-    def per_part(entry) -> bool:
-        return all(r <= 1.0 + delta for r in entry["part_ratio"])
+    def calib_ok(entry) -> bool:
+        if ref_parts:
+            return all(r <= 1.0 + delta for r in entry["part_ratio"])
+        return entry["ppl"] <= (1.0 + delta) * ref
+
+    href = holdout.reference() if holdout is not None else None
+    held = [0]
+
+    def accept(entry) -> bool:
+        if not calib_ok(entry):
+            return False
+        if holdout is None:
+            return True
+        v = holdout(to_mantissa_bits(entry["widths"], num_layers, bands))
+        held[0] += 1
+        entry["holdout_ppl"], entry["holdout_ratio"] = float(v), float(v) / href
+        return v <= (1.0 + delta) * href       # NaN: rejected
+
     try:
         res = adaptive_precision_search(ppl, ref, smacs, delta=delta, start=start, max_evals=max_evals,
-                                        min_bits=min_bits, accept=per_part if ref_parts else None)
+                                        min_bits=min_bits,
+                                        accept=accept if (ref_parts or holdout is not None) else None)
     finally:
         bar.close()
     res.reference_parts = ref_parts
+    res.holdout_reference, res.holdout_evaluations = href, held[0]
     return res
 
 
@@ -220,6 +249,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="accept a candidate only if each of K contiguous parts of the calibration "
                          "tokens is within (1+delta) of W4A16 on that part (default 1: whole split; "
                          "with calibration-wide, 8 = one part per book)")
+    ap.add_argument("--holdout-tokens", type=int, default=0, metavar="N",
+                    help="held-out stopping check: also reject a candidate whose ppl on N tokens of the "
+                         "'holdout' split (N/8 from each of its 8 books) exceeds (1+delta) of W4A16's "
+                         "there (default 0: off)")
     ap.add_argument("--min-bits", type=int, default=1)
     ap.add_argument("--max-evals", type=int, default=32, help="evaluation cap (Anda: 32)")
     ap.add_argument("--evaluator", choices=MODES, default="eager",
@@ -269,6 +302,8 @@ def main(argv=None) -> dict:
         part_bounds(args.tokens, args.calib_parts)    # checks --calib-parts before loading anything
     except ValueError as e:
         ap.error(f"--calib-parts: {e}")
+    if args.holdout_tokens < 0:
+        ap.error("--holdout-tokens: expected an integer >= 0")
     start, start_summary = parse_start(args.start)
     model, tok = load_w4_model(args.weights, 4, args.group_size)
     num_layers = model.config.num_hidden_layers
@@ -279,10 +314,15 @@ def main(argv=None) -> dict:
     ev = Evaluator(model, ids, context=args.context, stride=args.stride, mode=args.evaluator,
                    cache=EvalCache(args.cache or None), setting=setting, progress=False,
                    parts=args.calib_parts)
+    hv = None
+    if args.holdout_tokens:
+        hv = Evaluator(model, load_tokens(tok, "holdout", args.holdout_tokens), context=args.context,
+                       stride=args.stride, mode=args.evaluator, cache=ev.cache,
+                       setting=dict(setting, split="holdout"), progress=False)
     macs = model_macs(model)
     res = run_search(ev, macs, args.delta, start=start, max_evals=args.max_evals,
                      min_bits=args.min_bits, progress=not args.quiet, bands=args.bands,
-                     num_layers=num_layers)
+                     num_layers=num_layers, holdout=hv)
     best = to_mantissa_bits(res.best, num_layers, args.bands)
     write_tuple(args.out, best)
     prior = int(start_summary.get("total_evaluations", start_summary.get("evaluations", 0))) \
@@ -298,7 +338,8 @@ def main(argv=None) -> dict:
                "bops_vs_fp16_act": relative_bops(best, macs), "evaluations": res.evaluations,
                "start_evaluations": prior, "total_evaluations": prior + res.evaluations,
                "max_evals": args.max_evals, "cache_hits": ev.hits, "new_evaluations": ev.misses,
-               "history": res.history}
+               "holdout_tokens": args.holdout_tokens, "holdout_w4a16_ppl": res.holdout_reference,
+               "holdout_evaluations": res.holdout_evaluations, "history": res.history}
     if res.reference_parts:
         best_entry = next((h for h in res.history if h["widths"] == res.best), None)
         summary["best_part_ppl"] = best_entry and best_entry["part_ppl"]
@@ -309,9 +350,14 @@ def main(argv=None) -> dict:
     if res.reference_parts:
         print(f"per-part rule: {args.calib_parts} parts, W4A16 part ppl "
               f"{', '.join(f'{p:.4f}' for p in res.reference_parts)}")
+    if hv is not None:
+        print(f"held-out check: W4A16 ppl {res.holdout_reference:.4f} on {args.holdout_tokens} tokens of "
+              f"'holdout'; {res.holdout_evaluations} held-out evaluations")
     for i, h in enumerate(res.history, 1):
         mb = to_mantissa_bits(h["widths"], num_layers, args.bands)
         worst = f" worst part {100 * (h['worst_part_ratio'] - 1):+.2f}%" if "worst_part_ratio" in h else ""
+        if "holdout_ratio" in h:
+            worst += f" held-out {100 * (h['holdout_ratio'] - 1):+.2f}%"
         print(f"  {i:2d} [{anda_widths.describe(mb)}] ppl {h['ppl']:.4f}{worst} "
               f"bops {relative_bops(mb, macs):.4f} {'accept' if h['accepted'] else 'reject'}")
     print(f"chosen [{summary['best_text']}] ppl {res.best_ppl:.4f}, BOPs {summary['bops_vs_fp16_act']:.4f} x "
@@ -325,6 +371,8 @@ def main(argv=None) -> dict:
               f"start, not a searched tuple: start higher")
     if args.evaluator == "eager" and not args.no_verify:
         ev.close()
+        if hv is not None:
+            hv.close()
         cv = Evaluator(model, ids, context=args.context, stride=args.stride, mode="compile",
                        cache=ev.cache, setting=setting, parts=args.calib_parts)
         ppl = cv(best)

@@ -15,16 +15,19 @@ split                books                          use
 ``calibration-wide`` Genesis, Exodus, Psalms,       calibration over varied genres (narrative,
                      Proverbs, Isaiah, Acts,        law, poetry, wisdom, prophecy, history,
                      Romans, Revelation             letter, apocalypse): Anda searches
+``holdout``          Deuteronomy, 1 Samuel, Job,    the Anda search's held-out stopping check
+                     Jeremiah, 1 Corinthians,       (``anda_cli --holdout-tokens``): in neither
+                     Hebrews, James, 1 Peter        calibration split nor the evaluation split
 ``evaluation``       Luke, John                     every reported metric (perplexity, passkey filler, prompts)
 ==================== ============================== ==========================================
 
 The longest verbatim run the calibration and evaluation splits share is 58 characters (a formula,
 "the God of Abraham, the God of Isaac, and the God of Jacob"); the tests check that no
 100-character window of the evaluation split occurs in either calibration split. ``calibration-wide``
-leaves out Matthew and Mark on purpose: the synoptic gospels run parallel to Luke, often
-near-verbatim.
+and ``holdout`` leave out Matthew and Mark on purpose: the synoptic gospels run parallel to Luke,
+often near-verbatim (and ``holdout`` leaves out 1-3 John, close to John in style).
 
-Balanced splits (``calibration-wide``, listed in :data:`BALANCED`): ``load_tokens(tok, split, n)``
+Balanced splits (``calibration-wide``, ``holdout``, listed in :data:`BALANCED`): ``load_tokens(tok, split, n)``
 does not take a prefix (it would be all Genesis) but ``n // K`` consecutive tokens from the start of
 each of the K books (the first ``n % K`` books one token more), each book tokenized on its own, the
 pieces concatenated in book order with no separator tokens; :func:`part_lengths` gives the piece
@@ -58,10 +61,12 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "evaluation": ("Luke", "John"),
     "calibration-wide": ("Genesis", "Exodus", "Psalms", "Proverbs", "Isaiah", "Acts", "Romans",
                          "Revelation"),
+    "holdout": ("Deuteronomy", "1 Samuel", "Job", "Jeremiah", "1 Corinthians", "Hebrews", "James",
+                "1 Peter"),
 }
 """Books of each split, in the order they are concatenated."""
 
-BALANCED = frozenset({"calibration-wide"})
+BALANCED = frozenset({"calibration-wide", "holdout"})
 """Splits whose :func:`load_tokens` takes an equal share from the start of every book."""
 
 BOOK_SEPARATOR = "\n\n"

@@ -137,6 +137,7 @@ def test_cache_settings_differ_by_parts_and_split(tmp_path):
     (["--calib-parts", "x"], "integer >= 1"),
     (["--calib-split", "evaluation"], "invalid choice"),
     (["--tokens", "256", "--calib-parts", "8"], "at most 4 parts"),
+    (["--holdout-tokens", "-1"], "--holdout-tokens"),
 ])
 def test_cli_rejects_bad_calibration_flags(argv, message, capsys):
     from llm_compile.anda_cli import main
@@ -144,3 +145,72 @@ def test_cli_rejects_bad_calibration_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv + ["--cache", "", "--out", "/nonexistent/never_written.json"])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+class _HoldoutEvaluator:
+    """An Evaluator on held-out tokens: W4A16 ppl 10.0, ``table[widths]`` for the candidates."""
+
+    def __new__(cls, table, default=10.0):
+        from llm_compile.anda_eval import EvalCache, Evaluator
+
+        class H(Evaluator):
+            seen = []
+
+            def _run(self, w):
+                H.seen.append(tuple(w[k] for k in KINDS))
+                return table.get(tuple(w[k] for k in KINDS), default), {"lowered": 0}
+
+            def reference(self):
+                return self._cached("w4a16", lambda: (10.0, {}))
+
+        return H(None, torch.zeros(1, 256, dtype=torch.long), context=256, cache=EvalCache(None),
+                 setting={"split": "holdout"})
+
+
+# calibration: (8,8,8,8) and both one-step tuples below are within 1 % (whole split); lowering
+# gate_up is the cheapest step. Held out: gate_up 7 costs +3 % (rejected, so never expanded),
+# o 7 costs +0.5 % (accepted).
+CAL = {(8, 8, 8, 8): (6.0, [4.0, 8.0]), (8, 8, 7, 8): (6.03, [4.0, 8.0]),
+       (8, 7, 8, 8): (6.05, [4.0, 8.0])}
+HELD = {(8, 8, 7, 8): 10.3, (8, 7, 8, 8): 10.05}
+
+
+def test_holdout_check_rejects_what_calibration_accepts(tmp_path):
+    from llm_compile.anda_cli import run_search
+    from llm_compile.anda_eval import EvalCache
+
+    plain = run_search(_PartsEvaluator(EvalCache(None), 1, CAL, BAD), MACS, 0.01, start=8, progress=False)
+    assert plain.best["gate_up"] == 7                                         # without the check
+    assert plain.holdout_reference is None and plain.holdout_evaluations == 0
+
+    hv = _HoldoutEvaluator(HELD)
+    res = run_search(_PartsEvaluator(EvalCache(None), 1, CAL, BAD), MACS, 0.01, start=8, progress=False,
+                     holdout=hv)
+    assert res.feasible and res.best == {"qkv": 8, "o": 7, "gate_up": 8, "down": 8}
+    assert res.holdout_reference == 10.0
+    by = {tuple(h["widths"][k] for k in KINDS): h for h in res.history}
+    g = by[(8, 8, 7, 8)]
+    assert not g["accepted"] and g["holdout_ppl"] == 10.3 and g["holdout_ratio"] == pytest.approx(1.03)
+    assert by[(8, 7, 8, 8)]["accepted"] and by[(8, 7, 8, 8)]["holdout_ratio"] == pytest.approx(1.005)
+    # (8, 8, 7, 8) was not expanded: gate_up never went to 6 (the plain search's queue has it)
+    assert not any(t[2] < 7 for t in by) and any(h["widths"]["gate_up"] < 7 for h in plain.history)
+    # only the calibration-accepted candidates (the start included) are measured held out
+    assert sorted(hv.seen) == sorted({(8, 8, 8, 8), (8, 8, 7, 8), (8, 7, 8, 8)})
+    assert res.holdout_evaluations == sum("holdout_ppl" in h for h in res.history)
+    assert all(("holdout_ppl" in h) == (h["ppl"] <= 6.06) for h in res.history)
+
+
+def test_holdout_check_with_the_per_part_rule():
+    from llm_compile.anda_cli import run_search
+    from llm_compile.anda_eval import EvalCache
+
+    # the per-part rule rejects gate_up 7 (part 0 +5 %): it is never measured held out
+    table = {(8, 8, 8, 8): (6.0, [4.0, 8.0]), (8, 8, 7, 8): (6.0, [4.2, 7.9]),
+             (8, 7, 8, 8): (6.0, [4.0, 8.0])}
+    hv = _HoldoutEvaluator({(8, 7, 8, 8): 10.2})
+    res = run_search(_PartsEvaluator(EvalCache(None), 2, table, BAD), MACS, 0.01, start=8, progress=False,
+                     holdout=hv)
+    assert res.best == dict.fromkeys(KINDS, 8)
+    assert (8, 8, 7, 8) not in hv.seen and (8, 7, 8, 8) in hv.seen
+    o7 = next(h for h in res.history if h["widths"]["o"] == 7)
+    assert not o7["accepted"] and o7["holdout_ratio"] == pytest.approx(1.02)

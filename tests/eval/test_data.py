@@ -93,7 +93,25 @@ def test_wide_split_tokens_come_from_every_book(smollm2):
     # the plain splits still take a prefix
     assert data.load_tokens(tok, "calibration", 64).tolist() == \
         [tok(data.load_split("calibration"), add_special_tokens=False)["input_ids"][:64]]
+    # 4096 tokens (the K = 8 per-part searches): 512 from the start of every book; held out the same
+    assert data.part_lengths("calibration-wide", 4096) == [512] * 8
+    big = data.load_tokens(tok, "calibration-wide", 4096)
+    assert big.shape == (1, 4096) and big[0, :n].tolist() != ids[0].tolist()
+    assert big[0, 512:512 + 41].tolist() == tok(books["Exodus"], add_special_tokens=False)["input_ids"][:41]
+    assert data.load_tokens(tok, "holdout", 4096).shape == (1, 4096)
     with pytest.raises(ValueError, match="cannot take"):
         data.load_tokens(tok, "calibration-wide", 10**6)
     with pytest.raises(ValueError, match="cannot take"):
         data.load_tokens(tok, "calibration-wide", 4)                      # 0 tokens for some books
+
+
+def test_holdout_split_is_disjoint_from_calibration_and_evaluation():
+    books = data.split_books("holdout")
+    assert len(books) == 8 and "holdout" in data.BALANCED
+    others = set(WIDE) | set(data.split_books("calibration")) | set(data.split_books("evaluation"))
+    assert not set(books) & others
+    assert not set(books) & {"Matthew", "Mark", "1 John", "2 John", "3 John"}
+    held, ev = data.load_split("holdout"), data.load_split("evaluation")
+    hits = [i for i in range(0, len(ev) - 100, 50) if ev[i:i + 100] in held]
+    assert not hits, f"shared text: {ev[hits[0]:hits[0] + 100]!r}"
+    assert data.part_lengths("holdout", 2048) == [256] * 8
