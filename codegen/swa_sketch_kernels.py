@@ -4,13 +4,17 @@ For one decode query per sequence and query head, and every token ``t`` of a ske
 (:class:`~llm_compile.runtime.swa.sketch.KeySketch`: per block and channel a float16 minimum
 ``mn`` and step, ``BITS``-bit codes packed ``PER = 8 // BITS`` per byte, channel-major)::
 
-    logit[b, h, i*BLK + t] = scale * (q[b, h] . mn[b, h // GRP, i]
-                                      + sum_d (q[b, h, d] * step[b, h // GRP, i, d]) * code[t, d])
+    logit[b, h, i*BLK + t] = scale * (q[b, h] . mn[b, h // GRP, i] + sw * sum_d wq[d] * code[t, d])
+
+with ``w[d] = q[b, h, d] * step[b, h // GRP, i, d]`` quantised to int8 as
+:func:`llm_compile.runtime.swa.sketch.quantized_weights` does (``wq = round(w * (127 / amax))``,
+``sw = amax / 127``; round half to even by adding and subtracting 1.5 * 2^23), so the sum over
+channels is of small integers and exact.
 
 Program ``(b, kv_head, block)`` loads the block's ``D x PB`` bytes once for the ``GRP`` query heads
 of the KV head (padded to 16 rows for ``tl.dot``), and for each of the ``PER`` bit fields unpacks
-``PB`` tokens and multiplies them in one ``tl.dot`` (fp32, ``input_precision="ieee"``; codes are
-small integers, exact in fp32). It never reads the keys. The CPU's kernel is
+``PB`` tokens and multiplies them in one ``tl.dot`` (fp32, ``input_precision="ieee"``; codes and
+weights are small integers, exact in fp32). It never reads the keys. The CPU's kernel is
 :mod:`llm_compile.runtime.swa.native`; on CPU this one runs only with ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
@@ -45,6 +49,12 @@ def _sketch_logit_kernel(
     step = tl.load(STEP + srow, mask=d_mask, other=0.0).to(tl.float32)
     mn = tl.load(MN + srow, mask=d_mask, other=0.0).to(tl.float32)
     w = q * step[None, :]                                   # [G, D]
+    amax = tl.max(tl.abs(w), axis=1)                        # [G]
+    pos = amax > 0
+    r = tl.where(pos, 127.0 / tl.where(pos, amax, 1.0), 0.0)
+    x = w * r[:, None]
+    w = (x + 12582912.0) - 12582912.0                       # round half to even (|x| <= 127)
+    sw = amax / 127.0
     base = tl.sum(q * mn[None, :], axis=1)                  # [G]
     offs_j = tl.arange(0, BLOCK_PB)
     j_mask = offs_j < PB
@@ -53,7 +63,7 @@ def _sketch_logit_kernel(
     blk = PB * PER
     for s in tl.static_range(PER):
         codes = ((p >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-        lg = tl.dot(w, codes, input_precision="ieee") + base[:, None]       # [G, PB]
+        lg = tl.dot(w, codes, input_precision="ieee") * sw[:, None] + base[:, None]   # [G, PB]
         tl.store(OUT + b * sob + qh[:, None] * soh + i * blk + s * PB + offs_j[None, :], lg * scale,
                  mask=g_mask[:, None] & j_mask[None, :])
 

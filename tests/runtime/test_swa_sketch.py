@@ -11,7 +11,7 @@ from llm_compile.config import OptionsError, SWAConfig, parse_options
 from llm_compile.ops.attention import dense_attention
 from llm_compile.runtime import swa
 from llm_compile.runtime.swa import native
-from llm_compile.runtime.swa.sketch import KeySketch
+from llm_compile.runtime.swa.sketch import KeySketch, quantized_weights
 from llm_compile.runtime.swa.state import compute_budget
 
 SCALE = 0.3
@@ -49,13 +49,49 @@ def test_incremental_updates_equal_one_update():
     assert torch.equal(inc.dequantized(), whole.dequantized())
 
 
-def test_logits_are_q_dot_the_dequantized_keys():
-    k = _keys(n=128)
+def test_logits_are_q_dot_the_dequantized_keys_with_int8_weights():
+    """logit = scale * (sw * sum_d wq_d code_d + q . mn) with (wq, sw) = quantized_weights(q * step):
+    within the weights' rounding (sw / 2 per unit of code) of q . k~, and exactly that formula."""
+    k = _keys(n=128) * torch.linspace(0.2, 3, 8)
     s = KeySketch(2, 32)
     s.update(k)
     q = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(1))
-    want = torch.einsum("bhgd,bhnd->bhgn", q.reshape(2, 3, 3, 8), s.dequantized()).reshape(2, 9, 128)
-    torch.testing.assert_close(s.logits(q, SCALE), want * SCALE, rtol=1e-5, atol=1e-5)
+    got = s.logits(q, SCALE)
+    qg = q.reshape(2, 3, 3, 1, 8)
+    step, mn = s._step[:, :, :4].float().unsqueeze(2), s._mn[:, :, :4].float().unsqueeze(2)   # [2, 3, 1, 4, 8]
+    wq, sw = quantized_weights(qg * step)                           # [2, 3, 3, 4, 8], [.., 1]
+    assert wq.abs().max() == 127 and torch.equal(wq, wq.round())
+    codes = s.codes().float().reshape(2, 3, 1, 4, 32, 8)
+    isum = (wq.unsqueeze(4) * codes).sum(-1)                         # [2, 3, 3, 4, 32]: integers
+    want = (isum * sw + (qg * mn).sum(-1, keepdim=True)).reshape(2, 9, 128) * SCALE
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    exact = torch.einsum("bhgd,bhnd->bhgn", q.reshape(2, 3, 3, 8), s.dequantized()).reshape(2, 9, 128) * SCALE
+    bound = (sw / 2 * codes.sum(-1)).reshape(2, 9, 128) * SCALE + 1e-5
+    assert ((got - exact).abs() <= bound).all()
+    assert (got - exact).abs().max() > 0                             # quantised, not the float sum
+
+
+def test_quantized_weights_round_half_to_even_and_zero_rows():
+    wq, sw = quantized_weights(torch.tensor([[127.0, 0.5, 1.5, -2.5, -127.0], [0.0] * 5]))
+    assert wq.tolist() == [[127.0, 0.0, 2.0, -2.0, -127.0], [0.0] * 5] and sw.flatten().tolist() == [1.0, 0.0]
+
+
+def test_vnni_and_float_tiles_give_the_same_logits():
+    """The AVX-512 VNNI sums (where this CPU has them) equal the float tiles' bit for bit."""
+    if not native.sketch_vnni():
+        pytest.skip("no AVX-512 VNNI/VBMI on this CPU (or no AVX-512 build): only the float tiles run")
+    for bits, block, Hq, D in [(2, 64, 9, 64), (1, 128, 4, 32), (4, 32, 8, 64), (8, 16, 2, 16), (2, 128, 6, 128)]:
+        k = _keys(B=2, H=2 if Hq % 2 == 0 else 3, n=3 * block + 5, D=D, seed=bits) * 3
+        s = KeySketch(bits, block)
+        s.update(k)
+        q = torch.randn(2, Hq, D, generator=torch.Generator().manual_seed(7))
+        vnni = s.logits(q, SCALE)
+        try:
+            assert not native.sketch_vnni(False)
+            floats = s.logits(q, SCALE)
+        finally:
+            native.sketch_vnni(True)
+        assert torch.equal(vnni, floats), (bits, block, Hq, D)
 
 
 def test_sketch_follows_reorder_and_crop():

@@ -4,8 +4,8 @@
   :meth:`~llm_compile.runtime.swa.sketch.KeySketch.logits` widens every code to float32 before a
   matmul, which on a CPU costs more than the dense ``q K^T`` it replaces (issue 15: 26 ms against
   14 ms at 8k tokens, batch 4). The C kernel reads the packed codes directly (2 bits per value) and
-  multiply-adds them in registers: 3-5x faster than that ``q K^T``
-  (``python benchmarks/swa_selector_study.py --speed``).
+  sums them against the int8 weights in registers: with AVX-512 VNNI (checked at run time,
+  :func:`sketch_vnni`) 64 products per instruction, else in float tiles (the same integer sums).
 * :func:`sparse_attend`: attention over the kept rows of a float32 cache, read in place with the
   next rows prefetched; replaces a gather (``index_select``: a scattered read, a write and a
   re-read) and two small matmuls, for every policy.
@@ -111,6 +111,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     L, P = ctypes.c_long, ctypes.c_void_p
     lib.sketch_logits.argtypes = [P, P, P, P, P, L, L, L, L, L, L, L, L, L, ctypes.c_float, ctypes.c_int]
     lib.sketch_logits.restype = None
+    lib.sketch_set_vnni.argtypes = [ctypes.c_int]
+    lib.sketch_set_vnni.restype = None
+    lib.sketch_vnni_in_use.argtypes = []
+    lib.sketch_vnni_in_use.restype = ctypes.c_int
     lib.sparse_attend.argtypes = [P, P, P, P, P, P, P, L, L, L, L, L, L, L, L, L, L, L, L,
                                   ctypes.c_float, ctypes.c_int]
     lib.sparse_attend.restype = None
@@ -123,6 +127,18 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.query_select.argtypes = [P, L, L, L, L, L, L, P, L, L, L, L, L, L, L, P, ctypes.c_int]
     lib.query_select.restype = ctypes.c_int
     return lib
+
+
+def sketch_vnni(use: bool | None = None) -> bool:
+    """Whether :func:`sketch_logits` sums with AVX-512 VNNI (the CPU has it and the library was
+    built with AVX-512); ``use=False`` turns it off for this process (the float tiles then give
+    the same numbers: tests compare them), ``True`` back on where available."""
+    lib = library()
+    if lib is None:
+        return False
+    if use is not None:
+        lib.sketch_set_vnni(-1 if use else 0)
+    return bool(lib.sketch_vnni_in_use())
 
 
 def sketch_logits(packed: Tensor, step: Tensor, mn: Tensor, q: Tensor, nb: int, bits: int,

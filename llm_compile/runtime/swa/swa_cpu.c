@@ -10,10 +10,18 @@
  *   q [B, H*G, D] float32           G query heads per KV head
  *   out [B, H*G, ldo] float32       out[.., i*BLK + t] = scale * q . k~[t], for the first nb blocks
  *
- * Per block and query head: w[d] = q[d] * step[i, d] and base = q . mn[i]; then
- * logit[t] = base + sum_d w[d] * code[t, d]. The AVX2 path unpacks 16 tokens of one channel into
- * two float vectors and multiply-adds them into per-head accumulators, so the reduction over d is
- * vertical (no horizontal sums).
+ * Per block and query head: w[d] = q[d] * step[i, d], base = q . mn[i], and w is quantised to
+ * int8 over its channels (the rule of KeySketch.quantized_weights in sketch.py, which every path
+ * follows: amax = max_d |w[d]|, wq[d] = rint(w[d] * (127 / amax)), sw = amax / 127); then
+ *   logit[t] = scale * (sw * sum_d wq[d] * code[t, d] + base).
+ * The sum is of small integers (|wq| <= 127, code < 2^bits, D terms: exact in float32 while
+ * D * 127 * (2^bits - 1) < 2^24), so every way of adding it gives the same number:
+ *   - AVX-512 VNNI (runtime check; tile_vnni): 16 tokens x 4 channels per byte permute, one
+ *     vpdpbusd (64 u8 x s8 products) per head and bit field;
+ *   - AVX-512 / AVX2 (tile_avx512 / tile_avx2): 16 tokens of one channel widened to floats and
+ *     multiply-added into per-head accumulators;
+ *   - scalar (block_generic).
+ * The reduction over d is vertical (no horizontal sums) in all of them.
  */
 #include <math.h>
 #include <stdint.h>
@@ -71,9 +79,9 @@ static inline __m128i codes16(const uint8_t* p, int d, int PB, int j0, __m128i s
 /* The same for PB a multiple of 16, written straight to the output rows: o[g][t] = scale * (logit
  * sum + base[g]). Tiles of 16 tokens (16 bytes of a channel, one shift s) for NG <= 4 query heads;
  * NG is a constant after inlining, so the 2 * NG accumulators stay in registers. */
-static inline __attribute__((always_inline)) void tile_avx2(const uint8_t* p, const float* w, const float* base,
-                                                            float* const* o, float scale, const int NG,
-                                                            int D, int PB, int bits) {
+static inline __attribute__((always_inline)) void tile_avx2(const uint8_t* p, const float* w, const float* sw,
+                                                            const float* base, float* const* o, float scale,
+                                                            const int NG, int D, int PB, int bits) {
   const int per = 8 / bits;
   const __m128i mask = _mm_set1_epi8((char)((1u << bits) - 1u));
   for (int j0 = 0; j0 < PB; j0 += 16)
@@ -93,10 +101,10 @@ static inline __attribute__((always_inline)) void tile_avx2(const uint8_t* p, co
       }
       const __m256 sc = _mm256_set1_ps(scale);
       for (int g = 0; g < NG; ++g) {
-        const __m256 bg = _mm256_set1_ps(base[g]);
+        const __m256 bg = _mm256_set1_ps(base[g]), sg = _mm256_set1_ps(sw[g]);
         float* dst = o[g] + s * PB + j0;
-        _mm256_storeu_ps(dst, _mm256_mul_ps(sc, _mm256_add_ps(a0[g], bg)));
-        _mm256_storeu_ps(dst + 8, _mm256_mul_ps(sc, _mm256_add_ps(a1[g], bg)));
+        _mm256_storeu_ps(dst, _mm256_mul_ps(sc, _mm256_fmadd_ps(a0[g], sg, bg)));
+        _mm256_storeu_ps(dst + 8, _mm256_mul_ps(sc, _mm256_fmadd_ps(a1[g], sg, bg)));
       }
     }
 }
@@ -105,9 +113,9 @@ static inline __attribute__((always_inline)) void tile_avx2(const uint8_t* p, co
 /* The same with 16-token vectors (one widening and one conversion per channel and tile instead of
  * five AVX2 instructions; one multiply-add per head): same sums in the same order, same floats. */
 #define SK_TILE tile_avx512
-static inline __attribute__((always_inline)) void tile_avx512(const uint8_t* p, const float* w, const float* base,
-                                                              float* const* o, float scale, const int NG,
-                                                              int D, int PB, int bits) {
+static inline __attribute__((always_inline)) void tile_avx512(const uint8_t* p, const float* w, const float* sw,
+                                                              const float* base, float* const* o, float scale,
+                                                              const int NG, int D, int PB, int bits) {
   const int per = 8 / bits;
   const __m128i mask = _mm_set1_epi8((char)((1u << bits) - 1u));
   for (int j0 = 0; j0 < PB; j0 += 16)
@@ -121,26 +129,164 @@ static inline __attribute__((always_inline)) void tile_avx512(const uint8_t* p, 
       }
       const __m512 sc = _mm512_set1_ps(scale);
       for (int g = 0; g < NG; ++g)
-        _mm512_storeu_ps(o[g] + s * PB + j0, _mm512_mul_ps(sc, _mm512_add_ps(a[g], _mm512_set1_ps(base[g]))));
+        _mm512_storeu_ps(o[g] + s * PB + j0,
+                         _mm512_mul_ps(sc, _mm512_fmadd_ps(a[g], _mm512_set1_ps(sw[g]), _mm512_set1_ps(base[g]))));
     }
 }
+
+/* The same sums in int32 with AVX-512 VNNI (vpdpbusd: per 32-bit lane, 4 u8 x s8 products added),
+ * for PB a multiple of 16 and D of 4: per 16-byte column j0 and 4 channels d..d+3, the 4 x 16 code
+ * bytes are permuted (vpermb) so that lane j holds byte j of the 4 channels; for each bit field s
+ * the codes are shifted and masked, and one vpdpbusd per head adds the 4 channels' products with
+ * the head's int8 weights wq[g][d..d+3] (broadcast) into lane j = token j0 + j + s * PB. Integer
+ * sums: equal to the float tiles' (exact). Compiled for VNNI/VBMI whatever the build's flags; called
+ * only where the CPU has them (sk_vnni()). */
+#define SK_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi")))
+static inline __attribute__((always_inline)) SK_VNNI_TARGET void tile_vnni(
+    const uint8_t* p, const int32_t* wq4, const float* sw, const float* base, float* const* o, float scale,
+    const int NG, const int PER, int D, int PB) {
+  const int bits = 8 / PER;
+  const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1u));
+  __m512i perm;   /* byte 4j + c <- byte 16c + j */
+  {
+    uint8_t ix[64];
+    for (int k = 0; k < 64; ++k) ix[k] = (uint8_t)(16 * (k % 4) + k / 4);
+    perm = _mm512_loadu_si512(ix);
+  }
+  for (int j0 = 0; j0 < PB; j0 += 16) {
+    __m512i acc[8][4];
+    for (int s = 0; s < PER; ++s)
+      for (int g = 0; g < NG; ++g) acc[s][g] = _mm512_setzero_si512();
+    for (int d = 0; d < D; d += 4) {
+      __m512i x;
+      if (PB == 16) {
+        x = _mm512_loadu_si512(p + d * 16);
+      } else {
+        x = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(p + d * PB + j0)));
+        x = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i*)(p + (d + 1) * PB + j0)), 1);
+        x = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i*)(p + (d + 2) * PB + j0)), 2);
+        x = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i*)(p + (d + 3) * PB + j0)), 3);
+      }
+      x = _mm512_permutexvar_epi8(perm, x);
+      for (int s = 0; s < PER; ++s) {
+        const __m512i c = _mm512_and_si512(_mm512_srl_epi16(x, _mm_cvtsi32_si128(s * bits)), mask);
+        for (int g = 0; g < NG; ++g)
+          acc[s][g] = _mm512_dpbusd_epi32(acc[s][g], c, _mm512_set1_epi32(wq4[g * (D / 4) + d / 4]));
+      }
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int s = 0; s < PER; ++s)
+      for (int g = 0; g < NG; ++g)
+        _mm512_storeu_ps(o[g] + s * PB + j0,
+                         _mm512_mul_ps(sc, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[s][g]), _mm512_set1_ps(sw[g]),
+                                                           _mm512_set1_ps(base[g]))));
+  }
+}
+
+/* Head tiles of <= 4 (<= 2 with 1-bit codes: 8 fields x NG accumulators) with NG and PER constants. */
+#define SK_VNNI_NG(PER_, MAXG)                                                                      \
+  for (int g0 = 0; g0 < G; g0 += MAXG) {                                                          \
+    const int ng = G - g0 < MAXG ? G - g0 : MAXG;                                                 \
+    const int32_t* w4 = wq4 + g0 * (D / 4);                                                       \
+    switch (ng) {                                                                                 \
+      case 1: tile_vnni(p, w4, sw + g0, base + g0, o + g0, scale, 1, PER_, D, PB); break;         \
+      case 2: tile_vnni(p, w4, sw + g0, base + g0, o + g0, scale, 2, PER_, D, PB); break;         \
+      case 3: tile_vnni(p, w4, sw + g0, base + g0, o + g0, scale, 3, PER_, D, PB); break;         \
+      default: tile_vnni(p, w4, sw + g0, base + g0, o + g0, scale, 4, PER_, D, PB); break;        \
+    }                                                                                             \
+  }
+static SK_VNNI_TARGET void block_vnni(const uint8_t* p, const int32_t* wq4, const float* sw, const float* base,
+                                      float* const* o, float scale, int G, int D, int PB, int bits) {
+  switch (bits) {
+    case 1: SK_VNNI_NG(8, 2) break;
+    case 2: SK_VNNI_NG(4, 4) break;
+    case 4: SK_VNNI_NG(2, 4) break;
+    default: SK_VNNI_NG(1, 4) break;
+  }
+}
+#define SK_HAS_VNNI 1
 #else
 #define SK_TILE tile_avx2
 #endif
 
-static void block_avx2(const uint8_t* p, const float* w, const float* base, float* const* o, float scale,
-                       int G, int D, int PB, int bits) {
+static void block_avx2(const uint8_t* p, const float* w, const float* sw, const float* base, float* const* o,
+                       float scale, int G, int D, int PB, int bits) {
   for (int g0 = 0; g0 < G; g0 += 4) {
     const float* wg = w + g0 * D;
     switch (G - g0 < 4 ? G - g0 : 4) {
-      case 1: SK_TILE(p, wg, base + g0, o + g0, scale, 1, D, PB, bits); break;
-      case 2: SK_TILE(p, wg, base + g0, o + g0, scale, 2, D, PB, bits); break;
-      case 3: SK_TILE(p, wg, base + g0, o + g0, scale, 3, D, PB, bits); break;
-      default: SK_TILE(p, wg, base + g0, o + g0, scale, 4, D, PB, bits); break;
+      case 1: SK_TILE(p, wg, sw + g0, base + g0, o + g0, scale, 1, D, PB, bits); break;
+      case 2: SK_TILE(p, wg, sw + g0, base + g0, o + g0, scale, 2, D, PB, bits); break;
+      case 3: SK_TILE(p, wg, sw + g0, base + g0, o + g0, scale, 3, D, PB, bits); break;
+      default: SK_TILE(p, wg, sw + g0, base + g0, o + g0, scale, 4, D, PB, bits); break;
     }
   }
 }
 #endif
+
+/* VNNI use: -1 = where the CPU has it (checked once), 0 = never, 1 = where it has it (tests set 0
+ * to compare the float tiles with it). */
+static int sk_vnni_mode = -1;
+void sketch_set_vnni(int mode) { sk_vnni_mode = mode; }
+int sketch_vnni_available(void) {
+#ifdef SK_HAS_VNNI
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+#else
+  return 0;
+#endif
+}
+static int sk_vnni(void) {
+  static int avail = -1;
+  if (sk_vnni_mode == 0) return 0;
+  if (avail < 0) avail = sketch_vnni_available();
+  return avail;
+}
+int sketch_vnni_in_use(void) { return sk_vnni(); }
+
+/* One query head's block weights: w[d] = rint(q[d] * s[d] * r) (int8 values as floats; the module
+ * docstring's rule), *sw = amax / 127, *base = q . m in 8 interleaved partial sums (lane d % 8). */
+static void head_weights(const float* q, const float* s, const float* m, long D, float* w, float* base,
+                         float* sw) {
+  float bs[8] = {0.f}, amax = 0.f;
+  long d0 = 0;
+#ifdef SK_AVX2
+  if (D % 8 == 0) {
+    __m256 vb = _mm256_setzero_ps(), vm = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (; d0 < D; d0 += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d0), wv = _mm256_mul_ps(qv, _mm256_loadu_ps(s + d0));
+      _mm256_storeu_ps(w + d0, wv);
+      vb = _mm256_fmadd_ps(qv, _mm256_loadu_ps(m + d0), vb);
+      vm = _mm256_max_ps(vm, _mm256_andnot_ps(sign, wv));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(bs, vb);
+    _mm256_storeu_ps(lanes, vm);
+    for (int l = 0; l < 8; ++l) amax = lanes[l] > amax ? lanes[l] : amax;
+  }
+#endif
+  for (long d = d0; d < D; ++d) {
+    w[d] = q[d] * s[d];
+    bs[d & 7] = fmaf(q[d], m[d], bs[d & 7]);
+    const float a = fabsf(w[d]);
+    amax = a > amax ? a : amax;
+  }
+  *base = ((bs[0] + bs[1]) + (bs[2] + bs[3])) + ((bs[4] + bs[5]) + (bs[6] + bs[7]));
+  *sw = amax / 127.f;
+  if (!(amax > 0.f)) {
+    memset(w, 0, (size_t)D * sizeof *w);
+    return;
+  }
+  const float r = 127.f / amax;
+  d0 = 0;
+#ifdef SK_AVX2
+  for (; d0 + 8 <= D; d0 += 8)
+    _mm256_storeu_ps(w + d0, _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(w + d0), _mm256_set1_ps(r)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (long d = d0; d < D; ++d) w[d] = rintf(w[d] * r);
+}
 
 void sketch_logits(const uint8_t* P, const uint16_t* S, const uint16_t* M, const float* Q, float* O,
                    long B, long H, long G, long D, long NBc, long PB, long bits, long nb, long ldo,
@@ -149,7 +295,8 @@ void sketch_logits(const uint8_t* P, const uint16_t* S, const uint16_t* M, const
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (long job = 0; job < B * H * nb; ++job) {
     const long bh = job / nb, i = job % nb, b = bh / H, h = bh % H;
-    float w[G * D], base[G], sf[D], mf[D];
+    float w[G * D], base[G], sw[G], sf[D], mf[D];
+    int32_t wq4[G * D / 4 + 1];   /* the int8 weights, 4 channels per int32 (VNNI) */
     float* o[G];
     const uint16_t* s = S + (bh * NBc + i) * D;
     const uint16_t* m = M + (bh * NBc + i) * D;
@@ -166,18 +313,20 @@ void sketch_logits(const uint8_t* P, const uint16_t* S, const uint16_t* M, const
       mf[d] = half_to_float(m[d]);
     }
     for (long g = 0; g < G; ++g) {
-      const float* qq = Q + (b * H * G + h * G + g) * D;
-      float bs[8] = {0.f};   /* q . mn in 8 interleaved partial sums (no 64-long add chain) */
-      for (long d = 0; d < D; ++d) {
-        w[g * D + d] = qq[d] * sf[d];
-        bs[d & 7] += qq[d] * mf[d];
-      }
-      base[g] = ((bs[0] + bs[1]) + (bs[2] + bs[3])) + ((bs[4] + bs[5]) + (bs[6] + bs[7]));
+      head_weights(Q + (b * H * G + h * G + g) * D, sf, mf, D, w + g * D, base + g, sw + g);
       o[g] = O + (b * H * G + h * G + g) * ldo + i * blk;
     }
+#ifdef SK_HAS_VNNI
+    if (PB % 16 == 0 && D % 4 == 0 && sk_vnni()) {
+      int8_t* w8 = (int8_t*)wq4;
+      for (long t = 0; t < G * D; ++t) w8[t] = (int8_t)w[t];
+      block_vnni(p, wq4, sw, base, o, scale, (int)G, (int)D, (int)PB, (int)bits);
+      continue;
+    }
+#endif
 #ifdef SK_AVX2
     if (PB % 16 == 0) {
-      block_avx2(p, w, base, o, scale, (int)G, (int)D, (int)PB, (int)bits);
+      block_avx2(p, w, sw, base, o, scale, (int)G, (int)D, (int)PB, (int)bits);
       continue;
     }
 #endif
@@ -185,7 +334,7 @@ void sketch_logits(const uint8_t* P, const uint16_t* S, const uint16_t* M, const
     memset(acc, 0, sizeof acc);
     block_generic(p, w, acc, (int)G, (int)D, (int)PB, (int)bits);
     for (long g = 0; g < G; ++g)
-      for (long t = 0; t < blk; ++t) o[g][t] = scale * (acc[g * blk + t] + base[g]);
+      for (long t = 0; t < blk; ++t) o[g][t] = scale * fmaf(acc[g * blk + t], sw[g], base[g]);
   }
 }
 
