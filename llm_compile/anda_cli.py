@@ -365,8 +365,13 @@ def main(argv=None) -> dict:
           f"(cap {args.max_evals}; {prior + res.evaluations} with the start's search), {ev.misses} new, "
           f"{ev.hits} from cache; -> {args.out}")
     if not res.feasible:
-        why = (f"worst part {100 * (summary['best_worst_part_ratio'] - 1):+.2f}% > {100 * args.delta:g}%"
-               if res.reference_parts else f"ppl {res.best_ppl:.4f} > {summary['limit']:.4f}")
+        first = res.history[0] if res.history else {}
+        if "holdout_ratio" in first and first["holdout_ratio"] > 1 + args.delta:
+            why = f"held-out {100 * (first['holdout_ratio'] - 1):+.2f}% > {100 * args.delta:g}%"
+        elif res.reference_parts:
+            why = f"worst part {100 * (summary['best_worst_part_ratio'] - 1):+.2f}% > {100 * args.delta:g}%"
+        else:
+            why = f"ppl {res.best_ppl:.4f} > {summary['limit']:.4f}"
         print(f"INFEASIBLE: the start widths already fail the tolerance ({why}); {args.out} holds the "
               f"start, not a searched tuple: start higher")
     if args.evaluator == "eager" and not args.no_verify:
