@@ -37,6 +37,7 @@ import transformers.models.llama.modeling_llama as ml
 from llm_compile.config import SWAConfig
 from llm_compile.eval import data
 from llm_compile.eval.model import load_smollm2
+from llm_compile.runtime.swa import native
 from llm_compile.runtime.swa.pages import PageSummary
 from llm_compile.runtime.swa.scorers import SCORERS
 from llm_compile.runtime.swa.sketch import KeySketch
@@ -120,22 +121,31 @@ def speed(context: int, batch: int = 4, reps: int = 20) -> dict:
     sk, pg = KeySketch(2, 64), PageSummary(16)
     sk.update(k)
     pg.update(k)
-    fns = {"dense q.K^T": lambda: torch.matmul(q.reshape(batch, 3, 3, 64), k.transpose(-1, -2)),
-           "sketch logits (2 bits), C kernel": lambda: sk.logits(q, 0.125),
-           "sketch logits (2 bits), torch path": lambda: sk.logits_torch(q, 0.125),
-           "page bounds (16 tokens)": lambda: pg.bounds(q, 0.125)}
+    vnni = native.sketch_vnni()
+    fns = {"dense q.K^T": (lambda: torch.matmul(q.reshape(batch, 3, 3, 64), k.transpose(-1, -2)), None),
+           f"sketch logits (2 bits), C kernel{' (AVX-512 VNNI)' if vnni else ''}": (lambda: sk.logits(q, 0.125), None),
+           "sketch logits (2 bits), torch path": (lambda: sk.logits_torch(q, 0.125), None),
+           "page bounds (16 tokens)": (lambda: pg.bounds(q, 0.125), None)}
+    if vnni:   # the float tiles that CPUs without VNNI run (same integers, same floats)
+        fns["sketch logits (2 bits), C kernel, float tiles"] = (lambda: sk.logits(q, 0.125), False)
     out = {}
-    for name, fn in fns.items():
-        fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
+    for name, (fn, use_vnni) in fns.items():
+        if use_vnni is not None:
+            native.sketch_vnni(use_vnni)
+        try:
             fn()
-            ts.append(time.perf_counter() - t0)
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+        finally:
+            if use_vnni is not None:
+                native.sketch_vnni(True)
         out[name] = sorted(ts)[reps // 2] * 1e3
     print(f"one site, {context} tokens, batch {batch}: | scoring | ms |\n|---|---:|")
     for name, ms in out.items():
-        print(f"| {name} | {ms:.2f} |")
+        print(f"| {name} | {ms:.3f} |")
     return out
 
 
