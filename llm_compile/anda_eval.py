@@ -6,7 +6,11 @@ perplexity :class:`Evaluator` (compile once, retarget the backend per candidate)
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import importlib.util
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,8 +18,11 @@ from typing import Mapping
 
 import torch
 
+import llm_compile
 from llm_compile import anda_widths
 from llm_compile.anda_widths import ANDA_MODULE_KINDS
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 """2: multi-window perplexities score every token (version 1 left the first token of each disjoint
@@ -128,17 +135,50 @@ def lowered_count(records) -> int:
                if p["pass"] == "anda_lowering")
 
 
-class EvalCache:
-    """``{setting key: {tuple key: record}}`` in a JSON file, rewritten atomically after each put."""
+def source_fingerprint(roots) -> str:
+    """sha256 (16 hex digits) of every ``*.py`` / ``*.c`` file under ``roots``: relative paths and
+    contents, in path order."""
+    h = hashlib.sha256()
+    for root in map(Path, roots):
+        for f in sorted(p for ext in ("*.py", "*.c") for p in root.rglob(ext) if "__pycache__" not in p.parts):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
-    def __init__(self, path: str | os.PathLike | None):
+
+@functools.cache
+def code_fingerprint() -> str:
+    """:func:`source_fingerprint` of this installation's ``llm_compile`` package, with its
+    ``passes`` and ``codegen`` folders (installed from other folders: ``package-dir``)."""
+    roots = [Path(llm_compile.__file__).parent]
+    for sub in ("llm_compile.passes", "llm_compile.codegen"):
+        spec = importlib.util.find_spec(sub)
+        roots += [Path(d) for d in (spec.submodule_search_locations or []) if not Path(d).is_relative_to(roots[0])]
+    return source_fingerprint(roots)
+
+
+class EvalCache:
+    """``{setting key: {tuple key: record}}`` in a JSON file, rewritten atomically after each put.
+
+    Records are only reused by the code that made them: the file holds :func:`code_fingerprint`,
+    and a file written by other code (or another :data:`CACHE_VERSION`) is ignored, with a warning,
+    and rewritten. A perplexity cached before a kernel or pass change is not a measurement of the
+    new code (an unexplained 0.12 % drift between a cached and a fresh evaluation-split ppl of the
+    same widths, benchmarks/RESULTS.md, is the kind of error this rules out)."""
+
+    def __init__(self, path: str | os.PathLike | None, code: str | None = None):
         self.path = Path(path) if path else None
-        self.data = {"version": CACHE_VERSION, "settings": {}}
+        self.code = code or code_fingerprint()
+        self.data = {"version": CACHE_VERSION, "code": self.code, "settings": {}}
         if self.path and self.path.is_file():
             with open(self.path) as f:
                 data = json.load(f)
-            if data.get("version") == CACHE_VERSION:
+            if data.get("version") == CACHE_VERSION and data.get("code") == self.code:
                 self.data = data
+            else:
+                n = sum(len(v) for v in data.get("settings", {}).values())
+                log.warning("llmaccel anda: ignoring %d cached evaluations in %s: made by other code "
+                            "(version %s, code %s; this is version %s, code %s); the file will be rewritten",
+                            n, self.path, data.get("version"), data.get("code"), CACHE_VERSION, self.code)
 
     def get(self, setting: str, key: str) -> dict | None:
         return self.data["settings"].get(setting, {}).get(key)
