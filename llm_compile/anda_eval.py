@@ -167,7 +167,7 @@ class EvalCache:
 
     def __init__(self, path: str | os.PathLike | None, code: str | None = None):
         self.path = Path(path) if path else None
-        self.code = code or code_fingerprint()
+        self.code = code or (code_fingerprint() if self.path else None)   # in memory: this process's code
         self.data = {"version": CACHE_VERSION, "code": self.code, "settings": {}}
         if self.path and self.path.is_file():
             with open(self.path) as f:

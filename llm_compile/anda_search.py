@@ -20,7 +20,7 @@ The perplexity callback takes ``{"qkv": m, "o": m, "gate_up": m, "down": m}`` (t
 one for real models. It may instead return a dict with ``"ppl"`` and further fields (e.g. the
 perplexity of each part of the calibration tokens), which go into the history entry; an
 ``accept(entry) -> bool`` predicate then replaces the default rule ``ppl <= (1 + delta) *
-reference_ppl`` (the CLI's per-part rule, ``--calib-parts``: :func:`llm_compile.anda_cli.run_search`).
+reference_ppl`` (the CLI's per-part rule, ``--calib-parts``: :func:`llm_compile.anda_run.run_search`).
 ``python -m llm_compile.anda_cli`` runs the search on SmolLM2-135M
 (:mod:`llm_compile.anda_cli`).
 """

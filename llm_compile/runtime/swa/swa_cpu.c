@@ -76,7 +76,7 @@ static inline __m128i codes16(const uint8_t* p, int d, int PB, int j0, __m128i s
   return _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i*)(p + d * PB + j0)), sh), mask);
 }
 
-/* The same for PB a multiple of 16, written straight to the output rows: o[g][t] = scale * (logit
+/* The same for PB a multiple of 16, written straight to the output rows: o[g][t] = scale * (sw[g] *
  * sum + base[g]). Tiles of 16 tokens (16 bytes of a channel, one shift s) for NG <= 4 query heads;
  * NG is a constant after inlining, so the 2 * NG accumulators stay in registers. */
 static inline __attribute__((always_inline)) void tile_avx2(const uint8_t* p, const float* w, const float* sw,
@@ -146,13 +146,11 @@ static inline __attribute__((always_inline)) SK_VNNI_TARGET void tile_vnni(
     const uint8_t* p, const int32_t* wq4, const float* sw, const float* base, float* const* o, float scale,
     const int NG, const int PER, int D, int PB) {
   const int bits = 8 / PER;
-  const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1u));
-  __m512i perm;   /* byte 4j + c <- byte 16c + j */
-  {
-    uint8_t ix[64];
-    for (int k = 0; k < 64; ++k) ix[k] = (uint8_t)(16 * (k % 4) + k / 4);
-    perm = _mm512_loadu_si512(ix);
-  }
+  static const uint8_t ix[64] = {   /* byte 4j + c <- byte 16c + j */
+      0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
+      6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+      12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+  const __m512i mask = _mm512_set1_epi8((char)((1u << bits) - 1u)), perm = _mm512_loadu_si512(ix);
   for (int j0 = 0; j0 < PB; j0 += 16) {
     __m512i acc[8][4];
     for (int s = 0; s < PER; ++s)
